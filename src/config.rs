@@ -1,0 +1,512 @@
+//! Configuration: the TOML file, command-line overrides, and validation into [`Config`].
+//!
+//! The file is parsed into a raw [`FileConfig`] that refuses unknown keys; every value is then
+//! checked and turned into typed settings, so a bad key or value stops the process at start
+//! with the key's name.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use ipnet::IpNet;
+use serde::Deserialize;
+
+use crate::balance::Strategy;
+
+/// Why a configuration was refused. Every variant names the key at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or has unknown keys or wrong types.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// toml's message, which names the key.
+        message: String,
+    },
+    /// A value is out of range or malformed.
+    #[error("{key}: {message}")]
+    Invalid {
+        /// Dotted key name, as written in the file.
+        key: &'static str,
+        /// What is wrong with it.
+        message: String,
+    },
+}
+
+fn invalid(key: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        message: message.into(),
+    }
+}
+
+/// The raw file, as written. Unknown keys are refused.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Proxy listen address.
+    pub listen: Option<String>,
+    /// Admin listen address.
+    pub admin_listen: Option<String>,
+    /// Domain suffixes: `<service>.<domain>` routes to `service`.
+    pub domains: Option<Vec<String>>,
+    /// Default strategy name.
+    pub strategy: Option<String>,
+    /// Runtime worker threads; 0 means all cores.
+    pub workers: Option<usize>,
+    /// CIDRs whose X-Forwarded-* headers are trusted.
+    pub trusted_proxies: Option<Vec<String>>,
+    /// Route to instances whose checks warn, too.
+    pub include_warning: Option<bool>,
+    /// Whether url-hash hashes the query as well as the path.
+    pub hash_query: Option<bool>,
+    /// Consul settings.
+    #[serde(default)]
+    pub consul: FileConsul,
+    /// Proxy settings.
+    #[serde(default)]
+    pub proxy: FileProxy,
+}
+
+/// The raw `[consul]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConsul {
+    /// Agent URL, http or https.
+    pub address: Option<String>,
+    /// ACL token.
+    pub token: Option<String>,
+    /// Datacenter to query; empty means the agent's own.
+    pub datacenter: Option<String>,
+    /// PEM file of CA certificates for https.
+    pub ca_file: Option<String>,
+    /// Allow stale reads from any server.
+    pub stale: Option<bool>,
+    /// Blocking query wait.
+    pub wait: Option<String>,
+    /// Most per-service long-polls held at once.
+    pub max_watches: Option<usize>,
+    /// Window in which changes are coalesced into one table rebuild.
+    pub coalesce: Option<String>,
+    /// Period of the background re-read of services without a long-poll.
+    pub sweep_interval: Option<String>,
+}
+
+/// The raw `[proxy]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProxy {
+    /// TCP connect timeout to a backend.
+    pub connect_timeout: Option<String>,
+    /// Time to wait for a backend's response headers.
+    pub response_timeout: Option<String>,
+    /// Extra instances tried after a connect failure.
+    pub retries: Option<u32>,
+    /// How long an idle backend connection is kept.
+    pub idle_timeout: Option<String>,
+    /// Most idle connections kept per instance.
+    pub max_idle_per_instance: Option<usize>,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Option<String>,
+}
+
+/// Command-line values that override the file. `None` leaves the file's value.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--listen`
+    pub listen: Option<String>,
+    /// `--admin-listen`
+    pub admin_listen: Option<String>,
+    /// `--consul`
+    pub consul: Option<String>,
+    /// `--domain` (repeatable; replaces the file's list when given)
+    pub domains: Vec<String>,
+    /// `--strategy`
+    pub strategy: Option<String>,
+    /// `--workers`
+    pub workers: Option<usize>,
+    /// `CONSUL_HTTP_ADDR`, used when neither flag nor file sets the address.
+    pub env_consul_addr: Option<String>,
+    /// `CONSUL_HTTP_TOKEN`, used when the file sets no token.
+    pub env_consul_token: Option<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Proxy listen address.
+    pub listen: SocketAddr,
+    /// Admin listen address.
+    pub admin_listen: SocketAddr,
+    /// Lowercase domain suffixes without leading or trailing dots.
+    pub domains: Vec<String>,
+    /// Strategy for services whose instances name none.
+    pub strategy: Strategy,
+    /// Runtime worker threads; 0 means all cores.
+    pub workers: usize,
+    /// Peers whose X-Forwarded-* headers are trusted.
+    pub trusted_proxies: Vec<IpNet>,
+    /// Route to warning instances too.
+    pub include_warning: bool,
+    /// url-hash includes the query.
+    pub hash_query: bool,
+    /// Consul settings.
+    pub consul: ConsulConfig,
+    /// Proxy settings.
+    pub proxy: ProxyConfig,
+}
+
+/// Validated Consul settings.
+#[derive(Debug, Clone)]
+pub struct ConsulConfig {
+    /// Agent base URL, without a trailing slash.
+    pub address: http::Uri,
+    /// ACL token, if any.
+    pub token: Option<String>,
+    /// Datacenter, if not the agent's own.
+    pub datacenter: Option<String>,
+    /// CA bundle for https.
+    pub ca_file: Option<PathBuf>,
+    /// Allow stale reads.
+    pub stale: bool,
+    /// Blocking query wait.
+    pub wait: Duration,
+    /// Most per-service long-polls at once.
+    pub max_watches: usize,
+    /// Change-coalescing window.
+    pub coalesce: Duration,
+    /// Background re-read period for services without a long-poll.
+    pub sweep_interval: Duration,
+}
+
+/// Validated proxy settings.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Response header timeout.
+    pub response_timeout: Duration,
+    /// Extra instances tried after a connect failure.
+    pub retries: u32,
+    /// Idle backend connection lifetime.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per instance.
+    pub max_idle_per_instance: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        // The defaults are the empty file's; that parse cannot fail.
+        Self::from_file(FileConfig::default(), &Overrides::default())
+            .unwrap_or_else(|e| unreachable!("default config is valid: {e}"))
+    }
+}
+
+impl Config {
+    /// Reads and validates `path`, then applies `overrides`.
+    pub fn load(path: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        let file = match path {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                Self::parse_file(&text, path)?
+            }
+            None => FileConfig::default(),
+        };
+        Self::from_file(file, overrides)
+    }
+
+    /// Parses TOML text (unknown keys refused).
+    pub fn parse_file(text: &str, path: &Path) -> Result<FileConfig, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string().trim_end().replace('\n', " "),
+        })
+    }
+
+    /// Validates a raw file plus overrides.
+    pub fn from_file(file: FileConfig, o: &Overrides) -> Result<Self, ConfigError> {
+        let listen = parse_addr(
+            "listen",
+            o.listen.as_deref().or(file.listen.as_deref()),
+            "127.0.0.1:8080",
+        )?;
+        let admin_listen = parse_addr(
+            "admin_listen",
+            o.admin_listen.as_deref().or(file.admin_listen.as_deref()),
+            "127.0.0.1:9090",
+        )?;
+        let domains = if o.domains.is_empty() {
+            file.domains.unwrap_or_default()
+        } else {
+            o.domains.clone()
+        };
+        let domains = domains
+            .iter()
+            .map(|d| parse_domain(d))
+            .collect::<Result<Vec<_>, _>>()?;
+        let strategy = match o.strategy.as_deref().or(file.strategy.as_deref()) {
+            None => Strategy::Random,
+            Some(s) => s.parse().map_err(|e: String| invalid("strategy", e))?,
+        };
+        let workers = o.workers.or(file.workers).unwrap_or(0);
+        if workers > 1024 {
+            return Err(invalid("workers", "must be between 0 (all cores) and 1024"));
+        }
+        let trusted_proxies = match file.trusted_proxies {
+            None => vec![cidr("127.0.0.0/8"), cidr("::1/128")],
+            Some(list) => list
+                .iter()
+                .map(|s| parse_cidr(s))
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+
+        let c = file.consul;
+        let address = o
+            .consul
+            .clone()
+            .or(c.address)
+            .or_else(|| o.env_consul_addr.clone().filter(|s| !s.is_empty()))
+            .unwrap_or_else(|| "http://127.0.0.1:8500".to_owned());
+        let consul = ConsulConfig {
+            address: parse_consul_url(&address)?,
+            token: c
+                .token
+                .or_else(|| o.env_consul_token.clone())
+                .filter(|t| !t.is_empty()),
+            datacenter: c.datacenter.filter(|d| !d.is_empty()),
+            ca_file: c.ca_file.filter(|f| !f.is_empty()).map(PathBuf::from),
+            stale: c.stale.unwrap_or(true),
+            wait: parse_duration("consul.wait", c.wait.as_deref(), "5m")?,
+            max_watches: c.max_watches.unwrap_or(64),
+            coalesce: parse_duration("consul.coalesce", c.coalesce.as_deref(), "100ms")?,
+            sweep_interval: parse_duration(
+                "consul.sweep_interval",
+                c.sweep_interval.as_deref(),
+                "60s",
+            )?,
+        };
+        if consul.wait < Duration::from_secs(1) || consul.wait > Duration::from_secs(600) {
+            return Err(invalid("consul.wait", "must be between 1s and 10m"));
+        }
+        if consul.max_watches > 150 {
+            // Consul allows 200 HTTP connections per client address; keep room for the rest.
+            return Err(invalid(
+                "consul.max_watches",
+                "must be at most 150 (Consul allows 200 connections per client)",
+            ));
+        }
+        if consul.coalesce > Duration::from_millis(900) {
+            return Err(invalid(
+                "consul.coalesce",
+                "must be under 900ms so changes land within a second",
+            ));
+        }
+        if consul.sweep_interval < Duration::from_secs(1) {
+            return Err(invalid("consul.sweep_interval", "must be at least 1s"));
+        }
+
+        let p = file.proxy;
+        let proxy = ProxyConfig {
+            connect_timeout: parse_duration(
+                "proxy.connect_timeout",
+                p.connect_timeout.as_deref(),
+                "2s",
+            )?,
+            response_timeout: parse_duration(
+                "proxy.response_timeout",
+                p.response_timeout.as_deref(),
+                "60s",
+            )?,
+            retries: p.retries.unwrap_or(2),
+            idle_timeout: parse_duration("proxy.idle_timeout", p.idle_timeout.as_deref(), "60s")?,
+            max_idle_per_instance: p.max_idle_per_instance.unwrap_or(256),
+            shutdown_grace: parse_duration(
+                "proxy.shutdown_grace",
+                p.shutdown_grace.as_deref(),
+                "30s",
+            )?,
+        };
+        if proxy.connect_timeout.is_zero() {
+            return Err(invalid("proxy.connect_timeout", "must be above zero"));
+        }
+        if proxy.response_timeout.is_zero() {
+            return Err(invalid("proxy.response_timeout", "must be above zero"));
+        }
+        if proxy.retries > 10 {
+            return Err(invalid("proxy.retries", "must be at most 10"));
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            domains,
+            strategy,
+            workers,
+            trusted_proxies,
+            include_warning: file.include_warning.unwrap_or(false),
+            hash_query: file.hash_query.unwrap_or(true),
+            consul,
+            proxy,
+        })
+    }
+}
+
+fn cidr(s: &str) -> IpNet {
+    s.parse()
+        .unwrap_or_else(|_| unreachable!("static CIDR {s}"))
+}
+
+fn parse_addr(
+    key: &'static str,
+    value: Option<&str>,
+    default: &str,
+) -> Result<SocketAddr, ConfigError> {
+    let v = value.unwrap_or(default);
+    v.parse()
+        .map_err(|_| invalid(key, format!("{v:?} is not an IP:port address")))
+}
+
+fn parse_cidr(s: &str) -> Result<IpNet, ConfigError> {
+    if let Ok(net) = s.parse::<IpNet>() {
+        return Ok(net);
+    }
+    // A bare address means that one host.
+    s.parse::<std::net::IpAddr>()
+        .map(IpNet::from)
+        .map_err(|_| invalid("trusted_proxies", format!("{s:?} is not an IP or CIDR")))
+}
+
+fn parse_domain(d: &str) -> Result<String, ConfigError> {
+    let d = d.trim_matches('.').to_ascii_lowercase();
+    let ok = !d.is_empty()
+        && d.len() <= 253
+        && d.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        });
+    if ok {
+        Ok(d)
+    } else {
+        Err(invalid("domains", format!("{d:?} is not a domain name")))
+    }
+}
+
+fn parse_duration(
+    key: &'static str,
+    value: Option<&str>,
+    default: &str,
+) -> Result<Duration, ConfigError> {
+    let v = value.unwrap_or(default);
+    humantime::parse_duration(v).map_err(|e| {
+        invalid(
+            key,
+            format!("{v:?} is not a duration like 500ms, 2s, 5m ({e})"),
+        )
+    })
+}
+
+fn parse_consul_url(s: &str) -> Result<http::Uri, ConfigError> {
+    // CONSUL_HTTP_ADDR may be host:port without a scheme, as Consul's own CLI accepts.
+    let full = if s.contains("://") {
+        s.to_owned()
+    } else {
+        format!("http://{s}")
+    };
+    let uri: http::Uri = full
+        .trim_end_matches('/')
+        .parse()
+        .map_err(|_| invalid("consul.address", format!("{s:?} is not a URL")))?;
+    match uri.scheme_str() {
+        Some("http") | Some("https") => {}
+        _ => return Err(invalid("consul.address", "scheme must be http or https")),
+    }
+    if uri.host().is_none() {
+        return Err(invalid("consul.address", format!("{s:?} has no host")));
+    }
+    Ok(uri)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        let file = Config::parse_file(text, Path::new("t.toml"))?;
+        Config::from_file(file, &Overrides::default())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.strategy, Strategy::Random);
+        assert_eq!(c.consul.address.to_string(), "http://127.0.0.1:8500/");
+        assert_eq!(c.trusted_proxies.len(), 2);
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = parse("listn = \"1.2.3.4:1\"").unwrap_err().to_string();
+        assert!(e.contains("listn"), "{e}");
+        let e = parse("[consul]\nadress = \"x\"").unwrap_err().to_string();
+        assert!(e.contains("adress"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_are_named() {
+        for (text, key) in [
+            ("listen = \"nope\"", "listen"),
+            ("strategy = \"round-robin\"", "strategy"),
+            ("domains = [\"a..b\"]", "domains"),
+            ("trusted_proxies = [\"10.0.0.0/99\"]", "trusted_proxies"),
+            ("[consul]\nwait = \"forever\"", "consul.wait"),
+            ("[consul]\naddress = \"ftp://x\"", "consul.address"),
+            ("[consul]\nmax_watches = 500", "consul.max_watches"),
+            ("[proxy]\nconnect_timeout = \"0s\"", "proxy.connect_timeout"),
+        ] {
+            let e = parse(text).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
+    }
+
+    #[test]
+    fn overrides_win_and_env_fills_in() {
+        let o = Overrides {
+            listen: Some("0.0.0.0:81".into()),
+            domains: vec!["App.Example.NET.".into()],
+            env_consul_addr: Some("consul.local:8500".into()),
+            env_consul_token: Some("secret".into()),
+            ..Default::default()
+        };
+        let file = Config::parse_file("listen = \"127.0.0.1:1\"", Path::new("t")).unwrap();
+        let c = Config::from_file(file, &o).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:81");
+        assert_eq!(c.domains, vec!["app.example.net"]);
+        assert_eq!(c.consul.address.to_string(), "http://consul.local:8500/");
+        assert_eq!(c.consul.token.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn example_file_is_valid() {
+        let text = include_str!("../config/consul-router.toml");
+        parse(text).unwrap();
+    }
+}

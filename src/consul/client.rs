@@ -1,0 +1,285 @@
+//! A small typed Consul HTTP client on hyper-util's pooled client (http or https).
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, HeaderValue, Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use serde::de::DeserializeOwned;
+
+use crate::config::ConsulConfig;
+
+use super::types::{Check, HealthEntry, Registration};
+
+/// Largest response body we accept from Consul (the full catalog at scale stays far below).
+const MAX_BODY: usize = 256 * 1024 * 1024;
+
+/// A failed Consul request.
+#[derive(Debug, thiserror::Error)]
+pub enum ConsulError {
+    /// Could not connect or the connection broke.
+    #[error("consul request failed: {0}")]
+    Transport(String),
+    /// No answer in time.
+    #[error("consul request timed out")]
+    Timeout,
+    /// Consul answered with an error status (500 when it has no leader, 403 for ACLs...).
+    #[error("consul returned {status}: {body}")]
+    Status {
+        /// HTTP status.
+        status: StatusCode,
+        /// Start of the body.
+        body: String,
+    },
+    /// The body was not the JSON we expect.
+    #[error("consul returned unreadable JSON: {0}")]
+    Decode(String),
+    /// Bad client settings.
+    #[error("consul client: {0}")]
+    Setup(String),
+}
+
+/// A response to a (possibly blocking) query.
+#[derive(Debug)]
+pub struct Indexed<T> {
+    /// The decoded body.
+    pub value: T,
+    /// `X-Consul-Index`, 0 if absent.
+    pub index: u64,
+}
+
+/// The client. Cheap to clone; clones share the connection pool.
+#[derive(Clone, Debug)]
+pub struct ConsulClient {
+    http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
+    base: String,
+    token: Option<HeaderValue>,
+    datacenter: Option<String>,
+    stale: bool,
+}
+
+impl ConsulClient {
+    /// Builds a client for `cfg` (https uses `cfg.ca_file` or the webpki roots).
+    pub fn new(cfg: &ConsulConfig) -> Result<Self, ConsulError> {
+        let tls = crate::tls::client_config(cfg.ca_file.as_deref())
+            .map_err(|e| ConsulError::Setup(e.to_string()))?;
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(Duration::from_secs(5)));
+        let connector = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config(tls)
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(http);
+        let http = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(30))
+            .build(connector);
+        let token = cfg
+            .token
+            .as_deref()
+            .map(HeaderValue::from_str)
+            .transpose()
+            .map_err(|_| ConsulError::Setup("token is not a valid header value".into()))?;
+        Ok(ConsulClient {
+            http,
+            base: cfg.address.to_string().trim_end_matches('/').to_owned(),
+            token,
+            datacenter: cfg.datacenter.clone(),
+            stale: cfg.stale,
+        })
+    }
+
+    /// `GET /v1/catalog/services`: every service name with the union of its tags.
+    pub async fn catalog_services(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Indexed<HashMap<String, Vec<String>>>, ConsulError> {
+        self.query("/v1/catalog/services", index, wait).await
+    }
+
+    /// `GET /v1/health/service/<name>`: the service's instances with node and checks.
+    pub async fn health_service(
+        &self,
+        name: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Indexed<Vec<HealthEntry>>, ConsulError> {
+        let mut path = String::from("/v1/health/service/");
+        encode_segment(name, &mut path);
+        self.query(&path, index, wait).await
+    }
+
+    /// `GET /v1/health/state/any`: every check in the datacenter.
+    pub async fn health_state_any(
+        &self,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Indexed<Vec<Check>>, ConsulError> {
+        self.query("/v1/health/state/any", index, wait).await
+    }
+
+    /// `GET /v1/status/leader`: the leader's address, empty while there is none.
+    pub async fn leader(&self) -> Result<String, ConsulError> {
+        Ok(self
+            .query("/v1/status/leader", 0, Duration::ZERO)
+            .await?
+            .value)
+    }
+
+    /// `PUT /v1/agent/service/register`.
+    pub async fn register(&self, reg: &Registration) -> Result<(), ConsulError> {
+        let body = serde_json::to_vec(reg).map_err(|e| ConsulError::Decode(e.to_string()))?;
+        self.send(Method::PUT, "/v1/agent/service/register", body)
+            .await
+    }
+
+    /// `PUT /v1/agent/service/deregister/<id>`.
+    pub async fn deregister(&self, id: &str) -> Result<(), ConsulError> {
+        let mut path = String::from("/v1/agent/service/deregister/");
+        encode_segment(id, &mut path);
+        self.send(Method::PUT, &path, Vec::new()).await
+    }
+
+    /// `PUT /v1/agent/check/update/<id>` with a status (passing, warning, critical).
+    pub async fn update_check(
+        &self,
+        id: &str,
+        status: &str,
+        output: &str,
+    ) -> Result<(), ConsulError> {
+        let mut path = String::from("/v1/agent/check/update/");
+        encode_segment(id, &mut path);
+        let body = serde_json::json!({ "Status": status, "Output": output });
+        self.send(Method::PUT, &path, body.to_string().into_bytes())
+            .await
+    }
+
+    /// A GET, blocking when `index > 0` (never block on 0: Consul would answer at once).
+    async fn query<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        index: u64,
+        wait: Duration,
+    ) -> Result<Indexed<T>, ConsulError> {
+        let mut url = format!("{}{}?", self.base, path);
+        if index > 0 {
+            let _ = write!(url, "index={index}&wait={}ms&", wait.as_millis());
+        }
+        if self.stale {
+            url.push_str("stale&");
+        }
+        if let Some(dc) = &self.datacenter {
+            url.push_str("dc=");
+            encode_segment(dc, &mut url);
+        }
+        let url = url.trim_end_matches(['&', '?']);
+        // Consul adds up to wait/16 of jitter; leave room beyond that before giving up.
+        let limit = if index > 0 {
+            wait + wait / 16 + Duration::from_secs(10)
+        } else {
+            Duration::from_secs(30)
+        };
+        let (status, headers, body) =
+            tokio::time::timeout(limit, self.exchange(Method::GET, url, Vec::new()))
+                .await
+                .map_err(|_| ConsulError::Timeout)??;
+        check_status(status, &body)?;
+        let index = headers
+            .get("x-consul-index")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let value =
+            serde_json::from_slice(&body).map_err(|e| ConsulError::Decode(e.to_string()))?;
+        Ok(Indexed { value, index })
+    }
+
+    async fn send(&self, method: Method, path: &str, body: Vec<u8>) -> Result<(), ConsulError> {
+        let url = format!("{}{}", self.base, path);
+        let (status, _, body) =
+            tokio::time::timeout(Duration::from_secs(30), self.exchange(method, &url, body))
+                .await
+                .map_err(|_| ConsulError::Timeout)??;
+        check_status(status, &body)
+    }
+
+    async fn exchange(
+        &self,
+        method: Method,
+        url: &str,
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, http::HeaderMap, Bytes), ConsulError> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(url)
+            .header(header::ACCEPT, "application/json");
+        if let Some(t) = &self.token {
+            req = req.header("x-consul-token", t.clone());
+        }
+        let req = req
+            .body(Full::new(Bytes::from(body)))
+            .map_err(|e| ConsulError::Setup(e.to_string()))?;
+        let resp = self
+            .http
+            .request(req)
+            .await
+            .map_err(|e| ConsulError::Transport(error_chain(&e)))?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_BODY)
+            .collect()
+            .await
+            .map_err(|e| ConsulError::Transport(e.to_string()))?
+            .to_bytes();
+        Ok((parts.status, parts.headers, body))
+    }
+}
+
+fn check_status(status: StatusCode, body: &[u8]) -> Result<(), ConsulError> {
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = String::from_utf8_lossy(&body[..body.len().min(200)])
+        .trim()
+        .to_owned();
+    Err(ConsulError::Status { status, body: text })
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut src = e.source();
+    while let Some(cause) = src {
+        let _ = write!(s, ": {cause}");
+        src = cause.source();
+    }
+    s
+}
+
+/// Percent-encodes one path segment or query value.
+fn encode_segment(raw: &str, out: &mut String) {
+    for b in raw.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(char::from(b));
+        } else {
+            let _ = write!(out, "%{b:02X}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodes_segments() {
+        let mut s = String::new();
+        encode_segment("web app/1", &mut s);
+        assert_eq!(s, "web%20app%2F1");
+    }
+}

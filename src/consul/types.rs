@@ -1,0 +1,216 @@
+//! The parts of Consul's JSON we read and write.
+
+use std::collections::HashMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::routing::{Health, InstanceSpec};
+
+/// One entry of `/v1/health/service/<name>`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct HealthEntry {
+    /// The node the instance runs on.
+    #[serde(rename = "Node")]
+    pub node: Node,
+    /// The registration.
+    #[serde(rename = "Service")]
+    pub service: AgentService,
+    /// Node and service checks.
+    #[serde(rename = "Checks", default)]
+    pub checks: Vec<Check>,
+}
+
+/// A Consul node.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Node {
+    /// Node name.
+    #[serde(rename = "Node")]
+    pub name: String,
+    /// Node address.
+    #[serde(rename = "Address")]
+    pub address: String,
+}
+
+/// A service registration as the catalog returns it.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AgentService {
+    /// Service ID.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// Service name.
+    #[serde(rename = "Service")]
+    pub service: String,
+    /// Tags.
+    #[serde(rename = "Tags", default)]
+    pub tags: Option<Vec<String>>,
+    /// Address; empty means the node's.
+    #[serde(rename = "Address", default)]
+    pub address: String,
+    /// Port.
+    #[serde(rename = "Port", default)]
+    pub port: u16,
+    /// Meta; `load` is read from here.
+    #[serde(rename = "Meta", default)]
+    pub meta: Option<HashMap<String, String>>,
+    /// Weights (default 1/1).
+    #[serde(rename = "Weights", default)]
+    pub weights: Option<Weights>,
+}
+
+/// Consul's weights per health state.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Weights {
+    /// Weight while passing.
+    #[serde(rename = "Passing")]
+    pub passing: u32,
+    /// Weight while warning.
+    #[serde(rename = "Warning")]
+    pub warning: u32,
+}
+
+/// A health check.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Check {
+    /// Node name.
+    #[serde(rename = "Node", default)]
+    pub node: String,
+    /// Check ID.
+    #[serde(rename = "CheckID", default)]
+    pub check_id: String,
+    /// passing, warning, critical (maintenance is critical).
+    #[serde(rename = "Status", default)]
+    pub status: String,
+    /// Service ID; empty for node checks.
+    #[serde(rename = "ServiceID", default)]
+    pub service_id: String,
+    /// Service name; empty for node checks.
+    #[serde(rename = "ServiceName", default)]
+    pub service_name: String,
+}
+
+/// `PUT /v1/agent/service/register` body (for tests, the demo and the coming `announce`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Registration {
+    /// Service ID.
+    #[serde(rename = "ID")]
+    pub id: String,
+    /// Service name.
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// Tags.
+    #[serde(rename = "Tags")]
+    pub tags: Vec<String>,
+    /// Address.
+    #[serde(rename = "Address")]
+    pub address: String,
+    /// Port.
+    #[serde(rename = "Port")]
+    pub port: u16,
+    /// Meta.
+    #[serde(rename = "Meta")]
+    pub meta: HashMap<String, String>,
+    /// Weights, if not 1/1.
+    #[serde(rename = "Weights", skip_serializing_if = "Option::is_none")]
+    pub weights: Option<Weights>,
+    /// A TTL check, if any.
+    #[serde(rename = "Check", skip_serializing_if = "Option::is_none")]
+    pub check: Option<TtlCheck>,
+}
+
+/// A TTL check definition.
+#[derive(Debug, Clone, Serialize)]
+pub struct TtlCheck {
+    /// Check ID.
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// TTL such as "30s".
+    #[serde(rename = "TTL")]
+    pub ttl: String,
+    /// Initial status.
+    #[serde(rename = "Status")]
+    pub status: String,
+    /// Remove the service after this long critical, e.g. "1m".
+    #[serde(
+        rename = "DeregisterCriticalServiceAfter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub deregister_after: Option<String>,
+}
+
+impl HealthEntry {
+    /// Converts to the routing layer's instance: worst check wins, empty address means the
+    /// node's, `Meta.load` parsed when it is a finite, non-negative number.
+    pub fn to_spec(&self) -> InstanceSpec {
+        let health = self
+            .checks
+            .iter()
+            .map(|c| Health::from_consul(&c.status))
+            .max()
+            .unwrap_or(Health::Passing);
+        let address = if self.service.address.is_empty() {
+            self.node.address.clone()
+        } else {
+            self.service.address.clone()
+        };
+        let load = self
+            .service
+            .meta
+            .as_ref()
+            .and_then(|m| m.get("load"))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|v| v.is_finite() && *v >= 0.0);
+        let w = self.service.weights.unwrap_or(Weights {
+            passing: 1,
+            warning: 1,
+        });
+        InstanceSpec {
+            id: self.service.id.clone(),
+            node: self.node.name.clone(),
+            address,
+            port: self.service.port,
+            tags: self.service.tags.clone().unwrap_or_default(),
+            load,
+            weight_passing: w.passing,
+            weight_warning: w.warning,
+            health,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ENTRY: &str = r#"[{
+      "Node": {"ID": "x", "Node": "n1", "Address": "10.0.0.5", "Datacenter": "dc1"},
+      "Service": {"ID": "chat-1", "Service": "chat", "Tags": ["router.strategy=ip-hash"],
+                  "Address": "", "Port": 8081, "Meta": {"load": "0.75"},
+                  "Weights": {"Passing": 3, "Warning": 1}},
+      "Checks": [
+        {"Node": "n1", "CheckID": "serfHealth", "Status": "passing", "ServiceID": "", "ServiceName": ""},
+        {"Node": "n1", "CheckID": "service:chat-1", "Status": "warning", "ServiceID": "chat-1", "ServiceName": "chat"}
+      ]
+    }]"#;
+
+    #[test]
+    fn parses_health_entries() {
+        let entries: Vec<HealthEntry> = serde_json::from_str(ENTRY).unwrap();
+        let s = entries[0].to_spec();
+        assert_eq!(
+            s.address, "10.0.0.5",
+            "empty Service.Address means the node's"
+        );
+        assert_eq!(s.port, 8081);
+        assert_eq!(s.health, Health::Warning);
+        assert_eq!(s.load, Some(0.75));
+        assert_eq!((s.weight_passing, s.weight_warning), (3, 1));
+        assert_eq!(s.tags, vec!["router.strategy=ip-hash"]);
+    }
+
+    #[test]
+    fn bad_load_is_ignored() {
+        let text = ENTRY.replace("0.75", "NaN");
+        let entries: Vec<HealthEntry> = serde_json::from_str(&text).unwrap();
+        assert_eq!(entries[0].to_spec().load, None);
+    }
+}

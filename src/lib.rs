@@ -1,0 +1,127 @@
+//! consul-router: a reverse proxy that routes by Host header to services found in Consul.
+//!
+//! [`start`] binds the listeners, starts discovery and returns a [`Running`] router; the
+//! binary (`main.rs`) adds the command line, logging and signals around it.
+
+pub mod admin;
+pub mod balance;
+pub mod config;
+pub mod consul;
+pub mod metrics;
+pub mod proxy;
+pub mod routing;
+pub mod server;
+pub mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::Config;
+use crate::consul::{AbortOnDrop, ConsulClient, ConsulError, Discovery, DiscoveryHandle};
+use crate::routing::{BuildOptions, Routes};
+
+/// Why the router could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The Consul client could not be set up.
+    #[error(transparent)]
+    Consul(#[from] ConsulError),
+}
+
+/// A started router. Dropping it stops discovery; call [`Running::shutdown`] to drain.
+#[derive(Debug)]
+pub struct Running {
+    /// Where the proxy listens (useful when the config said port 0).
+    pub proxy_addr: SocketAddr,
+    /// Where the admin API listens.
+    pub admin_addr: SocketAddr,
+    /// The live routing table.
+    pub routes: Arc<Routes>,
+    stop: watch::Sender<bool>,
+    proxy_task: JoinHandle<()>,
+    admin_task: JoinHandle<()>,
+    discovery: DiscoveryHandle,
+    _upkeep: AbortOnDrop,
+}
+
+impl Running {
+    /// Stops accepting, lets in-flight requests finish (bounded by `proxy.shutdown_grace`),
+    /// then stops discovery.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.proxy_task.await;
+        let _ = self.admin_task.await;
+        drop(self.discovery);
+    }
+
+    /// Long-polls currently open to Consul for single services.
+    pub fn watch_count(&self) -> usize {
+        self.discovery.discovery().watch_count()
+    }
+}
+
+/// Binds the listeners and starts discovery, the proxy and the admin API.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let proxy_listener = bind(cfg.listen).await?;
+    let admin_listener = bind(cfg.admin_listen).await?;
+    let local = |l: &TcpListener, addr| {
+        l.local_addr()
+            .map_err(|source| StartError::Bind { addr, source })
+    };
+    let proxy_addr = local(&proxy_listener, cfg.listen)?;
+    let admin_addr = local(&admin_listener, cfg.admin_listen)?;
+
+    let prometheus = metrics::handle();
+    let routes = Arc::new(Routes::new());
+    let client = ConsulClient::new(&cfg.consul)?;
+    let build = BuildOptions {
+        domains: cfg.domains.clone(),
+        default_strategy: cfg.strategy,
+        include_warning: cfg.include_warning,
+        max_idle_per_instance: cfg.proxy.max_idle_per_instance,
+    };
+    let discovery = Discovery::new(client, cfg.consul.clone(), build, routes.clone()).spawn();
+
+    let (stop, stopped) = watch::channel(false);
+    let proxy = Arc::new(proxy::Proxy::new(&cfg, routes.clone()));
+    let grace = cfg.proxy.shutdown_grace;
+    let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, stopped.clone(), grace));
+    let admin = Arc::new(admin::Admin::new(routes.clone(), prometheus.clone()));
+    let admin_task = tokio::spawn(server::serve(
+        admin_listener,
+        admin,
+        stopped,
+        Duration::from_secs(1),
+    ));
+    let upkeep = tokio::spawn(metrics::upkeep(prometheus));
+    tracing::info!(%proxy_addr, %admin_addr, consul = %cfg.consul.address, "consul-router started");
+
+    Ok(Running {
+        proxy_addr,
+        admin_addr,
+        routes,
+        stop,
+        proxy_task,
+        admin_task,
+        discovery,
+        _upkeep: AbortOnDrop(upkeep.abort_handle()),
+    })
+}

@@ -1,0 +1,260 @@
+//! Header rewriting: hop-by-hop removal (RFC 9110 §7.6.1) and X-Forwarded-*.
+
+use std::io::Write as _;
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use ipnet::IpNet;
+
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+/// `Proxy:` is not a real header; dropping it defuses "httpoxy" in CGI-style backends.
+const PROXY: HeaderName = HeaderName::from_static("proxy");
+/// `X-Forwarded-For`.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Host`.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+/// `X-Forwarded-Proto`.
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    PROXY_CONNECTION,
+    PROXY,
+];
+
+/// Whether the request asks for an HTTP/1.1 upgrade (`Connection: upgrade` plus `Upgrade`).
+pub fn wants_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| has_token(v.as_bytes(), b"upgrade"))
+}
+
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Removes hop-by-hop headers: those named by `Connection`, then the fixed list. With
+/// `upgrade`, `Upgrade` is kept and `Connection: upgrade` restored.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
+            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
+            .collect();
+        for name in named {
+            if !(upgrade && name == header::UPGRADE) {
+                headers.remove(&name);
+            }
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+    if upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    } else {
+        headers.remove(header::UPGRADE);
+    }
+}
+
+/// Whether `ip` is in the trusted proxies.
+pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
+    let ip = canonical(ip);
+    trusted.iter().any(|n| n.contains(&ip))
+}
+
+/// IPv4-mapped IPv6 peers (from a dual-stack listener) count as their IPv4 address.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// The client's address: from a trusted peer, the right-most `X-Forwarded-For` address that
+/// is not itself a trusted proxy; otherwise the peer.
+pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    if !is_trusted(peer, trusted) {
+        return peer;
+    }
+    let mut client = peer;
+    // Headers are in order; within one, addresses are left to right. Walk from the right.
+    let values: Vec<&HeaderValue> = headers.get_all(X_FORWARDED_FOR).iter().collect();
+    for v in values.iter().rev() {
+        for part in v.as_bytes().rsplit(|&b| b == b',') {
+            let Some(ip) = std::str::from_utf8(part.trim_ascii())
+                .ok()
+                .and_then(|s| s.parse::<IpAddr>().ok())
+            else {
+                return client;
+            };
+            if !is_trusted(ip, trusted) {
+                return ip;
+            }
+            client = ip;
+        }
+    }
+    client
+}
+
+/// Sets X-Forwarded-For/Host/Proto. From a trusted peer the existing chain, host and proto
+/// are kept (nginx terminating TLS says `https`); from anyone else they are replaced.
+pub fn set_forwarded(
+    headers: &mut HeaderMap,
+    peer: IpAddr,
+    peer_trusted: bool,
+    host: &HeaderValue,
+) {
+    let mut buf = [0u8; 512];
+    let mut w = &mut buf[..];
+    let prior: Vec<&HeaderValue> = if peer_trusted {
+        headers.get_all(X_FORWARDED_FOR).iter().collect()
+    } else {
+        Vec::new()
+    };
+    let mut fits = true;
+    for v in &prior {
+        fits &= w.write_all(v.as_bytes()).is_ok() && w.write_all(b", ").is_ok();
+    }
+    fits &= write!(w, "{}", canonical(peer)).is_ok();
+    let remaining = w.len();
+    let xff = if fits {
+        HeaderValue::from_bytes(&buf[..buf.len() - remaining]).ok()
+    } else {
+        // A chain longer than the stack buffer: rare, so allocate.
+        let mut s = prior
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join(", ");
+        s.push_str(", ");
+        s.push_str(&canonical(peer).to_string());
+        HeaderValue::from_str(&s).ok()
+    };
+    if let Some(xff) = xff {
+        headers.insert(X_FORWARDED_FOR, xff);
+    }
+    if !peer_trusted || !headers.contains_key(X_FORWARDED_HOST) {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+    }
+    if !peer_trusted || !headers.contains_key(X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trusted() -> Vec<IpNet> {
+        vec!["127.0.0.0/8".parse().unwrap(), "::1/128".parse().unwrap()]
+    }
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_named() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("te", "trailers"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "websocket"),
+            ("proxy-authorization", "x"),
+            ("proxy", "http://evil"),
+            ("x-kept", "yes"),
+            ("host", "a"),
+        ]);
+        strip_hop_by_hop(&mut h, false);
+        let left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-kept", "host"]);
+    }
+
+    #[test]
+    fn keeps_upgrade_when_upgrading() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(wants_upgrade(&h));
+        strip_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["connection"], "upgrade");
+    }
+
+    #[test]
+    fn client_ip_from_trusted_chain() {
+        let t = trusted();
+        let lo: IpAddr = "127.0.0.1".parse().unwrap();
+        let h = map(&[
+            ("x-forwarded-for", "6.6.6.6, 203.0.113.9"),
+            ("x-forwarded-for", "127.0.0.2"),
+        ]);
+        assert_eq!(
+            client_ip(&h, lo, &t),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
+        // An untrusted peer's header is ignored.
+        let other: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_ip(&h, other, &t), other);
+        // No header: the peer.
+        assert_eq!(client_ip(&HeaderMap::new(), lo, &t), lo);
+        // Garbage stops the walk at the last good address.
+        let h = map(&[("x-forwarded-for", "junk, 127.0.0.9")]);
+        assert_eq!(
+            client_ip(&h, lo, &t),
+            "127.0.0.9".parse::<IpAddr>().unwrap()
+        );
+    }
+
+    #[test]
+    fn forwarded_headers_trusted_and_not() {
+        let host = HeaderValue::from_static("chat.app.example.net");
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, &host);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-host"], "chat.app.example.net");
+
+        let mut h = map(&[
+            ("x-forwarded-for", "1.1.1.1"),
+            ("x-forwarded-proto", "https"),
+        ]);
+        set_forwarded(&mut h, "198.51.100.1".parse().unwrap(), false, &host);
+        assert_eq!(h["x-forwarded-for"], "198.51.100.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn long_chains_still_append() {
+        let long = vec!["10.0.0.1"; 100].join(", ");
+        let mut h = map(&[("x-forwarded-for", &long)]);
+        let host = HeaderValue::from_static("h");
+        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, &host);
+        assert!(h["x-forwarded-for"]
+            .to_str()
+            .unwrap()
+            .ends_with("10.0.0.1, 127.0.0.1"));
+    }
+}

@@ -1,0 +1,98 @@
+//! Idle keep-alive connections to one instance, in a lock-free queue.
+
+use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use crossbeam_queue::SegQueue;
+use hyper::body::Incoming;
+use hyper::client::conn::http1::SendRequest;
+
+/// A sender to a backend connection, ready for a request.
+pub type Sender = SendRequest<Incoming>;
+
+struct Idle {
+    sender: Sender,
+    since: Instant,
+}
+
+/// Idle connections of one instance. `SegQueue` allocates nothing until first used, so the
+/// thousands of instances that carry no traffic cost almost no memory.
+pub struct IdlePool {
+    queue: SegQueue<Idle>,
+    len: AtomicUsize,
+    max: usize,
+}
+
+impl fmt::Debug for IdlePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdlePool")
+            .field("idle", &self.len.load(Ordering::Relaxed))
+            .field("max", &self.max)
+            .finish()
+    }
+}
+
+impl IdlePool {
+    /// A pool keeping at most `max` idle connections (0 disables keep-alive reuse).
+    pub fn new(max: usize) -> Self {
+        IdlePool {
+            queue: SegQueue::new(),
+            len: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    /// Idle connections held now.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// Whether no connection is idle.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// A live connection ready for a request, if one is idle. Closed and expired ones are
+    /// dropped; one still finishing its last exchange goes back to the end of the queue.
+    pub fn take(&self, idle_timeout: Duration) -> Option<Sender> {
+        let mut busy = Vec::new();
+        let mut found = None;
+        while let Some(idle) = self.queue.pop() {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            if idle.sender.is_closed() || idle.since.elapsed() > idle_timeout {
+                continue;
+            }
+            if idle.sender.is_ready() {
+                found = Some(idle.sender);
+                break;
+            }
+            busy.push(idle);
+            if busy.len() >= 4 {
+                break;
+            }
+        }
+        for idle in busy {
+            self.push(idle);
+        }
+        found
+    }
+
+    /// Returns a connection after its exchange finished.
+    pub fn put(&self, sender: Sender) {
+        if !sender.is_closed() {
+            self.push(Idle {
+                sender,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    fn push(&self, idle: Idle) {
+        if self.len.fetch_add(1, Ordering::Relaxed) < self.max {
+            self.queue.push(idle);
+        } else {
+            self.len.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}

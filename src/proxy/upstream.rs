@@ -1,0 +1,163 @@
+//! Sending a request to a service's instances: pooled or fresh connection, timeouts, and a
+//! bounded retry on another instance when nothing was sent.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+
+use crate::balance::Exclude;
+use crate::config::ProxyConfig;
+use crate::routing::{Instance, Service};
+
+use super::body::InFlight;
+use super::pool::Sender;
+use super::ProxyError;
+
+/// Connection settings toward backends.
+#[derive(Debug, Clone)]
+pub struct Upstream {
+    connect_timeout: Duration,
+    response_timeout: Duration,
+    idle_timeout: Duration,
+    retries: u32,
+}
+
+/// A backend's answer with what the response body needs to keep.
+#[derive(Debug)]
+pub struct Answer {
+    /// The response as received.
+    pub response: Response<Incoming>,
+    /// The connection, to pool after the body (None once upgraded).
+    pub sender: Sender,
+    /// In-flight accounting for the chosen instance.
+    pub in_flight: InFlight,
+}
+
+enum Attempt {
+    Done(Answer),
+    /// Nothing reached the backend: the request is handed back for another instance.
+    Unsent(Request<Incoming>, ProxyError),
+    Failed(ProxyError),
+}
+
+impl Upstream {
+    /// From the proxy settings.
+    pub fn new(cfg: &ProxyConfig) -> Self {
+        Upstream {
+            connect_timeout: cfg.connect_timeout,
+            response_timeout: cfg.response_timeout,
+            idle_timeout: cfg.idle_timeout,
+            retries: cfg.retries,
+        }
+    }
+
+    /// Sends `req` to an instance of `svc` picked for `key`; on a connect failure or a reset
+    /// before sending, tries up to `retries` other instances.
+    pub async fn send(
+        &self,
+        svc: &Service,
+        key: u64,
+        mut req: Request<Incoming>,
+    ) -> Result<Answer, ProxyError> {
+        let mut exclude = Exclude::default();
+        let mut last = ProxyError::NoHealthyInstance;
+        for _ in 0..=self.retries {
+            let Some((pos, inst)) = svc.pick(key, exclude) else {
+                break;
+            };
+            exclude.add(pos);
+            match self.attempt(inst, req).await {
+                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Failed(e) => return Err(e),
+                Attempt::Unsent(r, e) => {
+                    tracing::debug!(service = %svc.name, instance = %inst.id, error = %e, "retrying on another instance");
+                    metrics::counter!("consul_router_upstream_retries_total").increment(1);
+                    req = r;
+                    last = e;
+                }
+            }
+        }
+        Err(last)
+    }
+
+    async fn attempt(&self, inst: &Instance, req: Request<Incoming>) -> Attempt {
+        let in_flight = InFlight::new(inst.state.clone());
+        let mut req = req;
+        // Idle connections first; one that died while idle hands the request back.
+        while let Some(sender) = inst.state.idle.take(self.idle_timeout) {
+            match self.exchange(sender, req).await {
+                Ok((response, sender)) => {
+                    return Attempt::Done(Answer {
+                        response,
+                        sender,
+                        in_flight,
+                    })
+                }
+                Err(Attempt::Unsent(r, _)) => req = r,
+                Err(other) => return other,
+            }
+        }
+        let sender = match self.connect(inst).await {
+            Ok(s) => s,
+            Err(e) => return Attempt::Unsent(req, e),
+        };
+        match self.exchange(sender, req).await {
+            Ok((response, sender)) => Attempt::Done(Answer {
+                response,
+                sender,
+                in_flight,
+            }),
+            Err(a) => a,
+        }
+    }
+
+    async fn exchange(
+        &self,
+        mut sender: Sender,
+        req: Request<Incoming>,
+    ) -> Result<(Response<Incoming>, Sender), Attempt> {
+        match tokio::time::timeout(self.response_timeout, sender.try_send_request(req)).await {
+            Err(_) => Err(Attempt::Failed(ProxyError::ResponseTimeout)),
+            Ok(Ok(resp)) => Ok((resp, sender)),
+            Ok(Err(mut e)) => match e.take_message() {
+                Some(req) => Err(Attempt::Unsent(
+                    req,
+                    ProxyError::Upstream(e.into_error().to_string()),
+                )),
+                None => Err(Attempt::Failed(ProxyError::Upstream(
+                    e.into_error().to_string(),
+                ))),
+            },
+        }
+    }
+
+    async fn connect(&self, inst: &Instance) -> Result<Sender, ProxyError> {
+        let connecting = async {
+            match inst.socket {
+                Some(addr) => TcpStream::connect(addr).await,
+                None => TcpStream::connect((&*inst.address, inst.port)).await,
+            }
+        };
+        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
+            Err(_) => return Err(ProxyError::ConnectTimeout),
+            Ok(Err(e)) => return Err(ProxyError::Connect(e.to_string())),
+            Ok(Ok(s)) => s,
+        };
+        let _ = stream.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http1::Builder::new()
+            .handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| ProxyError::Connect(e.to_string()))?;
+        let peer: Option<SocketAddr> = inst.socket;
+        tokio::spawn(async move {
+            if let Err(e) = conn.with_upgrades().await {
+                tracing::debug!(?peer, error = %e, "backend connection closed with error");
+            }
+        });
+        Ok(sender)
+    }
+}

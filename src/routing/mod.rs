@@ -1,0 +1,54 @@
+//! The routing table: host → service → instances, one immutable snapshot per change.
+//!
+//! [`build`] turns what Consul knows ([`InstanceSpec`]s per service) into a [`RoutingTable`];
+//! [`Routes`] publishes it through `arc_swap`, so the request path reads it without a lock.
+
+mod build;
+mod host;
+mod table;
+
+pub use build::{build, BuildOptions, StateRegistry};
+pub use host::{normalize, HostError, MAX_HOST};
+pub use table::{
+    Health, Instance, InstanceSpec, InstanceState, RoutingTable, Service, ServiceStats,
+};
+
+use std::sync::Arc;
+
+use arc_swap::ArcSwap;
+
+/// The live routing table. Readers call [`Routes::load`]; the rebuilder calls [`Routes::store`].
+#[derive(Debug)]
+pub struct Routes {
+    current: ArcSwap<RoutingTable>,
+}
+
+impl Routes {
+    /// Starts with an empty, not-yet-ready table.
+    pub fn new() -> Self {
+        Routes {
+            current: ArcSwap::from_pointee(RoutingTable::empty()),
+        }
+    }
+
+    /// The current snapshot (lock-free; cheap enough for every request).
+    pub fn load(&self) -> arc_swap::Guard<Arc<RoutingTable>> {
+        self.current.load()
+    }
+
+    /// The current snapshot as an owned `Arc`, for long-lived readers.
+    pub fn load_full(&self) -> Arc<RoutingTable> {
+        self.current.load_full()
+    }
+
+    /// Publishes a new snapshot.
+    pub fn store(&self, table: RoutingTable) {
+        self.current.store(Arc::new(table));
+    }
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,263 @@
+//! The snapshot types: [`RoutingTable`], [`Service`], [`Instance`].
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::balance::{Candidate, Exclude, Picker, Strategy};
+use crate::proxy::pool::IdlePool;
+
+/// An instance's health as Consul reports it (worst of its checks and its node's checks).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// All checks pass.
+    Passing,
+    /// Some check warns, none fails.
+    Warning,
+    /// Some check fails (maintenance mode included).
+    Critical,
+}
+
+impl Health {
+    /// Parses Consul's status word; anything unknown counts as critical.
+    pub fn from_consul(status: &str) -> Health {
+        match status {
+            "passing" => Health::Passing,
+            "warning" => Health::Warning,
+            _ => Health::Critical,
+        }
+    }
+}
+
+/// One instance as discovered, before it is placed in a table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InstanceSpec {
+    /// Consul service ID.
+    pub id: String,
+    /// Consul node name.
+    pub node: String,
+    /// Address to connect to (the node's when the service gives none).
+    pub address: String,
+    /// Port.
+    pub port: u16,
+    /// Service tags.
+    pub tags: Vec<String>,
+    /// Reported load from Service Meta `load`.
+    pub load: Option<f64>,
+    /// Weight when passing.
+    pub weight_passing: u32,
+    /// Weight when warning.
+    pub weight_warning: u32,
+    /// Aggregated health.
+    pub health: Health,
+}
+
+/// Per-instance state that outlives table rebuilds: in-flight count and idle connections.
+#[derive(Debug)]
+pub struct InstanceState {
+    /// Requests in flight to this instance from this router.
+    pub in_flight: AtomicU64,
+    /// Idle keep-alive connections.
+    pub idle: IdlePool,
+}
+
+impl InstanceState {
+    /// Fresh state keeping at most `max_idle` idle connections.
+    pub fn new(max_idle: usize) -> Self {
+        InstanceState {
+            in_flight: AtomicU64::new(0),
+            idle: IdlePool::new(max_idle),
+        }
+    }
+}
+
+/// Per-service state that outlives rebuilds: when it last carried traffic, and its counters.
+#[derive(Debug)]
+pub struct ServiceStats {
+    /// Seconds since `epoch` at the last request; 0 means never.
+    last_used: AtomicU64,
+    epoch: Instant,
+    /// Responses by status class (1xx..5xx), pre-registered so a request does no lookup.
+    pub responses: [metrics::Counter; 5],
+}
+
+impl ServiceStats {
+    /// Registers the service's counters.
+    pub fn new(name: &str, epoch: Instant) -> Self {
+        let class = |c: &'static str| metrics::counter!("consul_router_responses_total", "service" => name.to_owned(), "class" => c);
+        ServiceStats {
+            last_used: AtomicU64::new(0),
+            epoch,
+            responses: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+        }
+    }
+
+    /// Marks the service as used now. A load first, so a busy service does not bounce the
+    /// cache line between cores on every request.
+    pub fn touch(&self) {
+        let now = self.epoch.elapsed().as_secs() + 1;
+        if self.last_used.load(Ordering::Relaxed) != now {
+            self.last_used.store(now, Ordering::Relaxed);
+        }
+    }
+
+    /// Seconds-since-epoch stamp of the last request (0: never).
+    pub fn last_used(&self) -> u64 {
+        self.last_used.load(Ordering::Relaxed)
+    }
+
+    /// Counts a response with `status`.
+    pub fn count(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.responses[i].increment(1);
+    }
+}
+
+/// One instance in a snapshot.
+#[derive(Debug)]
+pub struct Instance {
+    /// Consul service ID.
+    pub id: Box<str>,
+    /// Consul node.
+    pub node: Box<str>,
+    /// Address as registered.
+    pub address: Box<str>,
+    /// Port.
+    pub port: u16,
+    /// Parsed socket address when the address is an IP (the usual case); else resolved at connect.
+    pub socket: Option<SocketAddr>,
+    /// Health.
+    pub health: Health,
+    /// Effective weight for its health.
+    pub weight: u32,
+    /// Reported load.
+    pub load: Option<f64>,
+    pub(crate) id_hash: u64,
+    /// Shared runtime state.
+    pub state: Arc<InstanceState>,
+}
+
+impl Candidate for Instance {
+    fn weight(&self) -> u32 {
+        self.weight
+    }
+    fn id_hash(&self) -> u64 {
+        self.id_hash
+    }
+    fn reported_load(&self) -> Option<f64> {
+        self.load
+    }
+    fn in_flight(&self) -> u64 {
+        self.state.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// One service in a snapshot.
+#[derive(Debug)]
+pub struct Service {
+    /// Consul service name.
+    pub name: Box<str>,
+    /// Explicit hosts from `router.host=` tags.
+    pub hosts: Box<[Box<str>]>,
+    /// All known instances, the routable ones first.
+    pub instances: Box<[Instance]>,
+    /// How many of `instances` are routable.
+    pub routable: usize,
+    pub(crate) picker: Picker,
+    /// Counters and usage that outlive the snapshot.
+    pub stats: Arc<ServiceStats>,
+}
+
+impl Service {
+    /// The strategy in force.
+    pub fn strategy(&self) -> Strategy {
+        self.picker.strategy()
+    }
+
+    /// The routable instances.
+    pub fn routable(&self) -> &[Instance] {
+        &self.instances[..self.routable]
+    }
+
+    /// Picks a routable instance for `key`, skipping `exclude`d positions.
+    pub fn pick(&self, key: u64, exclude: Exclude) -> Option<(usize, &Instance)> {
+        let candidates = self.routable();
+        let i = self.picker.pick(candidates, key, exclude)?;
+        Some((i, &candidates[i]))
+    }
+}
+
+/// One immutable routing snapshot.
+#[derive(Debug)]
+pub struct RoutingTable {
+    /// Services by name.
+    pub services: HashMap<Box<str>, Arc<Service>>,
+    /// Explicit hosts (from tags) to their service.
+    pub hosts: HashMap<Box<str>, Arc<Service>>,
+    /// Domain suffixes, lowercase, without dots at either end.
+    pub domains: Box<[Box<str>]>,
+    /// False until the first table built from Consul.
+    pub ready: bool,
+    /// Increases with every rebuild.
+    pub generation: u64,
+}
+
+impl RoutingTable {
+    /// The table before Consul has answered.
+    pub fn empty() -> Self {
+        RoutingTable {
+            services: HashMap::new(),
+            hosts: HashMap::new(),
+            domains: Box::new([]),
+            ready: false,
+            generation: 0,
+        }
+    }
+
+    /// Finds the service for a normalised host: explicit hosts first, then
+    /// `<service>.<domain>` with exactly one label before the domain.
+    pub fn lookup(&self, host: &str) -> Option<&Arc<Service>> {
+        if let Some(s) = self.hosts.get(host) {
+            return Some(s);
+        }
+        for domain in self.domains.iter() {
+            let Some(prefix) = host.strip_suffix(&**domain) else {
+                continue;
+            };
+            let Some(label) = prefix.strip_suffix('.') else {
+                continue;
+            };
+            if !label.is_empty() && !label.contains('.') {
+                if let Some(s) = self.services.get(label) {
+                    return Some(s);
+                }
+            }
+        }
+        None
+    }
+
+    /// Every host this table answers, with its service, sorted by host (for the admin API).
+    pub fn host_map(&self) -> BTreeMap<String, &Arc<Service>> {
+        let mut out = BTreeMap::new();
+        for (name, svc) in &self.services {
+            if crate::routing::build::is_dns_label(name) {
+                for d in self.domains.iter() {
+                    out.insert(format!("{name}.{d}"), svc);
+                }
+            }
+        }
+        for (host, svc) in &self.hosts {
+            out.insert(host.to_string(), svc);
+        }
+        out
+    }
+}
