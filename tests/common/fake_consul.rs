@@ -1,0 +1,149 @@
+//! FAKE Consul, for what a real agent cannot be made to do: answer 500s, send an index that
+//! goes backwards, or hang. It serves just /v1/catalog/services and /v1/health/service/<name>
+//! from a scripted model. Everything else in the suite runs against a real `consul agent -dev`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpListener;
+
+/// How the fake answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Normal,
+    /// Every request gets a 500 "No cluster leader".
+    Error500,
+    /// Requests are accepted and never answered.
+    Hang,
+}
+
+#[derive(Debug)]
+pub struct Model {
+    pub mode: Mode,
+    pub index: u64,
+    /// service -> [(id, port)]
+    pub services: BTreeMap<String, Vec<(String, u16)>>,
+    pub requests: u64,
+}
+
+pub struct FakeConsul {
+    pub addr: SocketAddr,
+    pub model: Arc<Mutex<Model>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeConsul {
+    pub async fn start() -> FakeConsul {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let model = Arc::new(Mutex::new(Model {
+            mode: Mode::Normal,
+            index: 10,
+            services: BTreeMap::new(),
+            requests: 0,
+        }));
+        let m = model.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let m = m.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| answer(m.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        FakeConsul { addr, model, task }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn set(&self, f: impl FnOnce(&mut Model)) {
+        f(&mut self.model.lock().unwrap());
+    }
+}
+
+impl Drop for FakeConsul {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn answer(
+    model: Arc<Mutex<Model>>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let asked: u64 = req
+        .uri()
+        .query()
+        .unwrap_or("")
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("index="))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mode = {
+        let mut m = model.lock().unwrap();
+        m.requests += 1;
+        m.mode
+    };
+    match mode {
+        Mode::Hang => std::future::pending::<()>().await,
+        Mode::Error500 => {
+            let mut r = Response::new(Full::new(Bytes::from_static(b"No cluster leader")));
+            *r.status_mut() = hyper::StatusCode::INTERNAL_SERVER_ERROR;
+            return Ok(r);
+        }
+        Mode::Normal => {}
+    }
+    // A short "blocking" wait when nothing changed, so the router polls at a modest rate.
+    if asked > 0 && asked == model.lock().unwrap().index {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let m = model.lock().unwrap();
+    let path = req.uri().path();
+    let body = if path == "/v1/catalog/services" {
+        let map: BTreeMap<&String, Vec<String>> = m.services.keys().map(|k| (k, vec![])).collect();
+        serde_json::to_string(&map).unwrap()
+    } else if let Some(name) = path.strip_prefix("/v1/health/service/") {
+        let entries: Vec<serde_json::Value> = m
+            .services
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|(id, port)| {
+                serde_json::json!({
+                    "Node": {"Node": "fake", "Address": "127.0.0.1"},
+                    "Service": {"ID": id, "Service": name, "Tags": [], "Address": "127.0.0.1",
+                                "Port": port, "Meta": {}, "Weights": {"Passing": 1, "Warning": 1}},
+                    "Checks": []
+                })
+            })
+            .collect();
+        serde_json::to_string(&entries).unwrap()
+    } else if path == "/v1/health/state/any" {
+        "[]".to_owned()
+    } else {
+        let mut r = Response::new(Full::new(Bytes::from_static(b"not faked")));
+        *r.status_mut() = hyper::StatusCode::NOT_FOUND;
+        return Ok(r);
+    };
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    r.headers_mut()
+        .insert("x-consul-index", m.index.to_string().parse().unwrap());
+    Ok(r)
+}

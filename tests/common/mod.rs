@@ -1,0 +1,460 @@
+//! Test harness: a real `consul agent -dev` on free loopback ports, real HTTP backends on
+//! 127.0.0.1:0, an in-process router, and a small HTTP client.
+#![allow(dead_code)]
+
+pub mod fake_consul;
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::{SocketAddr, TcpListener as StdListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+use consul_router::config::{Config, Overrides};
+use consul_router::consul::types::{Registration, TtlCheck, Weights};
+use consul_router::consul::ConsulClient;
+use consul_router::Running;
+
+/// Where the `consul` binary is: $CONSUL_BIN, the cache scripts/get-consul.sh fills, or PATH.
+pub fn consul_bin() -> PathBuf {
+    if let Ok(p) = std::env::var("CONSUL_BIN") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var("CONSUL_ROUTER_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/consul-router")
+        });
+    let version = std::env::var("CONSUL_VERSION").unwrap_or_else(|_| "v1.22.3".into());
+    let cached = cache.join(format!("consul-{version}")).join("consul");
+    if cached.exists() {
+        return cached;
+    }
+    if let Ok(path) = std::env::var("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let p = dir.join("consul");
+            if p.exists() {
+                return p;
+            }
+        }
+    }
+    panic!(
+        "these tests need a real Consul agent and no `consul` binary was found.\n\
+         Build one from the Go module proxy with `scripts/get-consul.sh` (cached in \
+         ~/.cache/consul-router), or set CONSUL_BIN=/path/to/consul. `scripts/test.sh` does this for you."
+    );
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A `consul agent -dev` of our own; killed on drop.
+pub struct ConsulAgent {
+    child: Option<Child>,
+    pub http_port: u16,
+    ports: [u16; 3],
+    node: String,
+    pub client: ConsulClient,
+}
+
+impl ConsulAgent {
+    pub async fn start() -> ConsulAgent {
+        let ports = [free_port(), free_port(), free_port()];
+        Self::start_on(free_port(), ports).await
+    }
+
+    async fn start_on(http_port: u16, ports: [u16; 3]) -> ConsulAgent {
+        let node = format!("t{http_port}");
+        let child = Command::new(consul_bin())
+            .args([
+                "agent",
+                "-dev",
+                "-bind",
+                "127.0.0.1",
+                "-client",
+                "127.0.0.1",
+            ])
+            .args(["-http-port", &http_port.to_string()])
+            .args(["-server-port", &ports[0].to_string()])
+            .args(["-serf-lan-port", &ports[1].to_string()])
+            .args(["-serf-wan-port", &ports[2].to_string()])
+            .args([
+                "-dns-port",
+                "-1",
+                "-grpc-port",
+                "-1",
+                "-hcl",
+                "ports { grpc_tls = -1 }",
+            ])
+            .args(["-node", &node, "-log-level", "warn"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start consul agent");
+        let client = ConsulClient::new(&consul_config(http_port)).expect("consul client");
+        let agent = ConsulAgent {
+            child: Some(child),
+            http_port,
+            ports,
+            node,
+            client,
+        };
+        wait_until(Duration::from_secs(30), "consul leader", || async {
+            agent.client.leader().await.is_ok_and(|l| !l.is_empty())
+                && agent
+                    .client
+                    .health_service("consul", 0, Duration::ZERO)
+                    .await
+                    .is_ok()
+        })
+        .await;
+        agent
+    }
+
+    pub fn addr(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    /// Kills the agent (all its state is in memory, so it is gone).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts a fresh agent on the same ports.
+    pub async fn restart(&mut self) {
+        self.kill();
+        let fresh = Self::start_on(self.http_port, self.ports).await;
+        *self = fresh;
+    }
+
+    /// Registers `id` of service `name` at 127.0.0.1:`port`.
+    pub async fn register(&self, name: &str, id: &str, port: u16, tags: &[&str]) {
+        self.register_with(Registration {
+            id: id.into(),
+            name: name.into(),
+            tags: tags.iter().map(|t| t.to_string()).collect(),
+            address: "127.0.0.1".into(),
+            port,
+            ..Default::default()
+        })
+        .await;
+    }
+
+    /// Registers with a TTL check (initially `status`) named `<id>-ttl`.
+    pub async fn register_ttl(&self, name: &str, id: &str, port: u16, status: &str) {
+        self.register_with(Registration {
+            id: id.into(),
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            port,
+            check: Some(TtlCheck {
+                check_id: format!("{id}-ttl"),
+                ttl: "10m".into(),
+                status: status.into(),
+                deregister_after: None,
+            }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn register_meta(
+        &self,
+        name: &str,
+        id: &str,
+        port: u16,
+        meta: &[(&str, &str)],
+        weights: Option<(u32, u32)>,
+    ) {
+        self.register_with(Registration {
+            id: id.into(),
+            name: name.into(),
+            address: "127.0.0.1".into(),
+            port,
+            meta: meta
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<HashMap<_, _>>(),
+            weights: weights.map(|(passing, warning)| Weights { passing, warning }),
+            ..Default::default()
+        })
+        .await;
+    }
+
+    pub async fn register_with(&self, reg: Registration) {
+        self.client.register(&reg).await.expect("register");
+    }
+
+    pub async fn set_check(&self, id: &str, status: &str) {
+        self.client
+            .update_check(&format!("{id}-ttl"), status, "set by test")
+            .await
+            .expect("update check");
+    }
+
+    pub async fn deregister(&self, id: &str) {
+        self.client.deregister(id).await.expect("deregister");
+    }
+}
+
+impl Drop for ConsulAgent {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn consul_config(http_port: u16) -> consul_router::config::ConsulConfig {
+    let o = Overrides {
+        consul: Some(format!("http://127.0.0.1:{http_port}")),
+        ..Default::default()
+    };
+    Config::from_file(Default::default(), &o).unwrap().consul
+}
+
+/// Router config on free ports for the Consul at `consul_url`.
+pub fn router_config(consul_url: &str, toml: &str) -> Config {
+    let file = Config::parse_file(toml, std::path::Path::new("test.toml")).expect("test toml");
+    let o = Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
+        consul: Some(consul_url.into()),
+        ..Default::default()
+    };
+    Config::from_file(file, &o).expect("test config")
+}
+
+/// Starts a router with `toml` (domains default to app.test) and waits until it is live.
+pub async fn start_router(consul_url: &str, toml: &str) -> Running {
+    let toml = if toml.contains("domains") {
+        toml.to_owned()
+    } else {
+        format!("domains = [\"app.test\"]\n{toml}")
+    };
+    let r = consul_router::start(router_config(consul_url, &toml))
+        .await
+        .expect("router start");
+    let admin = r.admin_addr;
+    wait_until(Duration::from_secs(20), "router live", || async move {
+        get_admin(admin, "/healthz").await.0 == StatusCode::OK
+    })
+    .await;
+    r
+}
+
+/// Polls `cond` every 20 ms until true; panics after `limit`.
+pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        if start.elapsed() > limit {
+            panic!("timed out after {limit:?} waiting for {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A response read whole (tests only: the bodies here are small).
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: String,
+}
+
+/// Sends `req` on a fresh connection to `addr`.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .expect("handshake");
+    tokio::spawn(conn);
+    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+        .await
+        .expect("response in time")
+        .expect("response");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    }
+}
+
+/// GET `path` with `Host: host`.
+pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
+    let req = Request::get(path)
+        .header("host", host)
+        .body(Full::default())
+        .unwrap();
+    send(addr, req).await
+}
+
+pub async fn get_admin(addr: SocketAddr, path: &str) -> (StatusCode, String) {
+    let g = get(addr, "admin", path).await;
+    (g.status, g.body)
+}
+
+/// Which backend answered (backends put their name first in the body).
+pub fn who(g: &Got) -> String {
+    g.body.lines().next().unwrap_or_default().to_owned()
+}
+
+/// A real HTTP backend on 127.0.0.1:0. Answers with its name on the first line, then the
+/// request's method, target and headers. Paths:
+/// - `/echo`: streams the request body back as it arrives;
+/// - `/bytes/N`: streams N bytes of 'x' in 64 KiB chunks;
+/// - `/slow/MS`: waits MS milliseconds before answering;
+/// - any request with `Upgrade:`: 101, then echoes bytes on the upgraded connection.
+pub struct Backend {
+    pub name: String,
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Backend {
+    pub async fn start(name: &str) -> Backend {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let n = name.to_owned();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let n = n.clone();
+                tokio::spawn(async move {
+                    let svc = service_fn(move |req| backend_answer(n.clone(), req));
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), svc)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Backend {
+            name: name.into(),
+            addr,
+            task,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+type BoxBody = http_body_util::combinators::BoxBody<Bytes, hyper::Error>;
+
+fn full(s: String) -> BoxBody {
+    Full::new(Bytes::from(s))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+async fn backend_answer(
+    name: String,
+    mut req: Request<Incoming>,
+) -> Result<Response<BoxBody>, Infallible> {
+    let path = req.uri().path().to_owned();
+    if req.headers().contains_key("upgrade") {
+        let on = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            if let Ok(up) = on.await {
+                let mut io = TokioIo::new(up);
+                let (mut r, mut w) = tokio::io::split(&mut io);
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+            }
+        });
+        let resp = Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .body(full(String::new()))
+            .unwrap();
+        return Ok(resp);
+    }
+    if path == "/echo" {
+        let body = req.into_body().boxed();
+        return Ok(Response::new(body));
+    }
+    if let Some(n) = path.strip_prefix("/bytes/") {
+        let total: usize = n.parse().unwrap_or(0);
+        let stream = futures_stream(total);
+        return Ok(Response::new(stream));
+    }
+    if let Some(ms) = path.strip_prefix("/slow/") {
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
+    }
+    let mut text = format!("{name}\n{} {}\n", req.method(), req.uri());
+    for (k, v) in req.headers() {
+        text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
+    }
+    let resp = Response::builder()
+        .header("x-backend", name.as_str())
+        .header("connection", "keep-alive, x-hop")
+        .header("x-hop", "should be removed")
+        .header("keep-alive", "timeout=5")
+        .body(full(text))
+        .unwrap();
+    Ok(resp)
+}
+
+/// A body of `total` 'x' bytes produced chunk by chunk.
+fn futures_stream(total: usize) -> BoxBody {
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, hyper::Error>>(4);
+    tokio::spawn(async move {
+        let mut left = total;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            if tx
+                .send(Ok(hyper::body::Frame::data(chunk.slice(..n))))
+                .await
+                .is_err()
+            {
+                return;
+            }
+            left -= n;
+        }
+    });
+    http_body_util::StreamBody::new(ReceiverStream(rx)).boxed()
+}
+
+/// Minimal Stream over an mpsc receiver (avoids a dependency on tokio-stream).
+pub struct ReceiverStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+impl<T> futures_core::Stream for ReceiverStream<T> {
+    type Item = T;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}
