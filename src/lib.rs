@@ -71,6 +71,11 @@ impl Running {
     pub fn watch_count(&self) -> usize {
         self.discovery.discovery().watch_count()
     }
+
+    /// Services that have their own long-poll now.
+    pub fn watched_services(&self) -> Vec<String> {
+        self.discovery.discovery().watched()
+    }
 }
 
 /// Binds the listeners and starts discovery, the proxy and the admin API.

@@ -140,6 +140,13 @@ impl Discovery {
         self.lock().watches.len()
     }
 
+    /// Names of the services with their own long-poll, sorted.
+    pub fn watched(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.lock().watches.keys().cloned().collect();
+        v.sort();
+        v
+    }
+
     fn lock(&self) -> MutexGuard<'_, Model> {
         // A panic while holding the lock leaves a consistent-enough model: keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
