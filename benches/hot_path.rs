@@ -1,1 +1,113 @@
-fn main() {}
+//! Hot-path benchmarks: host lookup in a 2,000-service table, each strategy's pick, header
+//! rewriting, and a table rebuild for 2,000 services x 5 instances.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{criterion_group, criterion_main, Criterion};
+use http::{HeaderMap, HeaderValue};
+
+use consul_router::balance::{Exclude, Strategy};
+use consul_router::proxy::headers;
+use consul_router::routing::{
+    build, normalize, BuildOptions, Health, InstanceSpec, StateRegistry, MAX_HOST,
+};
+
+fn catalog(services: usize, instances: usize) -> BTreeMap<Arc<str>, Arc<[InstanceSpec]>> {
+    (0..services)
+        .map(|s| {
+            let specs: Vec<InstanceSpec> = (0..instances)
+                .map(|i| InstanceSpec {
+                    id: format!("svc{s}-{i}"),
+                    node: format!("node{}", i % 5),
+                    address: format!("10.0.{}.{}", s % 250, i + 1),
+                    port: 8000 + i as u16,
+                    tags: vec![format!("router.strategy={}", Strategy::ALL[s % 4])],
+                    load: Some((i * 7 % 10) as f64),
+                    weight_passing: 1,
+                    weight_warning: 1,
+                    health: Health::Passing,
+                })
+                .collect();
+            (Arc::from(format!("svc{s}").as_str()), Arc::from(specs))
+        })
+        .collect()
+}
+
+fn opts() -> BuildOptions {
+    BuildOptions {
+        domains: vec!["app.example.net".into()],
+        default_strategy: Strategy::Random,
+        include_warning: false,
+        max_idle_per_instance: 64,
+    }
+}
+
+fn benches(c: &mut Criterion) {
+    let cat = catalog(2_000, 5);
+    let mut reg = StateRegistry::default();
+    let table = build(&cat, &opts(), &mut reg);
+
+    c.bench_function("lookup/2000-services/normalize+lookup", |b| {
+        b.iter(|| {
+            let mut buf = [0u8; MAX_HOST + 2];
+            let host = normalize(black_box(b"Svc1234.App.Example.NET:8080"), &mut buf).unwrap();
+            black_box(table.lookup(host).is_some())
+        })
+    });
+
+    for (s, name) in [
+        (0, "random"),
+        (1, "ip-hash"),
+        (2, "url-hash"),
+        (3, "least-load"),
+    ] {
+        let svc = table.services[format!("svc{s}").as_str()].clone();
+        assert_eq!(svc.strategy().as_str(), name);
+        let mut key = 0u64;
+        c.bench_function(&format!("pick/{name}/5-instances"), |b| {
+            b.iter(|| {
+                key = key.wrapping_add(0x9e37_79b9_7f4a_7c15);
+                black_box(svc.pick(black_box(key), Exclude::default()))
+            })
+        });
+    }
+
+    let mut base = HeaderMap::new();
+    for (k, v) in [
+        ("host", "chat.app.example.net"),
+        ("user-agent", "curl/8.0"),
+        ("accept", "*/*"),
+        ("connection", "keep-alive"),
+        ("x-forwarded-for", "203.0.113.7"),
+        ("x-forwarded-proto", "https"),
+    ] {
+        base.insert(k, HeaderValue::from_static(v));
+    }
+    let trusted = vec!["127.0.0.0/8".parse().unwrap()];
+    let peer = "127.0.0.1".parse().unwrap();
+    let host = HeaderValue::from_static("chat.app.example.net");
+    c.bench_function("headers/strip+forwarded", |b| {
+        b.iter_batched(
+            || base.clone(),
+            |mut h| {
+                headers::strip_hop_by_hop(&mut h, false);
+                let ip = headers::client_ip(&h, peer, &trusted);
+                headers::set_forwarded(&mut h, peer, true, &host);
+                black_box((h, ip))
+            },
+            criterion::BatchSize::SmallInput,
+        )
+    });
+
+    let mut group = c.benchmark_group("rebuild");
+    group.sample_size(20);
+    group.bench_function("2000-services-x5", |b| {
+        b.iter(|| black_box(build(&cat, &opts(), &mut reg)))
+    });
+    group.finish();
+}
+
+criterion_group!(hot_path, benches);
+criterion_main!(hot_path);
