@@ -332,7 +332,7 @@ impl Config {
                 "60s",
             )?,
             retries: p.retries.unwrap_or(2),
-            idle_timeout: parse_duration("proxy.idle_timeout", p.idle_timeout.as_deref(), "60s")?,
+            idle_timeout: parse_duration("proxy.idle_timeout", p.idle_timeout.as_deref(), "4s")?,
             max_idle_per_instance: p.max_idle_per_instance.unwrap_or(256),
             shutdown_grace: parse_duration(
                 "proxy.shutdown_grace",

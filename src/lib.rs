@@ -55,6 +55,7 @@ pub struct Running {
     admin_task: JoinHandle<()>,
     discovery: DiscoveryHandle,
     _upkeep: AbortOnDrop,
+    _reaper: AbortOnDrop,
 }
 
 impl Running {
@@ -117,6 +118,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         Duration::from_secs(1),
     ));
     let upkeep = tokio::spawn(metrics::upkeep(prometheus));
+    let reaper = tokio::spawn(reap_idle(routes.clone(), cfg.proxy.idle_timeout));
     tracing::info!(%proxy_addr, %admin_addr, consul = %cfg.consul.address, "consul-router started");
 
     Ok(Running {
@@ -128,5 +130,20 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         admin_task,
         discovery,
         _upkeep: AbortOnDrop(upkeep.abort_handle()),
+        _reaper: AbortOnDrop(reaper.abort_handle()),
     })
+}
+
+/// Closes idle backend connections past `idle_timeout`, even for instances no request uses.
+async fn reap_idle(routes: Arc<Routes>, idle_timeout: Duration) {
+    let every = (idle_timeout / 2).max(Duration::from_millis(500));
+    loop {
+        tokio::time::sleep(every).await;
+        let table = routes.load_full();
+        for svc in table.services.values() {
+            for inst in svc.instances.iter() {
+                inst.state.idle.evict_expired(idle_timeout);
+            }
+        }
+    }
 }

@@ -77,8 +77,14 @@ fn main() -> ExitCode {
 }
 
 fn run(config: Config) -> anyhow::Result<()> {
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.workers > 0 {
+    // One worker: a current-thread runtime skips the work-stealing scheduler's cross-thread
+    // wakeups entirely (measured: see README, Performance).
+    let mut rt = if config.workers == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+    };
+    if config.workers > 1 {
         rt.worker_threads(config.workers);
     }
     let rt = rt

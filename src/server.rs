@@ -57,6 +57,8 @@ pub async fn serve<H: Handler>(
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_secs(30));
     builder.http2().timer(TokioTimer::new());
+    // Connection tasks, so the ones still open when the grace period ends can be closed.
+    let mut conns = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -69,7 +71,8 @@ pub async fn serve<H: Handler>(
                     });
                     let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
                     let conn = graceful.watch(conn.into_owned());
-                    tokio::spawn(async move {
+                    while conns.try_join_next().is_some() {}
+                    conns.spawn(async move {
                         if let Err(e) = conn.await {
                             tracing::debug!(%peer, error = %e, "connection ended with error");
                         }
@@ -88,9 +91,10 @@ pub async fn serve<H: Handler>(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {
-            tracing::warn!(?grace, "grace period over; closing remaining connections");
+            tracing::warn!(?grace, open = conns.len(), "grace period over; closing remaining connections");
         }
     }
+    conns.abort_all();
 }
 
 async fn stopped(shutdown: &mut watch::Receiver<bool>) {

@@ -67,6 +67,11 @@ async fn routes_hosts_and_answers_bad_requests() {
     // Invalid Host: 400.
     let g = get(p, "bad host!", "/").await;
     assert_eq!(g.status, StatusCode::BAD_REQUEST);
+    // CONNECT is refused, not tunnelled.
+    let req = Request::connect("chat.app.test:443")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    assert_eq!(send(p, req).await.status, StatusCode::METHOD_NOT_ALLOWED);
     // Two Host headers: 400.
     let req = Request::get("/")
         .header("host", "chat.app.test")

@@ -75,25 +75,31 @@ pub trait Candidate {
     fn in_flight(&self) -> u64;
 }
 
-/// A set of instance positions to skip (those that already failed), as a bit set.
-/// Positions from 64 on are never excluded; retries are bounded well below that.
+/// Instance positions to skip (those that already failed). Fixed size, no allocation:
+/// retries are bounded (at most 10), so 16 slots always suffice.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Exclude(u64);
+pub struct Exclude {
+    slots: [u32; 16],
+    len: u8,
+}
 
 impl Exclude {
-    /// Adds position `i`.
+    /// Adds position `i` (ignored once 16 are held).
     pub fn add(&mut self, i: usize) {
-        if i < 64 {
-            self.0 |= 1 << i;
+        if usize::from(self.len) < self.slots.len() && !self.contains(i) {
+            self.slots[usize::from(self.len)] = u32::try_from(i).unwrap_or(u32::MAX);
+            self.len += 1;
         }
     }
     /// Whether position `i` is excluded.
-    pub fn contains(self, i: usize) -> bool {
-        i < 64 && self.0 & (1 << i) != 0
+    pub fn contains(&self, i: usize) -> bool {
+        self.slots[..usize::from(self.len)]
+            .iter()
+            .any(|&s| s as usize == i)
     }
     /// Whether nothing is excluded.
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -198,6 +204,18 @@ mod tests {
             assert_eq!(s.as_str().parse::<Strategy>().unwrap(), s);
         }
         assert!("rr".parse::<Strategy>().is_err());
+    }
+
+    #[test]
+    fn exclusion_works_beyond_64_instances() {
+        let c = equal(100);
+        let mut ex = Exclude::default();
+        let p = Picker::new(Strategy::UrlHash, &c);
+        let first = p.pick(&c, 42, ex).unwrap();
+        ex.add(first);
+        let second = p.pick(&c, 42, ex).unwrap();
+        assert_ne!(first, second);
+        assert!(ex.contains(first) && !ex.contains(second));
     }
 
     #[test]

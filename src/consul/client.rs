@@ -104,6 +104,15 @@ impl ConsulClient {
         self.query("/v1/catalog/services", index, wait).await
     }
 
+    /// `GET /v1/catalog/services?consistent`: the leader's own answer, to confirm a suspicious
+    /// stale one before it is applied.
+    pub async fn catalog_services_consistent(
+        &self,
+    ) -> Result<Indexed<HashMap<String, Vec<String>>>, ConsulError> {
+        self.query_with("/v1/catalog/services?consistent", 0, Duration::ZERO, false)
+            .await
+    }
+
     /// `GET /v1/health/service/<name>`: the service's instances with node and checks.
     pub async fn health_service(
         &self,
@@ -168,11 +177,22 @@ impl ConsulClient {
         index: u64,
         wait: Duration,
     ) -> Result<Indexed<T>, ConsulError> {
-        let mut url = format!("{}{}?", self.base, path);
+        self.query_with(path, index, wait, self.stale).await
+    }
+
+    async fn query_with<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        index: u64,
+        wait: Duration,
+        stale: bool,
+    ) -> Result<Indexed<T>, ConsulError> {
+        let sep = if path.contains('?') { '&' } else { '?' };
+        let mut url = format!("{}{}{}", self.base, path, sep);
         if index > 0 {
             let _ = write!(url, "index={index}&wait={}ms&", wait.as_millis());
         }
-        if self.stale {
+        if stale {
             url.push_str("stale&");
         }
         if let Some(dc) = &self.datacenter {

@@ -54,6 +54,8 @@ pub struct Discovery {
     changed: Notify,
     /// Wakes the reader of cold services.
     reads: Notify,
+    /// Set on shutdown: no new watch may start.
+    stopped: std::sync::atomic::AtomicBool,
 }
 
 #[derive(Debug, Default)]
@@ -86,6 +88,10 @@ impl DiscoveryHandle {
 
 impl Drop for DiscoveryHandle {
     fn drop(&mut self) {
+        self.discovery
+            .stopped
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self._tasks.clear();
         self.discovery.lock().watches.clear();
     }
 }
@@ -107,6 +113,7 @@ impl Discovery {
             state: Mutex::new(Model::default()),
             changed: Notify::new(),
             reads: Notify::new(),
+            stopped: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -159,8 +166,25 @@ impl Discovery {
         loop {
             pace(&mut last).await;
             match self.client.catalog_services(index, self.cfg.wait).await {
-                Ok(r) => {
+                Ok(r) if r.index == 0 => {
+                    tracing::warn!("catalog answer without X-Consul-Index; retrying later");
+                    backoff.wait().await;
+                }
+                Ok(mut r) => {
                     backoff.reset();
+                    if r.index < index {
+                        // A rewound index: a restarted cluster, or a stale server far behind.
+                        // Only the leader's answer may replace what we have.
+                        match self.client.catalog_services_consistent().await {
+                            Ok(confirmed) => r = confirmed,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "cannot confirm a rewound catalog; keeping the last table");
+                                index = 0;
+                                backoff.wait().await;
+                                continue;
+                            }
+                        }
+                    }
                     index = next_index(index, r.index);
                     self.apply_catalog(r.value);
                 }
@@ -203,6 +227,9 @@ impl Discovery {
 
     /// Chooses the watched set: all services up to `max_watches`, else the most recently used.
     fn reconcile(&self) {
+        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let table = self.routes.load();
         let mut st = self.lock();
         let Some(catalog) = &st.catalog else {
@@ -228,7 +255,17 @@ impl Discovery {
                 .map(|(_, n)| n.clone())
                 .collect()
         };
-        st.watches.retain(|name, _| desired.contains(name));
+        let demoted: Vec<String> = st
+            .watches
+            .keys()
+            .filter(|n| !desired.contains(*n))
+            .cloned()
+            .collect();
+        for name in demoted {
+            // It may have missed a change while its watch backed off: read it once more.
+            st.watches.remove(&name);
+            st.pending.insert(name);
+        }
         for name in desired {
             if st.watches.contains_key(&name) {
                 continue;
@@ -254,17 +291,21 @@ impl Discovery {
         let mut index = 0;
         let mut backoff = Backoff::default();
         let mut last = Instant::now() - MIN_QUERY_GAP;
-        loop {
+        while !self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             pace(&mut last).await;
             match self
                 .client
                 .health_service(&name, index, self.cfg.wait)
                 .await
             {
+                Ok(r) if r.index == 0 => {
+                    tracing::warn!(service = %name, "answer without X-Consul-Index; retrying later");
+                    backoff.wait().await;
+                }
                 Ok(r) => {
                     backoff.reset();
                     index = next_index(index, r.index);
-                    self.apply_service(&name, &r.value);
+                    self.apply_service(&name, &r.value, true);
                 }
                 Err(e) => {
                     tracing::warn!(service = %name, error = %e, "service watch failed; keeping its last instances");
@@ -274,7 +315,9 @@ impl Discovery {
         }
     }
 
-    fn apply_service(&self, name: &str, entries: &[HealthEntry]) {
+    /// Stores a service's instances. `from_watch` is false for plain reads, which must not
+    /// overwrite what a watch (always newer) has stored.
+    fn apply_service(&self, name: &str, entries: &[HealthEntry], from_watch: bool) {
         let mut specs: Vec<InstanceSpec> = entries
             .iter()
             .filter(|e| e.service.service == name)
@@ -284,6 +327,9 @@ impl Discovery {
         let mut st = self.lock();
         // A late answer for a service that has left the catalog must not bring it back.
         if !st.catalog.as_ref().is_some_and(|c| c.contains_key(name)) {
+            return;
+        }
+        if !from_watch && st.watches.contains_key(name) {
             return;
         }
         if st.instances.get(name).is_some_and(|old| **old == *specs) {
@@ -327,7 +373,7 @@ impl Discovery {
             while let Some(joined) = set.join_next().await {
                 let Ok((name, result)) = joined else { continue };
                 match result {
-                    Ok(r) => self.apply_service(&name, &r.value),
+                    Ok(r) => self.apply_service(&name, &r.value, false),
                     Err(e) => {
                         tracing::warn!(service = %name, error = %e, "service read failed; will retry");
                         self.lock().pending.insert(name);
@@ -356,6 +402,10 @@ impl Discovery {
             }
             pace(&mut last).await;
             match self.client.health_state_any(index, self.cfg.wait).await {
+                Ok(r) if r.index == 0 => {
+                    tracing::warn!("health answer without X-Consul-Index; retrying later");
+                    backoff.wait().await;
+                }
                 Ok(r) => {
                     backoff.reset();
                     index = next_index(index, r.index);
@@ -445,7 +495,7 @@ impl Discovery {
     /// Coalesces changes and publishes tables.
     async fn rebuild_loop(self: Arc<Self>) {
         let mut reg = StateRegistry::default();
-        let started = Instant::now();
+        let mut first_catalog: Option<Instant> = None;
         let mut live = false;
         loop {
             if live {
@@ -459,16 +509,27 @@ impl Discovery {
             let snapshot = {
                 let st = self.lock();
                 let Some(catalog) = &st.catalog else { continue };
+                let since = *first_catalog.get_or_insert_with(Instant::now);
                 let complete = catalog
                     .keys()
                     .all(|k| st.instances.contains_key(k.as_str()));
                 if !live && !complete {
-                    if started.elapsed() < READY_DEADLINE {
+                    if since.elapsed() < READY_DEADLINE {
                         continue;
                     }
-                    tracing::warn!("some services could not be read; going live without them");
+                    tracing::warn!(
+                        "some services could not be read yet; they answer 503 until they are"
+                    );
                 }
-                st.instances.clone()
+                // Every listed service is in the table: one not read yet is known, with no
+                // instance (503), never unknown (404).
+                let mut snapshot = st.instances.clone();
+                for name in catalog.keys() {
+                    if !snapshot.contains_key(name.as_str()) {
+                        snapshot.insert(Arc::from(name.as_str()), Arc::from(Vec::new()));
+                    }
+                }
+                snapshot
             };
             let t0 = Instant::now();
             let table = build(&snapshot, &self.build, &mut reg);

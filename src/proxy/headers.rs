@@ -45,16 +45,19 @@ fn has_token(list: &[u8], token: &[u8]) -> bool {
 /// Removes hop-by-hop headers: those named by `Connection`, then the fixed list. With
 /// `upgrade`, `Upgrade` is kept and `Connection: upgrade` restored.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .flat_map(|v| v.as_bytes().split(|&b| b == b','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim_ascii()).ok())
-            .collect();
-        for name in named {
-            if !(upgrade && name == header::UPGRADE) {
-                headers.remove(&name);
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next().cloned(), values.next().is_some()) {
+        (None, _) => {}
+        // The usual case: one Connection header. Its value is a cheap shared clone.
+        (Some(v), false) => remove_named(headers, &v, upgrade),
+        (Some(_), true) => {
+            let all: Vec<HeaderValue> = headers
+                .get_all(header::CONNECTION)
+                .iter()
+                .cloned()
+                .collect();
+            for v in &all {
+                remove_named(headers, v, upgrade);
             }
         }
     }
@@ -65,6 +68,20 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, upgrade: bool) {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
     } else {
         headers.remove(header::UPGRADE);
+    }
+}
+
+/// Removes the headers a `Connection` value names (but `Upgrade` when upgrading).
+fn remove_named(headers: &mut HeaderMap, value: &HeaderValue, upgrade: bool) {
+    for token in value.as_bytes().split(|&b| b == b',') {
+        let Ok(name) = std::str::from_utf8(token.trim_ascii()) else {
+            continue;
+        };
+        if name.is_empty() || (upgrade && name.eq_ignore_ascii_case("upgrade")) {
+            continue;
+        }
+        // Lookup by &str is case-insensitive and allocates nothing.
+        headers.remove(name);
     }
 }
 
@@ -90,8 +107,7 @@ pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr
     }
     let mut client = peer;
     // Headers are in order; within one, addresses are left to right. Walk from the right.
-    let values: Vec<&HeaderValue> = headers.get_all(X_FORWARDED_FOR).iter().collect();
-    for v in values.iter().rev() {
+    for v in headers.get_all(X_FORWARDED_FOR).iter().rev() {
         for part in v.as_bytes().rsplit(|&b| b == b',') {
             let Some(ip) = std::str::from_utf8(part.trim_ascii())
                 .ok()
@@ -118,14 +134,11 @@ pub fn set_forwarded(
 ) {
     let mut buf = [0u8; 512];
     let mut w = &mut buf[..];
-    let prior: Vec<&HeaderValue> = if peer_trusted {
-        headers.get_all(X_FORWARDED_FOR).iter().collect()
-    } else {
-        Vec::new()
-    };
     let mut fits = true;
-    for v in &prior {
-        fits &= w.write_all(v.as_bytes()).is_ok() && w.write_all(b", ").is_ok();
+    if peer_trusted {
+        for v in headers.get_all(X_FORWARDED_FOR) {
+            fits &= w.write_all(v.as_bytes()).is_ok() && w.write_all(b", ").is_ok();
+        }
     }
     fits &= write!(w, "{}", canonical(peer)).is_ok();
     let remaining = w.len();
@@ -133,7 +146,8 @@ pub fn set_forwarded(
         HeaderValue::from_bytes(&buf[..buf.len() - remaining]).ok()
     } else {
         // A chain longer than the stack buffer: rare, so allocate.
-        let mut s = prior
+        let mut s = headers
+            .get_all(X_FORWARDED_FOR)
             .iter()
             .filter_map(|v| v.to_str().ok())
             .collect::<Vec<_>>()

@@ -38,6 +38,9 @@ pub enum ProxyError {
     /// No service for this host.
     #[error("no service for this host")]
     UnknownHost,
+    /// CONNECT tunnels are not offered.
+    #[error("CONNECT is not supported")]
+    Connect405,
     /// The first routing table has not been built yet.
     #[error("routing table not loaded yet")]
     NotReady,
@@ -69,6 +72,9 @@ impl ProxyError {
                 (StatusCode::BAD_REQUEST, "invalid Host header\n")
             }
             ProxyError::UnknownHost => (StatusCode::NOT_FOUND, "no service for this host\n"),
+            ProxyError::Connect405 => {
+                (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
+            }
             ProxyError::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "routing table not loaded yet\n",
@@ -138,6 +144,9 @@ impl Proxy {
         peer: SocketAddr,
     ) -> Response<ProxyBody> {
         self.requests.increment(1);
+        if req.method() == http::Method::CONNECT {
+            return ProxyError::Connect405.into_response();
+        }
         let service = {
             let table = self.routes.load();
             if !table.ready {

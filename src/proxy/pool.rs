@@ -56,7 +56,8 @@ impl IdlePool {
     /// A live connection ready for a request, if one is idle. Closed and expired ones are
     /// dropped; one still finishing its last exchange goes back to the end of the queue.
     pub fn take(&self, idle_timeout: Duration) -> Option<Sender> {
-        let mut busy = Vec::new();
+        let mut busy: [Option<Idle>; 4] = [None, None, None, None];
+        let mut n_busy = 0;
         let mut found = None;
         while let Some(idle) = self.queue.pop() {
             self.len.fetch_sub(1, Ordering::Relaxed);
@@ -67,15 +68,27 @@ impl IdlePool {
                 found = Some(idle.sender);
                 break;
             }
-            busy.push(idle);
-            if busy.len() >= 4 {
+            busy[n_busy] = Some(idle);
+            n_busy += 1;
+            if n_busy == busy.len() {
                 break;
             }
         }
-        for idle in busy {
+        for idle in busy.into_iter().flatten() {
             self.push(idle);
         }
         found
+    }
+
+    /// Closes connections idle longer than `idle_timeout` (or already closed by the backend).
+    pub fn evict_expired(&self, idle_timeout: Duration) {
+        for _ in 0..self.len() {
+            let Some(idle) = self.queue.pop() else { break };
+            self.len.fetch_sub(1, Ordering::Relaxed);
+            if !idle.sender.is_closed() && idle.since.elapsed() <= idle_timeout {
+                self.push(idle);
+            }
+        }
     }
 
     /// Returns a connection after its exchange finished.

@@ -24,6 +24,7 @@ pub struct Upstream {
     response_timeout: Duration,
     idle_timeout: Duration,
     retries: u32,
+    retried: metrics::Counter,
 }
 
 /// A backend's answer with what the response body needs to keep.
@@ -52,6 +53,7 @@ impl Upstream {
             response_timeout: cfg.response_timeout,
             idle_timeout: cfg.idle_timeout,
             retries: cfg.retries,
+            retried: metrics::counter!("consul_router_upstream_retries_total"),
         }
     }
 
@@ -75,7 +77,7 @@ impl Upstream {
                 Attempt::Failed(e) => return Err(e),
                 Attempt::Unsent(r, e) => {
                     tracing::debug!(service = %svc.name, instance = %inst.id, error = %e, "retrying on another instance");
-                    metrics::counter!("consul_router_upstream_retries_total").increment(1);
+                    self.retried.increment(1);
                     req = r;
                     last = e;
                 }

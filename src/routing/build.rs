@@ -103,7 +103,12 @@ pub fn build(
                     || (i.health == Health::Warning && opts.include_warning))
         };
         // Routable first, then by ID, so positions are stable between rebuilds.
-        instances.sort_by(|a, b| routable(b).cmp(&routable(a)).then_with(|| a.id.cmp(&b.id)));
+        instances.sort_by(|a, b| {
+            routable(b)
+                .cmp(&routable(a))
+                .then_with(|| a.id.cmp(&b.id))
+                .then_with(|| a.node.cmp(&b.node))
+        });
         let n_routable = instances.iter().filter(|i| routable(i)).count();
         let picker = Picker::new(strategy, &instances[..n_routable]);
         let stats = reg
@@ -175,7 +180,8 @@ fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>) -> Instance {
         health: spec.health,
         weight,
         load: spec.load,
-        id_hash: hash_bytes(spec.id.as_bytes()),
+        // Service IDs are unique per agent only: the node makes the identity unique.
+        id_hash: hash_bytes(spec.id.as_bytes()) ^ hash_bytes(spec.node.as_bytes()).rotate_left(17),
         state,
     }
 }
@@ -331,6 +337,36 @@ mod tests {
         assert!(t2.generation > t1.generation);
         build(&catalog(vec![]), &opts(), &mut reg);
         assert!(reg.instances.is_empty());
+    }
+
+    #[test]
+    fn same_service_id_on_two_nodes_are_two_instances() {
+        let mut a = spec("web", 1, Health::Passing, &["router.strategy=url-hash"]);
+        let mut b = a.clone();
+        a.node = "n1".into();
+        b.node = "n2".into();
+        b.port = 2;
+        let t = build(
+            &catalog(vec![("web", vec![a, b])]),
+            &opts(),
+            &mut StateRegistry::default(),
+        );
+        let s = &t.services["web"];
+        assert_ne!(s.routable()[0].id_hash, s.routable()[1].id_hash);
+        let hits = (0..200u64)
+            .filter(|k| {
+                s.pick(
+                    crate::balance::hash_bytes(&k.to_le_bytes()),
+                    Exclude::default(),
+                )
+                .unwrap()
+                .0 == 0
+            })
+            .count();
+        assert!(
+            (50..150).contains(&hits),
+            "url-hash should use both: {hits}"
+        );
     }
 
     #[test]

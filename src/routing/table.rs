@@ -236,7 +236,7 @@ impl RoutingTable {
             let Some(label) = prefix.strip_suffix('.') else {
                 continue;
             };
-            if !label.is_empty() && !label.contains('.') {
+            if crate::routing::build::is_dns_label(label) {
                 if let Some(s) = self.services.get(label) {
                     return Some(s);
                 }
