@@ -53,31 +53,16 @@ impl IdlePool {
         self.len() == 0
     }
 
-    /// A live connection ready for a request, if one is idle. Closed and expired ones are
-    /// dropped; one still finishing its last exchange goes back to the end of the queue.
+    /// A live idle connection, if any; closed and expired ones are dropped. It may still be
+    /// finishing its last exchange (the body just ended): the caller awaits `ready()`.
     pub fn take(&self, idle_timeout: Duration) -> Option<Sender> {
-        let mut busy: [Option<Idle>; 4] = [None, None, None, None];
-        let mut n_busy = 0;
-        let mut found = None;
         while let Some(idle) = self.queue.pop() {
             self.len.fetch_sub(1, Ordering::Relaxed);
-            if idle.sender.is_closed() || idle.since.elapsed() > idle_timeout {
-                continue;
-            }
-            if idle.sender.is_ready() {
-                found = Some(idle.sender);
-                break;
-            }
-            busy[n_busy] = Some(idle);
-            n_busy += 1;
-            if n_busy == busy.len() {
-                break;
+            if !idle.sender.is_closed() && idle.since.elapsed() <= idle_timeout {
+                return Some(idle.sender);
             }
         }
-        for idle in busy.into_iter().flatten() {
-            self.push(idle);
-        }
-        found
+        None
     }
 
     /// Closes connections idle longer than `idle_timeout` (or already closed by the backend).

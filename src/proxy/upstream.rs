@@ -90,7 +90,12 @@ impl Upstream {
         let in_flight = InFlight::new(inst.state.clone());
         let mut req = req;
         // Idle connections first; one that died while idle hands the request back.
-        while let Some(sender) = inst.state.idle.take(self.idle_timeout) {
+        while let Some(mut sender) = inst.state.idle.take(self.idle_timeout) {
+            // Pooled the moment its last body ended; the connection task may not have
+            // caught up yet. Waiting for it beats opening a new connection.
+            if !sender.is_ready() && sender.ready().await.is_err() {
+                continue;
+            }
             match self.exchange(sender, req).await {
                 Ok((response, sender)) => {
                     return Attempt::Done(Answer {

@@ -1,0 +1,154 @@
+//! Allocations per proxied request, counted by a wrapping global allocator.
+//!
+//! Everything runs in this process on loopback: a backend, the proxy (`server::serve` with a
+//! routing table built by hand, no Consul), and a keep-alive client. The client's and the
+//! backend's own allocations are measured by sending the same requests straight to the
+//! backend; the difference is what the proxy adds per request.
+//!
+//! `cargo bench --bench allocations`
+
+use std::alloc::System;
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use stats_alloc::{Region, StatsAlloc, INSTRUMENTED_SYSTEM};
+use tokio::net::{TcpListener, TcpStream};
+
+use consul_router::config::Config;
+use consul_router::proxy::Proxy;
+use consul_router::routing::{build, BuildOptions, Health, InstanceSpec, Routes, StateRegistry};
+
+#[global_allocator]
+static GLOBAL: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
+
+const N: usize = 20_000;
+
+async fn backend() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let (s, _) = l.accept().await.unwrap();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                        b"ok\n",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Sends N GETs on one keep-alive connection; returns (allocations, bytes) during them.
+async fn run(addr: SocketAddr) -> (usize, usize) {
+    let s = TcpStream::connect(addr).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = || {
+        Request::get("/")
+            .header("host", "origin.bench.local")
+            .header("user-agent", "bench")
+            .header("x-forwarded-for", "203.0.113.7")
+            .body(Full::<Bytes>::default())
+            .unwrap()
+    };
+    // Warm up pools and buffers.
+    for _ in 0..1_000 {
+        tx.send_request(req())
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+    }
+    let region = Region::new(GLOBAL);
+    for _ in 0..N {
+        tx.send_request(req())
+            .await
+            .unwrap()
+            .into_body()
+            .collect()
+            .await
+            .unwrap();
+    }
+    let c = region.change();
+    (c.allocations, c.bytes_allocated)
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let origin = backend().await;
+        let routes = Arc::new(Routes::new());
+        let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> = [(
+            Arc::from("origin"),
+            Arc::from(vec![InstanceSpec {
+                id: "origin-1".into(),
+                node: "n1".into(),
+                address: origin.ip().to_string(),
+                port: origin.port(),
+                tags: vec![],
+                load: None,
+                weight_passing: 1,
+                weight_warning: 1,
+                health: Health::Passing,
+            }]),
+        )]
+        .into();
+        let opts = BuildOptions {
+            domains: vec!["bench.local".into()],
+            default_strategy: consul_router::balance::Strategy::Random,
+            include_warning: false,
+            max_idle_per_instance: 64,
+        };
+        routes.store(build(&catalog, &opts, &mut StateRegistry::default()));
+        let cfg = Config::default();
+        let proxy = Arc::new(Proxy::new(&cfg, routes));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let proxy_addr = l.local_addr().unwrap();
+        let (_stop, stopped) = tokio::sync::watch::channel(false);
+        tokio::spawn(consul_router::server::serve(
+            l,
+            proxy,
+            stopped,
+            std::time::Duration::from_secs(1),
+        ));
+
+        let (direct_n, direct_b) = run(origin).await;
+        let (proxied_n, proxied_b) = run(proxy_addr).await;
+        let per = |x: usize| x as f64 / N as f64;
+        println!("allocations per request, {N} keep-alive GETs:");
+        println!(
+            "  client + backend alone:  {:6.2} allocations, {:7.0} bytes",
+            per(direct_n),
+            per(direct_b)
+        );
+        println!(
+            "  through consul-router:   {:6.2} allocations, {:7.0} bytes",
+            per(proxied_n),
+            per(proxied_b)
+        );
+        println!(
+            "  added by the proxy:      {:6.2} allocations, {:7.0} bytes",
+            per(proxied_n) - per(direct_n),
+            per(proxied_b) - per(direct_b)
+        );
+    });
+}
