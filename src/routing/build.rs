@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::balance::{hash_bytes, Picker, Strategy};
 
 use super::table::{
-    Health, Instance, InstanceSpec, InstanceState, RoutingTable, Service, ServiceStats,
+    Health, Instance, InstanceSpec, InstanceState, NameMap, RoutingTable, Service, ServiceStats,
 };
 
 /// Tag that declares an extra host for the service.
@@ -78,8 +78,8 @@ pub fn build(
     reg: &mut StateRegistry,
 ) -> RoutingTable {
     reg.generation += 1;
-    let mut services = HashMap::with_capacity(catalog.len());
-    let mut hosts: HashMap<Box<str>, Arc<Service>> = HashMap::new();
+    let mut services = NameMap::with_capacity_and_hasher(catalog.len(), Default::default());
+    let mut hosts: NameMap<Arc<Service>> = NameMap::default();
     let mut live_instances = HashSet::new();
 
     for (name, specs) in catalog {

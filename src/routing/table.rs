@@ -1,6 +1,10 @@
 //! The snapshot types: [`RoutingTable`], [`Service`], [`Instance`].
 
 use std::collections::{BTreeMap, HashMap};
+
+/// Host and service-name maps. foldhash is several times faster than SipHash on short keys
+/// and still seeded per process, so host names cannot be chosen to collide.
+pub type NameMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -200,9 +204,9 @@ impl Service {
 #[derive(Debug)]
 pub struct RoutingTable {
     /// Services by name.
-    pub services: HashMap<Box<str>, Arc<Service>>,
+    pub services: NameMap<Arc<Service>>,
     /// Explicit hosts (from tags) to their service.
-    pub hosts: HashMap<Box<str>, Arc<Service>>,
+    pub hosts: NameMap<Arc<Service>>,
     /// Domain suffixes, lowercase, without dots at either end.
     pub domains: Box<[Box<str>]>,
     /// False until the first table built from Consul.
@@ -215,8 +219,8 @@ impl RoutingTable {
     /// The table before Consul has answered.
     pub fn empty() -> Self {
         RoutingTable {
-            services: HashMap::new(),
-            hosts: HashMap::new(),
+            services: NameMap::default(),
+            hosts: NameMap::default(),
             domains: Box::new([]),
             ready: false,
             generation: 0,
