@@ -35,6 +35,7 @@ ORIGIN=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port); ROUTER=$(free_por
 mkdir -p "$work/www" "$work/logs"
 head -c 1024 /dev/zero | tr '\0' 'a' > "$work/www/1k"
 head -c 65536 /dev/zero | tr '\0' 'a' > "$work/www/64k"
+chmod 755 "$work" "$work/www"; chmod 644 "$work/www/"*  # nginx workers run as nobody
 cat > "$work/origin.conf" <<EOF
 worker_processes 1; daemon off; pid $work/origin.pid; error_log $work/logs/origin.err;
 events { worker_connections 4096; }
@@ -47,7 +48,7 @@ cat > "$work/proxy.conf" <<EOF
 worker_processes 1; daemon off; pid $work/proxy.pid; error_log $work/logs/proxy.err;
 events { worker_connections 8192; }
 http { access_log off; keepalive_requests 1000000;
-  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 256; keepalive_requests 1000000; }
+  upstream origin { server 127.0.0.1:$ORIGIN; keepalive 1024; keepalive_requests 1000000; }
   server { listen 127.0.0.1:$NGINX;
     location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host \$host; proxy_set_header X-Forwarded-For \$proxy_add_x_forwarded_for;
@@ -100,7 +101,9 @@ hz=$(getconf CLK_TCK)
 
 # Sanity: every proxy answers.
 for p in nginx haproxy consul-router; do
-  curl -fsS -H 'Host: origin.bench.local' "127.0.0.1:$(port_of $p)/" >/dev/null || { echo "bench: $p does not answer" >&2; cat "$work"/logs/* >&2; exit 1; }
+  for path in / /1k /64k; do
+    curl -fsS -H 'Host: origin.bench.local' "127.0.0.1:$(port_of $p)$path" >/dev/null || { echo "bench: $p does not answer $path" >&2; cat "$work"/logs/* >&2; exit 1; }
+  done
 done
 
 to_us() { awk -v v="$1" 'BEGIN { if (v ~ /us$/) { sub(/us/,"",v); print v } else if (v ~ /ms$/) { sub(/ms/,"",v); print v*1000 } else if (v ~ /s$/) { sub(/s/,"",v); print v*1000000 } else print v }'; }

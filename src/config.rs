@@ -333,7 +333,7 @@ impl Config {
             )?,
             retries: p.retries.unwrap_or(2),
             idle_timeout: parse_duration("proxy.idle_timeout", p.idle_timeout.as_deref(), "4s")?,
-            max_idle_per_instance: p.max_idle_per_instance.unwrap_or(256),
+            max_idle_per_instance: p.max_idle_per_instance.unwrap_or(1024),
             shutdown_grace: parse_duration(
                 "proxy.shutdown_grace",
                 p.shutdown_grace.as_deref(),
