@@ -65,26 +65,16 @@ async fn run(addr: SocketAddr) -> (usize, usize) {
             .body(Full::<Bytes>::default())
             .unwrap()
     };
-    // Warm up pools and buffers.
-    for _ in 0..1_000 {
-        tx.send_request(req())
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
+    // Warm up pools and buffers, then count.
+    let mut region = None;
+    for i in 0..1_000 + N {
+        if i == 1_000 {
+            region = Some(Region::new(GLOBAL));
+        }
+        let resp = tx.send_request(req()).await.unwrap();
+        resp.into_body().collect().await.unwrap();
     }
-    let region = Region::new(GLOBAL);
-    for _ in 0..N {
-        tx.send_request(req())
-            .await
-            .unwrap()
-            .into_body()
-            .collect()
-            .await
-            .unwrap();
-    }
+    let region = region.unwrap();
     let c = region.change();
     (c.allocations, c.bytes_allocated)
 }

@@ -23,12 +23,7 @@ need wrk wrk
 consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 cargo build --release --locked --bin consul-router >&2
 
-work="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
-
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib.sh
 ORIGIN=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port); ROUTER=$(free_port); ADMIN=$(free_port); CONSUL=$(free_port)
 
 # Origin: nginx, one worker, fixed bodies.
@@ -75,10 +70,7 @@ EOF
 taskset -c "$LOAD_CPU" nginx -c "$work/origin.conf" -p "$work" 2>/dev/null & pids+=($!)
 taskset -c "$PROXY_CPU" nginx -c "$work/proxy.conf" -p "$work" 2>/dev/null & pids+=($!)
 taskset -c "$PROXY_CPU" haproxy -f "$work/haproxy.cfg" -db >"$work/logs/haproxy.log" 2>&1 & pids+=($!)
-taskset -c "$LOAD_CPU" "$consul_bin" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$CONSUL" \
-  -server-port "$(free_port)" -serf-lan-port "$(free_port)" -serf-wan-port "$(free_port)" \
-  -dns-port -1 -grpc-port -1 -hcl 'ports { grpc_tls = -1 }' -log-level warn >/dev/null 2>&1 & pids+=($!)
-for _ in $(seq 1 100); do l=$(curl -fsS "127.0.0.1:$CONSUL/v1/status/leader" 2>/dev/null || true); [ -n "$l" ] && [ "$l" != '""' ] && break; sleep 0.2; done
+start_consul "$CONSUL" "$LOAD_CPU"
 curl -fsS -X PUT "127.0.0.1:$CONSUL/v1/agent/service/register" \
   -d "{\"ID\":\"origin-1\",\"Name\":\"origin\",\"Address\":\"127.0.0.1\",\"Port\":$ORIGIN}" >/dev/null
 RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/consul-router --workers 1 \

@@ -14,18 +14,11 @@ IDLE="${IDLE:-65}"  # over one sweep_interval (60 s)
 consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 cargo build --release --locked --bin consul-router >&2
 
-work="$(mktemp -d)"
-pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; rm -rf "$work"; }
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+. scripts/lib.sh
 CONSUL=$(free_port); ROUTER=$(free_port); ADMIN=$(free_port); BACKEND=$(free_port)
 
-"$consul_bin" agent -dev -bind 127.0.0.1 -client 127.0.0.1 -http-port "$CONSUL" \
-  -server-port "$(free_port)" -serf-lan-port "$(free_port)" -serf-wan-port "$(free_port)" \
-  -dns-port -1 -grpc-port -1 -hcl 'ports { grpc_tls = -1 }' -log-level warn >/dev/null 2>&1 & pids+=($!)
+start_consul "$CONSUL"
 python3 -m http.server "$BACKEND" --bind 127.0.0.1 --directory "$work" >/dev/null 2>&1 & pids+=($!)
-for _ in $(seq 1 100); do l=$(curl -fsS "127.0.0.1:$CONSUL/v1/status/leader" 2>/dev/null || true); [ -n "$l" ] && [ "$l" != '""' ] && break; sleep 0.2; done
 
 echo "registering $SERVICES services..." >&2
 seq 0 $((SERVICES - 1)) | xargs -P 8 -I{} curl -fsS -X PUT "127.0.0.1:$CONSUL/v1/agent/service/register" \

@@ -9,4 +9,8 @@ command -v cargo >/dev/null || { echo "test.sh: Rust (cargo) is needed" >&2; exi
 CONSUL_BIN="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 export CONSUL_BIN
 echo "test.sh: using $("$CONSUL_BIN" version | head -1) at $CONSUL_BIN"
-cargo test --locked "$@"
+log="$(mktemp)"
+trap 'rm -f "$log"' EXIT
+cargo test --locked "$@" 2>&1 | tee "$log"
+# One closing line for the whole suite (the last binary cargo runs may hold no test).
+awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"

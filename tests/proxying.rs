@@ -248,6 +248,8 @@ async fn h2c_clients_are_served() {
     .unwrap();
     tokio::spawn(conn);
     let req = Request::get("http://h2.app.test/via-h2")
+        .header("cookie", "a=1")
+        .header("cookie", "b=2")
         .body(Full::<Bytes>::default())
         .unwrap();
     let resp = sender.send_request(req).await.unwrap();
@@ -256,6 +258,7 @@ async fn h2c_clients_are_served() {
     let body = String::from_utf8_lossy(&body);
     assert!(body.starts_with("h2\nGET /via-h2\n"), "{body}");
     assert!(body.contains("host: h2.app.test\n"), "{body}");
+    assert!(body.contains("cookie: a=1; b=2\n"), "{body}");
     router.shutdown().await;
 }
 

@@ -122,6 +122,7 @@ pub struct Proxy {
     hash_query: bool,
     requests: metrics::Counter,
     no_route: metrics::Counter,
+    upgraded: metrics::Gauge,
 }
 
 impl Proxy {
@@ -134,6 +135,7 @@ impl Proxy {
             hash_query: cfg.hash_query,
             requests: metrics::counter!("consul_router_requests_total"),
             no_route: metrics::counter!("consul_router_no_route_total"),
+            upgraded: metrics::gauge!("consul_router_upgraded_connections"),
         }
     }
 
@@ -216,7 +218,13 @@ impl Proxy {
                 return ProxyError::Upstream("unexpected 101".into()).into_response();
             };
             let backend_upgrade = hyper::upgrade::on(&mut response);
-            upgrade::tunnel(client_upgrade, backend_upgrade, sender, in_flight);
+            upgrade::tunnel(
+                client_upgrade,
+                backend_upgrade,
+                sender,
+                in_flight,
+                self.upgraded.clone(),
+            );
             // A 101 has no body; the bytes that follow go through the tunnel.
             return response.map(|_| Either::Right(Full::new(Bytes::new())));
         }
@@ -259,8 +267,12 @@ fn prepare_request(
             Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
         *req.uri_mut() = Uri::from_parts(parts).map_err(|_| HostError::Invalid)?;
     }
+    let from_h2 = req.version() == Version::HTTP_2;
     *req.version_mut() = Version::HTTP_11;
     let headers = req.headers_mut();
+    if from_h2 {
+        headers::join_cookies(headers);
+    }
     headers::strip_hop_by_hop(headers, upgrade);
     let host = headers
         .get(header::HOST)

@@ -8,7 +8,13 @@ use super::body::InFlight;
 use super::pool::Sender;
 
 /// Spawns the tunnel between the client's and the backend's upgraded connections.
-pub fn tunnel(client: OnUpgrade, backend: OnUpgrade, sender: Sender, in_flight: InFlight) {
+pub fn tunnel(
+    client: OnUpgrade,
+    backend: OnUpgrade,
+    sender: Sender,
+    in_flight: InFlight,
+    gauge: metrics::Gauge,
+) {
     tokio::spawn(async move {
         let upgraded = tokio::try_join!(client, backend);
         // The backend connection now belongs to the tunnel; it never returns to the pool.
@@ -20,7 +26,6 @@ pub fn tunnel(client: OnUpgrade, backend: OnUpgrade, sender: Sender, in_flight: 
                 return;
             }
         };
-        let gauge = metrics::gauge!("consul_router_upgraded_connections");
         gauge.increment(1.0);
         let mut client = TokioIo::new(client);
         let mut backend = TokioIo::new(backend);
