@@ -276,3 +276,43 @@ async fn shutdown_lets_in_flight_requests_finish() {
     // And no new connections are accepted.
     assert!(TcpStream::connect(p).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_gives_502() {
+    // A listener that never accepts, with its accept queue filled: the kernel drops further
+    // SYNs, so a connect hangs until our connect timeout.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let black_hole = sock.listen(1).unwrap();
+    let port = black_hole.local_addr().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(
+            Duration::from_millis(200),
+            TcpStream::connect(("127.0.0.1", port)),
+        )
+        .await
+        {
+            Ok(Ok(s)) => fillers.push(s),
+            _ => break,
+        }
+    }
+    let consul = ConsulAgent::start().await;
+    consul.register("hole", "hole-1", port, &[]).await;
+    let router = start_router(
+        &consul.addr(),
+        "[proxy]\nconnect_timeout = \"300ms\"\nretries = 0",
+    )
+    .await;
+    let t = std::time::Instant::now();
+    let g = get(router.proxy_addr, "hole.app.test", "/").await;
+    assert_eq!(g.status, StatusCode::BAD_GATEWAY, "{}", g.body);
+    // It waited for the connect timeout (not a refusal), and no longer.
+    assert!(
+        t.elapsed() >= Duration::from_millis(250) && t.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        t.elapsed()
+    );
+    drop(black_hole);
+    router.shutdown().await;
+}
