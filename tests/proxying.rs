@@ -97,11 +97,7 @@ async fn untrusted_peers_forwarded_headers_are_replaced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_both_ways_without_buffering() {
     let (_c, _b, router) = one_backend("stream", "").await;
-    let stream = TcpStream::connect(router.proxy_addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = open(router.proxy_addr).await;
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, std::io::Error>>(1);
     let req = Request::post("/echo")
         .header("host", "stream.app.test")
@@ -143,11 +139,7 @@ async fn streams_both_ways_without_buffering() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_download_streams_through() {
     let (_c, _b, router) = one_backend("big", "").await;
-    let stream = TcpStream::connect(router.proxy_addr).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .unwrap();
-    tokio::spawn(conn);
+    let mut sender = open(router.proxy_addr).await;
     let total = 256 * 1024 * 1024;
     let req = Request::get(format!("/bytes/{total}"))
         .header("host", "big.app.test")

@@ -280,13 +280,24 @@ pub struct Got {
     pub body: String,
 }
 
-/// Sends `req` on a fresh connection to `addr`.
-pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+/// A fresh HTTP/1.1 client connection to `addr`, its connection task spawned.
+pub async fn open<B>(addr: SocketAddr) -> hyper::client::conn::http1::SendRequest<B>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     let stream = TcpStream::connect(addr).await.expect("connect");
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .expect("handshake");
     tokio::spawn(conn);
+    sender
+}
+
+/// Sends `req` on a fresh connection to `addr`.
+pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
+    let mut sender = open(addr).await;
     let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
         .await
         .expect("response in time")
