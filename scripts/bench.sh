@@ -24,6 +24,8 @@ consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 cargo build --release --locked --bin consul-router >&2
 
 . scripts/lib.sh
+# small-1000c needs about 2,000 descriptors in the router and 1,000 in wrk.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 ORIGIN=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port); ROUTER=$(free_port); ADMIN=$(free_port); CONSUL=$(free_port)
 
 # Origin: nginx, one worker, fixed bodies.
@@ -121,6 +123,7 @@ for scenario in $SCENARIOS; do
       p50=$(to_us "$(awk '$1=="50%" {print $2}' <<<"$out")")
       p99=$(to_us "$(awk '$1=="99%" {print $2}' <<<"$out")")
       errs=$(awk '/Non-2xx|Socket errors/ {print}' <<<"$out" | tr '\n' ' ')
+      [ -n "$reqs" ] && [ "$reqs" -gt 0 ] || { echo "bench: wrk failed for $p $scenario:" >&2; echo "$out" >&2; exit 1; }
       cpu_us=$(awk -v d=$((after-before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d/hz*1e6/n }')
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$round" "$p" "$rps" "$p50" "$p99" "$cpu_us" >> "$results"
       [ -n "$errs" ] && echo "bench: $p $scenario: $errs" >&2

@@ -11,6 +11,10 @@ export CONSUL_BIN
 echo "test.sh: using $("$CONSUL_BIN" version | head -1) at $CONSUL_BIN"
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-cargo test --locked "$@" 2>&1 | tee "$log"
+set +e
+cargo test --locked --no-fail-fast "$@" 2>&1 | tee "$log"
+rc=${PIPESTATUS[0]}
+set -e
 # One closing line for the whole suite (the last binary cargo runs may hold no test).
 awk '/^test result:/ { p += $4; f += $6 } END { printf "%d passed, %d failed\n", p, f }' "$log"
+exit "$rc"

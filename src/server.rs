@@ -91,6 +91,7 @@ pub async fn serve<H: Handler>(
     tokio::select! {
         _ = graceful.shutdown() => {}
         _ = tokio::time::sleep(grace) => {
+            while conns.try_join_next().is_some() {}
             tracing::warn!(?grace, open = conns.len(), "grace period over; closing remaining connections");
         }
     }

@@ -88,11 +88,13 @@ impl DiscoveryHandle {
 
 impl Drop for DiscoveryHandle {
     fn drop(&mut self) {
+        self._tasks.clear();
+        // Under the lock, so a reconcile running now cannot start new watches after this.
+        let mut st = self.discovery.lock();
         self.discovery
             .stopped
             .store(true, std::sync::atomic::Ordering::SeqCst);
-        self._tasks.clear();
-        self.discovery.lock().watches.clear();
+        st.watches.clear();
     }
 }
 
@@ -161,6 +163,9 @@ impl Discovery {
 
     async fn catalog_loop(self: Arc<Self>) {
         let mut index = 0;
+        // The index of the catalog last applied; kept apart from the blocking index, which
+        // resets to 0, so a rewind is always noticed.
+        let mut applied = 0;
         let mut backoff = Backoff::default();
         let mut last = Instant::now() - MIN_QUERY_GAP;
         loop {
@@ -172,20 +177,20 @@ impl Discovery {
                 }
                 Ok(mut r) => {
                     backoff.reset();
-                    if r.index < index {
+                    if r.index < applied {
                         // A rewound index: a restarted cluster, or a stale server far behind.
                         // Only the leader's answer may replace what we have.
                         match self.client.catalog_services_consistent().await {
                             Ok(confirmed) => r = confirmed,
                             Err(e) => {
                                 tracing::warn!(error = %e, "cannot confirm a rewound catalog; keeping the last table");
-                                index = 0;
                                 backoff.wait().await;
                                 continue;
                             }
                         }
                     }
                     index = next_index(index, r.index);
+                    applied = r.index;
                     self.apply_catalog(r.value);
                 }
                 Err(e) => {
@@ -227,11 +232,12 @@ impl Discovery {
 
     /// Chooses the watched set: all services up to `max_watches`, else the most recently used.
     fn reconcile(&self) {
+        let table = self.routes.load();
+        let mut st = self.lock();
+        // Checked under the lock: shutdown sets it under the same lock.
         if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
             return;
         }
-        let table = self.routes.load();
-        let mut st = self.lock();
         let Some(catalog) = &st.catalog else {
             return;
         };
@@ -261,6 +267,7 @@ impl Discovery {
             .filter(|n| !desired.contains(*n))
             .cloned()
             .collect();
+        let requeued = !demoted.is_empty();
         for name in demoted {
             // It may have missed a change while its watch backed off: read it once more.
             st.watches.remove(&name);
@@ -284,6 +291,10 @@ impl Discovery {
                 }
             });
             st.watches.insert(name, guard);
+        }
+        drop(st);
+        if requeued {
+            self.reads.notify_one();
         }
     }
 
@@ -313,6 +324,8 @@ impl Discovery {
                 }
             }
         }
+        // Stopped: wait to be aborted rather than return (a return means "restart me").
+        std::future::pending::<()>().await;
     }
 
     /// Stores a service's instances. `from_watch` is false for plain reads, which must not

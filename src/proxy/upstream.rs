@@ -17,6 +17,9 @@ use super::body::InFlight;
 use super::pool::Sender;
 use super::ProxyError;
 
+/// Longest wait for a pooled connection to finish its previous exchange.
+const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
+
 /// Connection settings toward backends.
 #[derive(Debug, Clone)]
 pub struct Upstream {
@@ -91,10 +94,14 @@ impl Upstream {
         let mut req = req;
         // Idle connections first; one that died while idle hands the request back.
         while let Some(mut sender) = inst.state.idle.take(self.idle_timeout) {
-            // Pooled the moment its last body ended; the connection task may not have
-            // caught up yet. Waiting for it beats opening a new connection.
-            if !sender.is_ready() && sender.ready().await.is_err() {
-                continue;
+            // Pooled the moment its last response body ended; the connection task may not
+            // have caught up yet, and waiting briefly beats a new connection. One still
+            // sending a stalled upload never gets ready: give up on it.
+            if !sender.is_ready() {
+                match tokio::time::timeout(POOLED_READY_WAIT, sender.ready()).await {
+                    Ok(Ok(())) => {}
+                    _ => continue,
+                }
             }
             match self.exchange(sender, req).await {
                 Ok((response, sender)) => {
