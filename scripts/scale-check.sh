@@ -37,7 +37,8 @@ status() { curl -s -o /dev/null -w '%{http_code}' -H "Host: $(host "$1")" "127.0
 [ "$(status 0)" = 200 ] || { echo "scale-check: svc0 not routed" >&2; exit 1; }
 # The cold service gets no request before its measurement (a request would make it hot).
 cold_i=$((SERVICES - 1))
-curl -fsS "127.0.0.1:$ADMIN/api/routes" | grep -q "\"svc$cold_i.scale.local\"" || { echo "scale-check: svc$cold_i not in the table" >&2; exit 1; }
+routes=$(curl -fsS "127.0.0.1:$ADMIN/api/routes")
+grep -q "\"svc$cold_i.scale.local\"" <<<"$routes" || { echo "scale-check: svc$cold_i not in the table" >&2; exit 1; }
 
 # Make svc0 hot: traffic, then wait for the watched set to be re-chosen (every 5 s).
 for _ in $(seq 1 20); do status 0 >/dev/null; done
