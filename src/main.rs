@@ -7,6 +7,9 @@ use anyhow::Context as _;
 use clap::Parser;
 use consul_router::config::{Config, Overrides};
 
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Reverse proxy routing Host headers to Consul services.
 #[derive(Debug, Parser)]
 #[command(name = "consul-router", version, about)]
