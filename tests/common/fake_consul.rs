@@ -11,9 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
 /// How the fake answers.
@@ -52,20 +50,7 @@ impl FakeConsul {
             requests: 0,
         }));
         let m = model.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let m = m.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| answer(m.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = super::serve_http(listener, move |req| answer(m.clone(), req));
         FakeConsul { addr, model, task }
     }
 

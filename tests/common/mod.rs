@@ -330,6 +330,31 @@ pub fn who(g: &Got) -> String {
     g.body.lines().next().unwrap_or_default().to_owned()
 }
 
+/// Serves HTTP/1.1 (upgrades allowed) on `listener`, one task per connection, until aborted.
+pub fn serve_http<F, Fut, B>(listener: TcpListener, handler: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let h = handler.clone();
+            tokio::spawn(async move {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service_fn(h))
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    })
+}
+
 /// A real HTTP backend on 127.0.0.1:0. Answers with its name on the first line, then the
 /// request's method, target and headers. Paths:
 /// - `/echo`: streams the request body back as it arrives;
@@ -347,21 +372,7 @@ impl Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let n = name.to_owned();
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let n = n.clone();
-                tokio::spawn(async move {
-                    let svc = service_fn(move |req| backend_answer(n.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .with_upgrades()
-                        .await;
-                });
-            }
-        });
+        let task = serve_http(listener, move |req| backend_answer(n.clone(), req));
         Backend {
             name: name.into(),
             addr,
