@@ -109,7 +109,12 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let (stop, stopped) = watch::channel(false);
     let proxy = Arc::new(proxy::Proxy::new(&cfg, routes.clone()));
     let grace = cfg.proxy.shutdown_grace;
-    let proxy_task = tokio::spawn(server::serve(proxy_listener, proxy, stopped.clone(), grace));
+    let proxy_task = tokio::spawn(server::serve_proxy(
+        proxy_listener,
+        proxy,
+        stopped.clone(),
+        grace,
+    ));
     let admin = Arc::new(admin::Admin::new(routes.clone(), prometheus.clone()));
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
@@ -143,6 +148,7 @@ async fn reap_idle(routes: Arc<Routes>, idle_timeout: Duration) {
         for svc in table.services.values() {
             for inst in svc.instances.iter() {
                 inst.state.idle.evict_expired(idle_timeout);
+                inst.state.idle_hyper.evict_expired(idle_timeout);
             }
         }
     }

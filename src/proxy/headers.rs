@@ -37,9 +37,17 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| has_token(v.as_bytes(), b"upgrade"))
 }
 
-fn has_token(list: &[u8], token: &[u8]) -> bool {
+/// Whether a comma-separated header value holds `token` (case-insensitive).
+pub fn has_token(list: &[u8], token: &[u8]) -> bool {
     list.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+/// Whether `name` is one of the fixed hop-by-hop headers (case-insensitive).
+pub fn is_hop_by_hop(name: &str) -> bool {
+    HOP_BY_HOP
+        .iter()
+        .any(|h| h.as_str().eq_ignore_ascii_case(name))
 }
 
 /// Removes hop-by-hop headers: those named by `Connection`, then the fixed list. With
@@ -109,7 +117,7 @@ pub fn is_trusted(ip: IpAddr, trusted: &[IpNet]) -> bool {
 }
 
 /// IPv4-mapped IPv6 peers (from a dual-stack listener) count as their IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
@@ -119,13 +127,26 @@ fn canonical(ip: IpAddr) -> IpAddr {
 /// The client's address: from a trusted peer, the right-most `X-Forwarded-For` address that
 /// is not itself a trusted proxy; otherwise the peer.
 pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
+    let chain = headers
+        .get_all(X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    client_ip_in(chain, peer, trusted)
+}
+
+/// [`client_ip`] over the `X-Forwarded-For` values in order, as raw bytes.
+pub fn client_ip_in<'a>(
+    chain: impl DoubleEndedIterator<Item = &'a [u8]>,
+    peer: IpAddr,
+    trusted: &[IpNet],
+) -> IpAddr {
     if !is_trusted(peer, trusted) {
         return peer;
     }
     let mut client = peer;
     // Headers are in order; within one, addresses are left to right. Walk from the right.
-    for v in headers.get_all(X_FORWARDED_FOR).iter().rev() {
-        for part in v.as_bytes().rsplit(|&b| b == b',') {
+    for v in chain.rev() {
+        for part in v.rsplit(|&b| b == b',') {
             let Some(ip) = std::str::from_utf8(part.trim_ascii())
                 .ok()
                 .and_then(|s| s.parse::<IpAddr>().ok())

@@ -1,11 +1,14 @@
 //! The request path: host → service → instance → stream through.
 //!
-//! [`Proxy::handle`] reads the routing snapshot once, answers bad or unroutable requests
+//! HTTP/1 connections take the fast path in [`h1`]: heads parsed in place and rewritten as
+//! bytes, bodies relayed verbatim, backend connections driven in the client's task.
+//! Requests that arrive over HTTP/2 go through hyper: [`Proxy::handle`] reads the routing snapshot once, answers bad or unroutable requests
 //! itself, rewrites headers, and hands the request to [`upstream::Upstream`]. Bodies are
 //! never buffered: the client's body goes to the backend as it arrives and the backend's
 //! body comes back the same way.
 
 pub mod body;
+pub mod h1;
 pub mod headers;
 pub mod pool;
 mod upgrade;

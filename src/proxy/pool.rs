@@ -11,20 +11,32 @@ use hyper::client::conn::http1::SendRequest;
 /// A sender to a backend connection, ready for a request.
 pub type Sender = SendRequest<Incoming>;
 
-struct Idle {
-    sender: Sender,
+/// A backend connection that can wait in an [`IdlePool`].
+pub trait Pooled {
+    /// Whether the backend has not closed it (as far as is known without blocking).
+    fn is_open(&self) -> bool;
+}
+
+impl Pooled for Sender {
+    fn is_open(&self) -> bool {
+        !self.is_closed()
+    }
+}
+
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
 /// Idle connections of one instance. `SegQueue` allocates nothing until first used, so the
 /// thousands of instances that carry no traffic cost almost no memory.
-pub struct IdlePool {
-    queue: SegQueue<Idle>,
+pub struct IdlePool<C> {
+    queue: SegQueue<Idle<C>>,
     len: AtomicUsize,
     max: usize,
 }
 
-impl fmt::Debug for IdlePool {
+impl<C> fmt::Debug for IdlePool<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("IdlePool")
             .field("idle", &self.len.load(Ordering::Relaxed))
@@ -33,7 +45,7 @@ impl fmt::Debug for IdlePool {
     }
 }
 
-impl IdlePool {
+impl<C: Pooled> IdlePool<C> {
     /// A pool keeping at most `max` idle connections (0 disables keep-alive reuse).
     pub fn new(max: usize) -> Self {
         IdlePool {
@@ -55,11 +67,11 @@ impl IdlePool {
 
     /// A live idle connection, if any; closed and expired ones are dropped. It may still be
     /// finishing its last exchange (the body just ended): the caller awaits `ready()`.
-    pub fn take(&self, idle_timeout: Duration) -> Option<Sender> {
+    pub fn take(&self, idle_timeout: Duration) -> Option<C> {
         while let Some(idle) = self.queue.pop() {
             self.len.fetch_sub(1, Ordering::Relaxed);
-            if !idle.sender.is_closed() && idle.since.elapsed() <= idle_timeout {
-                return Some(idle.sender);
+            if idle.conn.is_open() && idle.since.elapsed() <= idle_timeout {
+                return Some(idle.conn);
             }
         }
         None
@@ -70,23 +82,23 @@ impl IdlePool {
         for _ in 0..self.len() {
             let Some(idle) = self.queue.pop() else { break };
             self.len.fetch_sub(1, Ordering::Relaxed);
-            if !idle.sender.is_closed() && idle.since.elapsed() <= idle_timeout {
+            if idle.conn.is_open() && idle.since.elapsed() <= idle_timeout {
                 self.push(idle);
             }
         }
     }
 
     /// Returns a connection after its exchange finished.
-    pub fn put(&self, sender: Sender) {
-        if !sender.is_closed() {
+    pub fn put(&self, conn: C) {
+        if conn.is_open() {
             self.push(Idle {
-                sender,
+                conn,
                 since: Instant::now(),
             });
         }
     }
 
-    fn push(&self, idle: Idle) {
+    fn push(&self, idle: Idle<C>) {
         if self.len.fetch_add(1, Ordering::Relaxed) < self.max {
             self.queue.push(idle);
         } else {

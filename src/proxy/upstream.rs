@@ -23,11 +23,11 @@ const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
 /// Connection settings toward backends.
 #[derive(Debug, Clone)]
 pub struct Upstream {
-    connect_timeout: Duration,
-    response_timeout: Duration,
-    idle_timeout: Duration,
-    retries: u32,
-    retried: metrics::Counter,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) response_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) retries: u32,
+    pub(crate) retried: metrics::Counter,
 }
 
 /// A backend's answer with what the response body needs to keep.
@@ -93,7 +93,7 @@ impl Upstream {
         let in_flight = InFlight::new(inst.state.clone());
         let mut req = req;
         // Idle connections first; one that died while idle hands the request back.
-        while let Some(mut sender) = inst.state.idle.take(self.idle_timeout) {
+        while let Some(mut sender) = inst.state.idle_hyper.take(self.idle_timeout) {
             // Pooled the moment its last response body ended; the connection task may not
             // have caught up yet, and waiting briefly beats a new connection. One still
             // sending a stalled upload never gets ready: give up on it.
@@ -150,18 +150,7 @@ impl Upstream {
     }
 
     async fn connect(&self, inst: &Instance) -> Result<Sender, ProxyError> {
-        let connecting = async {
-            match inst.socket {
-                Some(addr) => TcpStream::connect(addr).await,
-                None => TcpStream::connect((&*inst.address, inst.port)).await,
-            }
-        };
-        let stream = match tokio::time::timeout(self.connect_timeout, connecting).await {
-            Err(_) => return Err(ProxyError::ConnectTimeout),
-            Ok(Err(e)) => return Err(ProxyError::Connect(e.to_string())),
-            Ok(Ok(s)) => s,
-        };
-        let _ = stream.set_nodelay(true);
+        let stream = connect_tcp(inst, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -174,4 +163,21 @@ impl Upstream {
         });
         Ok(sender)
     }
+}
+
+/// Opens a TCP connection to `inst` within `timeout`, with Nagle off.
+pub async fn connect_tcp(inst: &Instance, timeout: Duration) -> Result<TcpStream, ProxyError> {
+    let connecting = async {
+        match inst.socket {
+            Some(addr) => TcpStream::connect(addr).await,
+            None => TcpStream::connect((&*inst.address, inst.port)).await,
+        }
+    };
+    let stream = match tokio::time::timeout(timeout, connecting).await {
+        Err(_) => return Err(ProxyError::ConnectTimeout),
+        Ok(Err(e)) => return Err(ProxyError::Connect(e.to_string())),
+        Ok(Ok(s)) => s,
+    };
+    let _ = stream.set_nodelay(true);
+    Ok(stream)
 }

@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::{Candidate, Exclude, Picker, Strategy};
-use crate::proxy::pool::IdlePool;
+use crate::proxy::h1::BackendConn;
+use crate::proxy::pool::{IdlePool, Sender};
 
 /// An instance's health as Consul reports it (worst of its checks and its node's checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -64,8 +65,10 @@ pub struct InstanceSpec {
 pub struct InstanceState {
     /// Requests in flight to this instance from this router.
     pub in_flight: AtomicU64,
-    /// Idle keep-alive connections.
-    pub idle: IdlePool,
+    /// Idle keep-alive connections of the HTTP/1 fast path.
+    pub idle: IdlePool<BackendConn>,
+    /// Idle hyper client connections, for requests that came over HTTP/2.
+    pub idle_hyper: IdlePool<Sender>,
 }
 
 impl InstanceState {
@@ -74,6 +77,7 @@ impl InstanceState {
         InstanceState {
             in_flight: AtomicU64::new(0),
             idle: IdlePool::new(max_idle),
+            idle_hyper: IdlePool::new(max_idle),
         }
     }
 }

@@ -1,0 +1,646 @@
+//! HTTP/1 message heads on the fast path: parsed in place with httparse and rewritten
+//! straight into the outgoing buffer, so no header map is built and no header is copied
+//! twice.
+
+use std::io::Write as _;
+use std::mem::MaybeUninit;
+use std::net::IpAddr;
+
+use http::StatusCode;
+
+use super::framing::Framing;
+use crate::proxy::headers::{canonical, is_hop_by_hop};
+
+/// Most header fields in one head (as hyper).
+pub const MAX_HEADERS: usize = 100;
+/// Largest head we read; more gets 431.
+pub const MAX_HEAD: usize = 64 * 1024;
+/// Most `Connection` tokens honoured per message; a longer list is refused.
+const MAX_CONNECTION_TOKENS: usize = 8;
+
+/// Header slots for one parse, left uninitialised until httparse fills them.
+pub type HeaderSlots<'b> = [MaybeUninit<httparse::Header<'b>>; MAX_HEADERS];
+
+/// A fresh set of header slots.
+pub fn slots<'b>() -> HeaderSlots<'b> {
+    [const { MaybeUninit::uninit() }; MAX_HEADERS]
+}
+
+/// Why a head was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum HeadError {
+    /// Not HTTP/1.x syntax.
+    #[error("malformed message head")]
+    Malformed,
+    /// Longer than [`MAX_HEAD`] or more than [`MAX_HEADERS`] fields.
+    #[error("message head too large")]
+    TooLarge,
+    /// Contradictory or invalid Content-Length / Transfer-Encoding.
+    #[error("invalid message framing")]
+    BadFraming,
+    /// A transfer coding other than chunked.
+    #[error("unsupported transfer coding")]
+    UnsupportedCoding,
+}
+
+impl HeadError {
+    /// The status a client gets for a request head refused this way.
+    pub fn status(self) -> StatusCode {
+        match self {
+            HeadError::Malformed | HeadError::BadFraming => StatusCode::BAD_REQUEST,
+            HeadError::TooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            HeadError::UnsupportedCoding => StatusCode::NOT_IMPLEMENTED,
+        }
+    }
+}
+
+fn parse_error(e: httparse::Error) -> HeadError {
+    match e {
+        httparse::Error::TooManyHeaders => HeadError::TooLarge,
+        _ => HeadError::Malformed,
+    }
+}
+
+/// The `Connection` tokens of a message: the options it sets and the fields it names.
+#[derive(Debug, Default)]
+struct Connection<'b> {
+    close: bool,
+    keep_alive: bool,
+    upgrade: bool,
+    named: [&'b [u8]; MAX_CONNECTION_TOKENS],
+    len: usize,
+}
+
+impl<'b> Connection<'b> {
+    fn add(&mut self, value: &'b [u8]) -> Result<(), HeadError> {
+        for token in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if token.is_empty() {
+                continue;
+            }
+            if token.eq_ignore_ascii_case(b"close") {
+                self.close = true;
+            } else if token.eq_ignore_ascii_case(b"keep-alive") {
+                self.keep_alive = true;
+            } else if token.eq_ignore_ascii_case(b"upgrade") {
+                self.upgrade = true;
+            } else {
+                *self.named.get_mut(self.len).ok_or(HeadError::TooLarge)? = token;
+                self.len += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `name` must not be forwarded: hop-by-hop by definition or named here.
+    fn drops(&self, name: &str) -> bool {
+        is_hop_by_hop(name)
+            || name.eq_ignore_ascii_case("upgrade")
+            || self.named[..self.len]
+                .iter()
+                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    }
+}
+
+/// Body framing from the Content-Length and Transfer-Encoding fields (RFC 9112 §6.3).
+#[derive(Debug, Default)]
+struct Lengths {
+    length: Option<u64>,
+    chunked: bool,
+    other_coding: bool,
+    seen_te: bool,
+}
+
+impl Lengths {
+    fn content_length(&mut self, value: &[u8]) -> Result<(), HeadError> {
+        // "5, 5" from merged duplicates is allowed; differing values are not.
+        for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+                return Err(HeadError::BadFraming);
+            }
+            let n = part
+                .iter()
+                .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            match self.length {
+                Some(prev) if prev != n => return Err(HeadError::BadFraming),
+                _ => self.length = Some(n),
+            }
+        }
+        Ok(())
+    }
+
+    fn transfer_encoding(&mut self, value: &[u8]) {
+        self.seen_te = true;
+        for coding in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
+            if coding.is_empty() {
+                continue;
+            }
+            // Chunked must come last; anything after it means the length is unknown.
+            if self.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+                self.other_coding = true;
+            }
+            self.chunked |= coding.eq_ignore_ascii_case(b"chunked");
+        }
+    }
+}
+
+/// A parsed request head, borrowing the read buffer.
+#[derive(Debug)]
+pub struct RequestHead<'h, 'b> {
+    /// Bytes taken by the head, CRLFCRLF included.
+    pub len: usize,
+    /// Method token.
+    pub method: &'b str,
+    /// Request target as sent.
+    pub target: &'b str,
+    /// HTTP/1.0 (else 1.1).
+    pub http10: bool,
+    /// The header fields in order.
+    pub headers: &'h [httparse::Header<'b>],
+    /// The client wants the connection kept after this exchange.
+    pub keep_alive: bool,
+    /// The request body's framing.
+    pub body: Framing,
+    /// `Connection: upgrade` with an `Upgrade` field, on HTTP/1.1.
+    pub upgrade: bool,
+    /// The host to route by: the absolute-form authority, else the single Host field.
+    pub host: Option<&'b [u8]>,
+    /// Origin-form target of an absolute-form request (the path it carries, or `/`).
+    pub absolute_path: Option<&'b str>,
+    connection: Connection<'b>,
+}
+
+/// Parses a request head at the start of `buf`; `Ok(None)` when more bytes are needed.
+pub fn parse_request<'h, 'b>(
+    buf: &'b [u8],
+    slots: &'h mut HeaderSlots<'b>,
+) -> Result<Option<RequestHead<'h, 'b>>, HeadError> {
+    let mut req = httparse::Request::new(&mut []);
+    let len = match req.parse_with_uninit_headers(buf, slots) {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let (Some(method), Some(target), Some(version)) = (req.method, req.path, req.version) else {
+        return Err(HeadError::Malformed);
+    };
+    let headers: &'h [httparse::Header<'b>] = req.headers;
+    let http10 = version == 0;
+
+    let mut connection = Connection::default();
+    let mut lengths = Lengths::default();
+    let mut host = None;
+    let mut hosts = 0;
+    let mut has_upgrade = false;
+    for h in headers {
+        let name = h.name;
+        if name.eq_ignore_ascii_case("host") {
+            hosts += 1;
+            host = Some(h.value);
+        } else if name.eq_ignore_ascii_case("connection") {
+            connection.add(h.value)?;
+        } else if name.eq_ignore_ascii_case("content-length") {
+            lengths.content_length(h.value)?;
+        } else if name.eq_ignore_ascii_case("transfer-encoding") {
+            lengths.transfer_encoding(h.value);
+        } else if name.eq_ignore_ascii_case("upgrade") {
+            has_upgrade = true;
+        }
+    }
+    if hosts > 1 {
+        return Err(HeadError::Malformed);
+    }
+    // A request body is chunked, sized, or absent; anything else is refused (RFC 9112
+    // §6.3), and both at once is how requests get smuggled.
+    let body = match (lengths.seen_te, lengths.length) {
+        (true, Some(_)) => return Err(HeadError::BadFraming),
+        (true, None) if http10 => return Err(HeadError::BadFraming),
+        (true, None) if lengths.other_coding || !lengths.chunked => {
+            return Err(HeadError::UnsupportedCoding)
+        }
+        (true, None) => Framing::CHUNKED,
+        (false, Some(0)) | (false, None) => Framing::Done,
+        (false, Some(n)) => Framing::Length(n),
+    };
+
+    let (host, absolute_path) = match split_absolute(target) {
+        Some((authority, path)) => (Some(authority.as_bytes()), Some(path)),
+        None => (host, None),
+    };
+    let keep_alive = if http10 {
+        connection.keep_alive && !connection.close
+    } else {
+        !connection.close
+    };
+    Ok(Some(RequestHead {
+        len,
+        method,
+        target,
+        http10,
+        headers,
+        keep_alive,
+        body,
+        upgrade: !http10 && connection.upgrade && has_upgrade,
+        host,
+        absolute_path,
+        connection,
+    }))
+}
+
+/// `http://authority/path?q` → (`authority`, `/path?q`); `None` for origin-form targets.
+fn split_absolute(target: &str) -> Option<(&str, &str)> {
+    if target.starts_with('/') || target == "*" {
+        return None;
+    }
+    let (_scheme, rest) = target.split_once("://")?;
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    // `http://host?q` has an empty path: the origin-form is then `/?q`, which we cannot
+    // borrow, so such a target keeps only its path `/`.
+    let path = if path.starts_with('/') { path } else { "/" };
+    Some((authority, path))
+}
+
+impl RequestHead<'_, '_> {
+    /// Whether the method is HEAD (its response has no body).
+    pub fn is_head(&self) -> bool {
+        self.method == "HEAD"
+    }
+
+    /// Whether resending this request on another connection is harmless.
+    pub fn is_idempotent(&self) -> bool {
+        matches!(
+            self.method,
+            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+        )
+    }
+
+    /// The path (and query, with `with_query`) for URL hashing.
+    pub fn hash_path(&self, with_query: bool) -> &[u8] {
+        let target = self.absolute_path.unwrap_or(self.target);
+        let path = if with_query {
+            target
+        } else {
+            target.split_once('?').map_or(target, |(p, _)| p)
+        };
+        path.as_bytes()
+    }
+
+    /// The `X-Forwarded-For` values, in order.
+    pub fn forwarded_for(&self) -> impl DoubleEndedIterator<Item = &[u8]> {
+        self.headers
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
+            .map(|h| h.value)
+    }
+
+    /// Writes the head the backend gets into `out`: HTTP/1.1 (1.0 for 1.0 clients, so the
+    /// backend never answers them chunked), origin-form, hop-by-hop fields out, framing
+    /// fields kept (the body passes verbatim), and X-Forwarded-For/Host/Proto set. From a
+    /// trusted peer the existing chain, host and proto are kept (nginx terminating TLS says
+    /// `https`); from anyone else they are replaced.
+    pub fn write_backend(&self, out: &mut Vec<u8>, peer: IpAddr, peer_trusted: bool) {
+        let target = self.absolute_path.unwrap_or(self.target);
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(target.as_bytes());
+        out.extend_from_slice(if self.http10 {
+            b" HTTP/1.0\r\n"
+        } else {
+            b" HTTP/1.1\r\n"
+        });
+        let mut forwarded_host = false;
+        let mut forwarded_proto = false;
+        let mut chain = false;
+        for h in self.headers {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("x-forwarded-for") {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("host") && self.absolute_path.is_some() {
+                continue;
+            }
+            if name.eq_ignore_ascii_case("x-forwarded-host") {
+                if !peer_trusted {
+                    continue;
+                }
+                forwarded_host = true;
+            } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
+                if !peer_trusted {
+                    continue;
+                }
+                forwarded_proto = true;
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || (self.upgrade && name.eq_ignore_ascii_case("upgrade"))
+            {
+                // Kept: the body is relayed in its own framing; the upgrade is wanted.
+            } else if self.connection.drops(name) {
+                continue;
+            }
+            field(out, name.as_bytes(), h.value);
+        }
+        if self.absolute_path.is_some() {
+            if let Some(host) = self.host {
+                field(out, b"Host", host);
+            }
+        }
+        out.extend_from_slice(b"X-Forwarded-For: ");
+        if peer_trusted {
+            for v in self.forwarded_for() {
+                if chain {
+                    out.extend_from_slice(b", ");
+                }
+                out.extend_from_slice(v);
+                chain = true;
+            }
+        }
+        if chain {
+            out.extend_from_slice(b", ");
+        }
+        let _ = write!(out, "{}", canonical(peer));
+        out.extend_from_slice(b"\r\n");
+        if !forwarded_host {
+            if let Some(host) = self.host {
+                field(out, b"X-Forwarded-Host", host);
+            }
+        }
+        if !forwarded_proto {
+            out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
+        }
+        if self.upgrade {
+            out.extend_from_slice(b"Connection: upgrade\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn field(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// A parsed response head, borrowing the backend read buffer.
+#[derive(Debug)]
+pub struct ResponseHead<'h, 'b> {
+    /// Bytes taken by the head.
+    pub len: usize,
+    /// Status code.
+    pub status: u16,
+    reason: &'b str,
+    headers: &'h [httparse::Header<'b>],
+    /// The response body's framing.
+    pub body: Framing,
+    /// The backend keeps the connection open after this response.
+    pub keep_alive: bool,
+    connection: Connection<'b>,
+}
+
+/// Parses a response head at the start of `buf` for a request that was (or not) HEAD.
+pub fn parse_response<'h, 'b>(
+    buf: &'b [u8],
+    slots: &'h mut HeaderSlots<'b>,
+    head_request: bool,
+) -> Result<Option<ResponseHead<'h, 'b>>, HeadError> {
+    let mut resp = httparse::Response::new(&mut []);
+    let parsed =
+        httparse::ParserConfig::default().parse_response_with_uninit_headers(&mut resp, buf, slots);
+    let len = match parsed {
+        Ok(httparse::Status::Complete(n)) => n,
+        Ok(httparse::Status::Partial) if buf.len() >= MAX_HEAD => return Err(HeadError::TooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(e) => return Err(parse_error(e)),
+    };
+    let (Some(version), Some(status)) = (resp.version, resp.code) else {
+        return Err(HeadError::Malformed);
+    };
+    let reason = resp.reason.unwrap_or("");
+    let headers: &'h [httparse::Header<'b>] = resp.headers;
+    let mut connection = Connection::default();
+    let mut lengths = Lengths::default();
+    for h in headers {
+        if h.name.eq_ignore_ascii_case("connection") {
+            connection.add(h.value)?;
+        } else if h.name.eq_ignore_ascii_case("content-length") {
+            lengths.content_length(h.value)?;
+        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            lengths.transfer_encoding(h.value);
+        }
+    }
+    let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304
+    {
+        Framing::Done
+    } else if lengths.seen_te {
+        // Chunked last means chunked; any other coding is delimited by close.
+        if lengths.chunked && !lengths.other_coding {
+            Framing::CHUNKED
+        } else {
+            Framing::UntilClose
+        }
+    } else {
+        match lengths.length {
+            Some(0) => Framing::Done,
+            Some(n) => Framing::Length(n),
+            None => Framing::UntilClose,
+        }
+    };
+    let keep_alive = if version == 0 {
+        connection.keep_alive && !connection.close
+    } else {
+        !connection.close
+    } && body != Framing::UntilClose;
+    Ok(Some(ResponseHead {
+        len,
+        status,
+        reason,
+        headers,
+        body,
+        keep_alive,
+        connection,
+    }))
+}
+
+impl ResponseHead<'_, '_> {
+    /// Writes the head the client gets: HTTP/1.1, hop-by-hop fields out, framing kept; with
+    /// `close`, `Connection: close`; a 101 keeps its `Upgrade` and says `Connection: upgrade`.
+    pub fn write_client(&self, out: &mut Vec<u8>, close: bool) {
+        out.extend_from_slice(b"HTTP/1.1 ");
+        write_status(out, self.status);
+        out.push(b' ');
+        out.extend_from_slice(self.reason.as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let upgrade = self.status == 101;
+        for h in self.headers {
+            let keep = h.name.eq_ignore_ascii_case("transfer-encoding")
+                || (upgrade && h.name.eq_ignore_ascii_case("upgrade"))
+                || !self.connection.drops(h.name);
+            if keep {
+                field(out, h.name.as_bytes(), h.value);
+            }
+        }
+        if upgrade {
+            out.extend_from_slice(b"Connection: upgrade\r\n");
+        } else if close {
+            out.extend_from_slice(b"Connection: close\r\n");
+        }
+        out.extend_from_slice(b"\r\n");
+    }
+}
+
+fn write_status(out: &mut Vec<u8>, status: u16) {
+    let s = status.min(999);
+    out.extend_from_slice(&[
+        b'0' + (s / 100) as u8,
+        b'0' + (s / 10 % 10) as u8,
+        b'0' + (s % 10) as u8,
+    ]);
+}
+
+/// Writes a short local answer (plain text, `Retry-After` on 503).
+pub fn write_local(out: &mut Vec<u8>, status: StatusCode, text: &str, close: bool) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    write_status(out, status.as_u16());
+    out.push(b' ');
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\nContent-Type: text/plain; charset=utf-8\r\n");
+    let _ = write!(out, "Content-Length: {}\r\n", text.len());
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        out.extend_from_slice(b"Retry-After: 5\r\n");
+    }
+    if close {
+        out.extend_from_slice(b"Connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(text.as_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backend_head(raw: &[u8], peer: &str, trusted: bool) -> String {
+        let mut slots = slots();
+        let head = parse_request(raw, &mut slots).unwrap().unwrap();
+        let mut out = Vec::new();
+        head.write_backend(&mut out, peer.parse().unwrap(), trusted);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn rewrites_request_heads() {
+        let raw = b"POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nConnection: keep-alive, x-secret\r\nKeep-Alive: 5\r\nX-Secret: 1\r\nTE: trailers\r\nProxy: http://evil\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\n\r\n";
+        assert_eq!(
+            backend_head(raw, "198.51.100.1", false),
+            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Forwarded-Proto: http\r\n\r\n"
+        );
+        assert_eq!(
+            backend_head(raw, "127.0.0.1", true),
+            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\nX-Forwarded-For: 6.6.6.6, 127.0.0.1\r\nX-Forwarded-Host: chat.app.test\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let raw = b"GET http://Chat.App.Test:80/x?y HTTP/1.1\r\nHost: other\r\n\r\n";
+        let out = backend_head(raw, "10.0.0.1", false);
+        assert!(out.starts_with("GET /x?y HTTP/1.1\r\nHost: Chat.App.Test:80\r\n"), "{out}");
+    }
+
+    #[test]
+    fn upgrades_keep_upgrade() {
+        let raw = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let out = backend_head(raw, "10.0.0.1", false);
+        assert!(out.contains("Upgrade: websocket\r\n"), "{out}");
+        assert!(out.ends_with("Connection: upgrade\r\n\r\n"), "{out}");
+    }
+
+    #[test]
+    fn request_framing() {
+        let framing = |raw: &[u8]| {
+            let mut slots = slots();
+            parse_request(raw, &mut slots).map(|h| h.unwrap().body)
+        };
+        assert_eq!(framing(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Framing::Done));
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\n"),
+            Ok(Framing::Length(7))
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nContent-Length: 7\r\n\r\n"),
+            Ok(Framing::Length(7))
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\nContent-Length: 8\r\n\r\n"),
+            Err(HeadError::BadFraming)
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n"),
+            Err(HeadError::BadFraming)
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 7\r\n\r\n"),
+            Err(HeadError::BadFraming)
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Err(HeadError::UnsupportedCoding)
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n"),
+            Err(HeadError::UnsupportedCoding)
+        );
+        assert_eq!(
+            framing(b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n"),
+            Ok(Framing::CHUNKED)
+        );
+        assert_eq!(
+            framing(b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n"),
+            Err(HeadError::Malformed)
+        );
+        let mut slots = slots();
+        assert!(matches!(parse_request(b"GET / HTTP/1.1\r\nHost:", &mut slots), Ok(None)));
+    }
+
+    #[test]
+    fn response_framing_and_reuse() {
+        let parse = |raw: &[u8], head: bool| {
+            let mut slots = slots();
+            let r = parse_response(raw, &mut slots, head).unwrap().unwrap();
+            (r.body, r.keep_alive)
+        };
+        let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\n\r\n";
+        assert_eq!(parse(ok, false), (Framing::Length(3), true));
+        assert_eq!(parse(ok, true), (Framing::Done, true));
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            (Framing::CHUNKED, true)
+        );
+        assert_eq!(parse(b"HTTP/1.1 200 OK\r\n\r\n", false), (Framing::UntilClose, false));
+        assert_eq!(parse(b"HTTP/1.1 204 No Content\r\n\r\n", false), (Framing::Done, true));
+        assert_eq!(
+            parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false),
+            (Framing::Length(1), false)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", false),
+            (Framing::Length(1), false)
+        );
+    }
+
+    #[test]
+    fn rewrites_response_heads() {
+        let raw = b"HTTP/1.1 200 Fine\r\nConnection: keep-alive, x-hop\r\nKeep-Alive: timeout=5\r\nX-Hop: 1\r\nContent-Length: 2\r\nX-App: yes\r\n\r\nok";
+        let mut slots = slots();
+        let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        r.write_client(&mut out, false);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nX-App: yes\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        r.write_client(&mut out, true);
+        assert!(String::from_utf8(out).unwrap().ends_with("Connection: close\r\n\r\n"));
+    }
+}

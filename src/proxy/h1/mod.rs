@@ -1,0 +1,708 @@
+//! The HTTP/1 fast path: one task per client connection reads a request head, routes it,
+//! writes the rewritten head to a pooled backend connection and relays both bodies
+//! verbatim, all in that task. There is no header map, no second task per backend
+//! connection and no channel between the two sides: a small request costs one read and one
+//! write on each socket. Connections that open with the HTTP/2 preface are handed back for
+//! hyper to serve.
+
+mod backend;
+pub mod framing;
+pub mod head;
+
+use std::future::{poll_fn, Future};
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::time::{Instant, Sleep};
+
+pub use backend::BackendConn;
+use framing::{Framing, FramingError};
+use head::{parse_request, parse_response, slots, write_local, HeadError};
+
+use super::body::InFlight;
+use super::upstream::connect_tcp;
+use super::{headers, Proxy, ProxyError};
+use crate::balance::{hash_bytes, Exclude, Strategy};
+use crate::routing::{normalize, Service, MAX_HOST};
+
+/// How long a client may take to send a request head, and stay idle between requests.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
+/// Client read buffer to start with; it grows for larger heads, up to [`head::MAX_HEAD`].
+const CLIENT_BUF: usize = 4 * 1024;
+/// Backend read buffer to start with; it grows once to [`BODY_BUF`] when a body fills it.
+const BACKEND_BUF: usize = 8 * 1024;
+/// Read size for large bodies.
+const BODY_BUF: usize = 64 * 1024;
+/// After a local answer that closes the connection, how long unread request bytes are
+/// drained so the client sees the answer instead of a reset.
+const LINGER: Duration = Duration::from_secs(1);
+
+/// The HTTP/2 client preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How a client connection left the fast path.
+#[derive(Debug)]
+pub enum Ended {
+    /// Closed (or to be dropped).
+    Closed,
+    /// It spoke the HTTP/2 preface: the stream and the bytes already read from it.
+    Http2(TcpStream, Vec<u8>),
+}
+
+/// What one request needs once its head has been read and rewritten.
+struct Exchange {
+    service: Arc<Service>,
+    key: u64,
+    body: Framing,
+    keep_alive: bool,
+    upgrade: bool,
+    head_request: bool,
+    replayable: bool,
+    http10: bool,
+}
+
+/// The outcome of reading one complete request head.
+enum Step {
+    /// Answer locally; `close` when the request's framing cannot be trusted.
+    Local(ProxyError, bool, Option<Arc<Service>>),
+    /// A bad head.
+    Bad(HeadError),
+    /// Forward it; the backend head is in the write buffer.
+    Forward(Exchange),
+    /// The HTTP/2 preface.
+    Http2,
+}
+
+/// Why one attempt on a backend connection did not produce a complete exchange.
+enum Failure {
+    /// Nothing usable came back and the request may go to another connection.
+    Retry(ProxyError),
+    /// Nothing was sent to the client yet: answer with this error.
+    Answer(ProxyError),
+    /// The client's side broke, or the response broke after its head was sent.
+    Abort,
+}
+
+/// Per-connection state: buffers reused by every request on the connection.
+struct Conn<'p> {
+    proxy: &'p Proxy,
+    client: TcpStream,
+    peer: SocketAddr,
+    peer_trusted: bool,
+    /// Bytes read from the client; `cbuf[cpos..]` are not consumed yet.
+    cbuf: Vec<u8>,
+    cpos: usize,
+    /// Bytes read from the backend.
+    bbuf: Vec<u8>,
+    /// Heads being written (the backend's, then the client's).
+    wbuf: Vec<u8>,
+    timer: Timer,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl Proxy {
+    /// Serves one client connection on the HTTP/1 fast path until it closes, or hands it
+    /// back if it opens with the HTTP/2 preface.
+    pub async fn serve_h1(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        shutdown: watch::Receiver<bool>,
+    ) -> Ended {
+        let mut conn = Conn {
+            proxy: self,
+            client,
+            peer,
+            peer_trusted: headers::is_trusted(peer.ip(), &self.trusted),
+            cbuf: Vec::with_capacity(CLIENT_BUF),
+            cpos: 0,
+            bbuf: Vec::new(),
+            wbuf: Vec::with_capacity(1024),
+            timer: Timer::new(),
+            shutdown,
+        };
+        match conn.run().await {
+            Some(preface) => Ended::Http2(conn.client, preface),
+            None => Ended::Closed,
+        }
+    }
+}
+
+impl Conn<'_> {
+    /// The request loop; returns the bytes read so far if the client speaks HTTP/2.
+    async fn run(&mut self) -> Option<Vec<u8>> {
+        let mut first = true;
+        loop {
+            let step = loop {
+                self.wbuf.clear();
+                if let Some(step) = self.prepare(first) {
+                    break step;
+                }
+                if !self.read_head_bytes().await {
+                    return None;
+                }
+            };
+            first = false;
+            let keep = match step {
+                Step::Http2 => return Some(std::mem::take(&mut self.cbuf)),
+                Step::Bad(e) => {
+                    tracing::debug!(peer = %self.peer, error = %e, "bad request head");
+                    self.answer_raw(e.status(), short_text(e.status()), true)
+                        .await
+                }
+                Step::Local(e, close, service) => {
+                    if let Some(s) = service {
+                        s.stats.count(e.answer().0.as_u16());
+                    }
+                    let close = close || self.closing();
+                    let (status, text) = e.answer();
+                    self.answer_raw(status, text, close).await
+                }
+                Step::Forward(ex) => self.forward(ex).await,
+            };
+            if !keep {
+                return None;
+            }
+        }
+    }
+
+    fn closing(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Parses the next head in the client buffer and, when complete, routes it and writes
+    /// the backend's head into `wbuf`. `None` until the head is complete.
+    fn prepare(&mut self, first: bool) -> Option<Step> {
+        let buf = &self.cbuf[self.cpos..];
+        if first && buf.len() >= 4 && buf.starts_with(b"PRI ") {
+            if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
+                return None;
+            }
+            if buf.starts_with(H2_PREFACE) {
+                return Some(Step::Http2);
+            }
+        }
+        let mut slots = slots();
+        let head = match parse_request(buf, &mut slots) {
+            Ok(Some(h)) => h,
+            Ok(None) => return None,
+            Err(e) => return Some(Step::Bad(e)),
+        };
+        let proxy = self.proxy;
+        proxy.requests.increment(1);
+        // Answers given before the body is read close the connection when there is a body.
+        let has_body = !head.body.is_done();
+        let head_len = head.len;
+        let local =
+            |e: ProxyError, service: Option<Arc<Service>>| Some(Step::Local(e, has_body, service));
+        if head.method == "CONNECT" {
+            // Whatever follows a CONNECT head is tunnel bytes, not a request: close.
+            return Some(Step::Local(ProxyError::Connect405, true, None));
+        }
+        let table = proxy.routes.load();
+        if !table.ready {
+            return local(ProxyError::NotReady, None);
+        }
+        let mut host_buf = [0u8; MAX_HOST + 2];
+        let host = match head.host.map(|h| normalize(h, &mut host_buf)) {
+            Some(Ok(h)) => h,
+            Some(Err(e)) => return local(ProxyError::BadHost(e), None),
+            None => return local(ProxyError::BadHost(crate::routing::HostError::Missing), None),
+        };
+        let Some(service) = table.lookup(host) else {
+            proxy.no_route.increment(1);
+            return local(ProxyError::UnknownHost, None);
+        };
+        let service = service.clone();
+        drop(table);
+        service.stats.touch();
+        if service.routable == 0 {
+            return local(ProxyError::NoHealthyInstance, Some(service));
+        }
+        let peer_ip = self.peer.ip();
+        let key = match service.strategy() {
+            Strategy::IpHash => {
+                match headers::client_ip_in(head.forwarded_for(), peer_ip, &proxy.trusted) {
+                    std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+                    std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+                }
+            }
+            Strategy::UrlHash => hash_bytes(head.hash_path(proxy.hash_query)),
+            Strategy::Random | Strategy::LeastLoad => 0,
+        };
+        head.write_backend(&mut self.wbuf, peer_ip, self.peer_trusted);
+        let ex = Exchange {
+            service,
+            key,
+            body: head.body,
+            keep_alive: head.keep_alive,
+            upgrade: head.upgrade,
+            head_request: head.is_head(),
+            replayable: !has_body && head.is_idempotent(),
+            http10: head.http10,
+        };
+        self.cpos += head_len;
+        Some(Step::Forward(ex))
+    }
+
+    /// Reads more of a request head; false when the connection should just close (EOF,
+    /// error, timeout, or shutdown while idle).
+    async fn read_head_bytes(&mut self) -> bool {
+        if self.cpos == self.cbuf.len() {
+            self.cbuf.clear();
+            self.cpos = 0;
+        } else if self.cpos > 0 {
+            self.cbuf.drain(..self.cpos);
+            self.cpos = 0;
+        }
+        if self.cbuf.capacity() - self.cbuf.len() < 1024 {
+            self.cbuf.reserve(CLIENT_BUF);
+        }
+        let idle = self.cbuf.is_empty();
+        if idle && self.closing() {
+            return false;
+        }
+        let read = self.client.read_buf(&mut self.cbuf);
+        let stop = async {
+            if idle {
+                let _ = self.shutdown.wait_for(|s| *s).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
+        let raced = async {
+            tokio::select! {
+                r = read => Some(r),
+                _ = stop => None,
+            }
+        };
+        match self.timer.within(HEADER_TIMEOUT, raced).await {
+            Some(Some(Ok(n))) => n > 0,
+            _ => false,
+        }
+    }
+
+    /// Writes a local answer; false when the connection closes after it.
+    async fn answer_raw(&mut self, status: StatusCode, text: &str, close: bool) -> bool {
+        self.wbuf.clear();
+        write_local(&mut self.wbuf, status, text, close);
+        if self.client.write_all(&self.wbuf).await.is_err() {
+            return false;
+        }
+        if close {
+            self.linger().await;
+            return false;
+        }
+        true
+    }
+
+    /// Half-closes and drains what the client still sends, briefly, so that closing with
+    /// unread bytes does not reset the connection before the client has read our answer.
+    async fn linger(&mut self) {
+        let _ = self.client.shutdown().await;
+        let mut sink = [0u8; 4096];
+        let drain = async {
+            let mut total = 0usize;
+            while let Ok(n) = self.client.read(&mut sink).await {
+                total += n;
+                if n == 0 || total > 1 << 20 {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER, drain).await;
+    }
+
+    /// Sends one request to the service and relays the answer; false when the client
+    /// connection must close.
+    async fn forward(&mut self, ex: Exchange) -> bool {
+        let proxy = self.proxy;
+        let up = &proxy.upstream;
+        let mut exclude = Exclude::default();
+        let mut last = ProxyError::NoHealthyInstance;
+        let mut tries = 0;
+        while tries <= up.retries {
+            let Some((pos, inst)) = ex.service.pick(ex.key, exclude) else {
+                break;
+            };
+            exclude.add(pos);
+            tries += 1;
+            let in_flight = InFlight::new(inst.state.clone());
+            // A pooled connection first. One the backend closed as we took it gets one fresh
+            // retry on the same instance when the request can be replayed.
+            let mut pooled = inst.state.idle.take(up.idle_timeout);
+            loop {
+                let reused = pooled.is_some();
+                let backend = match pooled.take() {
+                    Some(b) => b,
+                    None => match connect_tcp(inst, up.connect_timeout).await {
+                        Ok(stream) => BackendConn { stream },
+                        Err(e) => {
+                            tracing::debug!(service = %ex.service.name, instance = %inst.id, error = %e, "connect failed");
+                            last = e;
+                            break;
+                        }
+                    },
+                };
+                match self.exchange(&ex, backend, &in_flight, reused).await {
+                    Ok(keep) => return keep,
+                    Err(Failure::Abort) => return false,
+                    Err(Failure::Answer(e)) => return self.fail(&ex, e).await,
+                    Err(Failure::Retry(e)) if reused => {
+                        tracing::debug!(service = %ex.service.name, instance = %inst.id, error = %e, "pooled connection was closed; retrying on a new one");
+                    }
+                    Err(Failure::Retry(e)) => {
+                        last = e;
+                        break;
+                    }
+                }
+            }
+            if tries <= up.retries {
+                up.retried.increment(1);
+            }
+        }
+        self.fail(&ex, last).await
+    }
+
+    /// Answers a request that no backend answered.
+    async fn fail(&mut self, ex: &Exchange, e: ProxyError) -> bool {
+        tracing::debug!(service = %ex.service.name, error = %e, "no backend answer");
+        let (status, text) = e.answer();
+        ex.service.stats.count(status.as_u16());
+        let close = !ex.keep_alive || !ex.body.is_done() || self.closing();
+        self.answer_raw(status, text, close).await
+    }
+
+    /// One exchange on one backend connection. `Ok(keep)` when the response was relayed.
+    async fn exchange(
+        &mut self,
+        ex: &Exchange,
+        mut backend: BackendConn,
+        in_flight: &InFlight,
+        reused: bool,
+    ) -> Result<bool, Failure> {
+        // The head and whatever body bytes are already here go out in one write.
+        let head_len = self.wbuf.len();
+        let mut body = ex.body;
+        let avail = &self.cbuf[self.cpos..];
+        let n = body.advance(avail).map_err(|_| Failure::Abort)?;
+        self.wbuf.extend_from_slice(&avail[..n]);
+        if let Err(e) = backend.stream.write_all(&self.wbuf).await {
+            self.wbuf.truncate(head_len);
+            return Err(Failure::Retry(ProxyError::Upstream(e.to_string())));
+        }
+        // Retries need only the head: body bytes were not consumed yet.
+        self.wbuf.truncate(head_len);
+        let sent_body = n;
+
+        let proxy = self.proxy;
+        let timeout = proxy.upstream.response_timeout;
+        let closing = self.closing();
+        let replayable = reused && ex.replayable;
+        let (result, uploaded) = if body.is_done() {
+            self.cpos += sent_body;
+            let r = respond(
+                &mut self.client,
+                &mut backend.stream,
+                &mut self.bbuf,
+                &mut self.wbuf,
+                &mut self.timer,
+                timeout,
+                ex,
+                replayable,
+                closing,
+            )
+            .await;
+            (r, true)
+        } else {
+            self.cpos += sent_body;
+            let (mut cr, mut cw) = self.client.split();
+            let (mut br, mut bw) = backend.stream.split();
+            let mut upload = pin!(upload(&mut cr, &mut self.cbuf, &mut self.cpos, body, &mut bw));
+            let mut respond = pin!(respond(
+                &mut cw,
+                &mut br,
+                &mut self.bbuf,
+                &mut self.wbuf,
+                &mut self.timer,
+                timeout,
+                ex,
+                false,
+                closing,
+            ));
+            let mut uploaded = false;
+            let r = loop {
+                tokio::select! {
+                    biased;
+                    r = &mut respond => break r,
+                    u = &mut upload, if !uploaded => match u {
+                        Ok(()) => uploaded = true,
+                        Err(e) => {
+                            tracing::debug!(peer = %self.peer, error = %e, "request body broke off");
+                            break Err(Failure::Abort);
+                        }
+                    },
+                }
+            };
+            (r, uploaded)
+        };
+        let relayed = result?;
+        let status = relayed.status;
+        ex.service.stats.count(status);
+        match relayed.end {
+            End::Upgraded(leftover) => {
+                self.tunnel(backend, leftover).await;
+                Ok(false)
+            }
+            End::Complete { backend_reusable } => {
+                if backend_reusable && uploaded && !ex.http10 {
+                    in_flight.state().idle.put(backend);
+                }
+                Ok(relayed.keep_client && uploaded && !self.closing())
+            }
+        }
+    }
+
+    /// Joins client and backend after a 101 until either side closes.
+    async fn tunnel(&mut self, mut backend: BackendConn, leftover: Vec<u8>) {
+        let pending = &self.cbuf[self.cpos..];
+        if !pending.is_empty() && backend.stream.write_all(pending).await.is_err() {
+            return;
+        }
+        self.cbuf.clear();
+        self.cpos = 0;
+        if !leftover.is_empty() && self.client.write_all(&leftover).await.is_err() {
+            return;
+        }
+        let gauge = &self.proxy.upgraded;
+        gauge.increment(1.0);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut self.client, &mut backend.stream).await {
+            tracing::debug!(error = %e, "upgraded connection ended with error");
+        }
+        gauge.decrement(1.0);
+    }
+}
+
+/// Body text for a refused head.
+fn short_text(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request header too large\n",
+        StatusCode::NOT_IMPLEMENTED => "unsupported transfer coding\n",
+        _ => "bad request\n",
+    }
+}
+
+/// A relayed response.
+struct Relayed {
+    status: u16,
+    keep_client: bool,
+    end: End,
+}
+
+enum End {
+    /// The body ended; whether the backend connection can be reused.
+    Complete { backend_reusable: bool },
+    /// A 101 was relayed; these backend bytes followed it.
+    Upgraded(Vec<u8>),
+}
+
+/// Streams the rest of a request body from the client to the backend.
+async fn upload<R, W>(
+    client: &mut R,
+    cbuf: &mut Vec<u8>,
+    cpos: &mut usize,
+    mut body: Framing,
+    backend: &mut W,
+) -> Result<(), UploadError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    while !body.is_done() {
+        if *cpos == cbuf.len() {
+            cbuf.clear();
+            *cpos = 0;
+        }
+        if cbuf.capacity() - cbuf.len() < 1024 {
+            cbuf.reserve(BODY_BUF);
+        }
+        if client.read_buf(cbuf).await? == 0 {
+            return Err(UploadError::Eof);
+        }
+        let avail = &cbuf[*cpos..];
+        let n = body.advance(avail)?;
+        backend.write_all(&avail[..n]).await?;
+        *cpos += n;
+    }
+    Ok(())
+}
+
+/// Why a request body could not be relayed.
+#[derive(Debug, thiserror::Error)]
+enum UploadError {
+    #[error("client closed mid-body")]
+    Eof,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Framing(#[from] FramingError),
+}
+
+/// Reads the backend's response head (relaying any 1xx), writes the client's head and
+/// streams the body through.
+#[allow(clippy::too_many_arguments)]
+async fn respond<C, B>(
+    client: &mut C,
+    backend: &mut B,
+    bbuf: &mut Vec<u8>,
+    wbuf: &mut Vec<u8>,
+    timer: &mut Timer,
+    timeout: Duration,
+    ex: &Exchange,
+    replayable: bool,
+    closing: bool,
+) -> Result<Relayed, Failure>
+where
+    C: AsyncWrite + Unpin,
+    B: AsyncRead + Unpin,
+{
+    bbuf.clear();
+    if bbuf.capacity() < BACKEND_BUF {
+        bbuf.reserve(BACKEND_BUF);
+    }
+    let mut received = false;
+    loop {
+        // Parse what we have; read more until a head is complete.
+        let parsed = {
+            let mut slots = slots();
+            match parse_response(bbuf, &mut slots, ex.head_request) {
+                Ok(Some(h)) => {
+                    let interim = (100..200).contains(&h.status) && h.status != 101;
+                    let close = !ex.keep_alive || closing || h.body == Framing::UntilClose;
+                    wbuf.clear();
+                    h.write_client(wbuf, close && !interim);
+                    Some((h.len, h.status, h.body, h.keep_alive, interim, close))
+                }
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::debug!(error = %e, "bad response head from backend");
+                    return Err(Failure::Answer(ProxyError::Upstream(e.to_string())));
+                }
+            }
+        };
+        let Some((len, status, mut body, backend_keep, interim, close)) = parsed else {
+            if bbuf.capacity() - bbuf.len() < 1024 {
+                bbuf.reserve(BACKEND_BUF);
+            }
+            let read = timer.within(timeout, backend.read_buf(bbuf)).await;
+            match read {
+                None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
+                Some(Ok(0)) | Some(Err(_)) if !received && replayable => {
+                    return Err(Failure::Retry(ProxyError::Upstream(
+                        "connection closed before response".into(),
+                    )))
+                }
+                Some(Ok(0)) => {
+                    return Err(Failure::Answer(ProxyError::Upstream(
+                        "connection closed before response".into(),
+                    )))
+                }
+                Some(Err(e)) => return Err(Failure::Answer(ProxyError::Upstream(e.to_string()))),
+                Some(Ok(_)) => received = true,
+            }
+            continue;
+        };
+        if interim {
+            // 100 Continue and friends go to the client as they are; the real answer follows.
+            client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
+            bbuf.drain(..len);
+            continue;
+        }
+        if status == 101 {
+            if !ex.upgrade {
+                return Err(Failure::Answer(ProxyError::Upstream("unexpected 101".into())));
+            }
+            client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
+            return Ok(Relayed {
+                status,
+                keep_client: false,
+                end: End::Upgraded(bbuf[len..].to_vec()),
+            });
+        }
+        // Head plus the body bytes that came with it, in one write.
+        let rest = &bbuf[len..];
+        let n = body.advance(rest).map_err(|_| Failure::Abort)?;
+        wbuf.extend_from_slice(&rest[..n]);
+        let mut leftover = rest.len() > n;
+        client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
+        while !body.is_done() {
+            bbuf.clear();
+            if bbuf.capacity() == BACKEND_BUF {
+                // A body larger than the buffer: read it in bigger pieces.
+                bbuf.reserve(BODY_BUF);
+            }
+            let n = match backend.read_buf(bbuf).await {
+                Ok(0) if body == Framing::UntilClose => break,
+                Ok(0) | Err(_) => return Err(Failure::Abort),
+                Ok(n) => n,
+            };
+            let used = body.advance(&bbuf[..n]).map_err(|_| Failure::Abort)?;
+            leftover |= used < n;
+            client
+                .write_all(&bbuf[..used])
+                .await
+                .map_err(|_| Failure::Abort)?;
+        }
+        return Ok(Relayed {
+            status,
+            keep_client: !close,
+            end: End::Complete {
+                backend_reusable: backend_keep && !leftover,
+            },
+        });
+    }
+}
+
+/// One timer per connection for the header and response timeouts. Re-arming a timer on
+/// every request would cost two timer-wheel updates each; this one is only moved when it
+/// fires early, at most once per timeout period.
+struct Timer {
+    sleep: Pin<Box<Sleep>>,
+}
+
+impl Timer {
+    fn new() -> Self {
+        Timer {
+            sleep: Box::pin(tokio::time::sleep(Duration::from_secs(24 * 3600))),
+        }
+    }
+
+    /// Runs `fut` for at most `limit`; `None` if it took longer.
+    async fn within<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
+        let until = Instant::now() + limit;
+        if self.sleep.deadline() > until {
+            self.sleep.as_mut().reset(until);
+        }
+        let mut fut = pin!(fut);
+        poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            while self.sleep.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= until {
+                    return Poll::Ready(None);
+                }
+                self.sleep.as_mut().reset(until);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+}
