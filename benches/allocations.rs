@@ -1,7 +1,8 @@
 //! Allocations per proxied request, counted by a wrapping global allocator.
 //!
-//! Everything runs in this process on loopback: a backend, the proxy (`server::serve` with a
-//! routing table built by hand, no Consul), and a keep-alive client. The client's and the
+//! Everything runs in this process on loopback: a backend, the proxy (`server::serve_proxy`,
+//! the HTTP/1 fast path, with a routing table built by hand, no Consul), and a keep-alive
+//! client. The client's and the
 //! backend's own allocations are measured by sending the same requests straight to the
 //! backend; the difference is what the proxy adds per request.
 //!
@@ -114,7 +115,7 @@ fn main() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = l.local_addr().unwrap();
         let (_stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(consul_router::server::serve(
+        tokio::spawn(consul_router::server::serve_proxy(
             l,
             proxy,
             stopped,

@@ -138,18 +138,25 @@ pub async fn serve_proxy(
         }
     }
     drop(listener);
-    let drained = tokio::time::timeout(grace, async {
-        while conns.join_next().await.is_some() {}
-    })
-    .await;
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(?grace, open = conns.len(), "grace period over; closing remaining connections");
+        tracing::warn!(
+            ?grace,
+            open = conns.len(),
+            "grace period over; closing remaining connections"
+        );
     }
     conns.abort_all();
 }
 
 /// One HTTP/2 connection through hyper, closed gracefully on shutdown.
-async fn serve_h2(io: Prefixed, proxy: Arc<Proxy>, peer: SocketAddr, mut stop: watch::Receiver<bool>) {
+async fn serve_h2(
+    io: Prefixed,
+    proxy: Arc<Proxy>,
+    peer: SocketAddr,
+    mut stop: watch::Receiver<bool>,
+) {
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
         async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
@@ -181,7 +188,11 @@ struct Prefixed {
 
 impl Prefixed {
     fn new(read: Vec<u8>, stream: TcpStream) -> Self {
-        Prefixed { read, pos: 0, stream }
+        Prefixed {
+            read,
+            pos: 0,
+            stream,
+        }
     }
 }
 

@@ -358,6 +358,7 @@ where
 /// A real HTTP backend on 127.0.0.1:0. Answers with its name on the first line, then the
 /// request's method, target and headers. Paths:
 /// - `/echo`: streams the request body back as it arrives;
+/// - `/collect`: reads the whole request body, then answers with it;
 /// - `/bytes/N`: streams N bytes of 'x' in 64 KiB chunks;
 /// - `/slow/MS`: waits MS milliseconds before answering;
 /// - any request with `Upgrade:`: 101, then echoes bytes on the upgraded connection.
@@ -424,6 +425,11 @@ async fn backend_answer(
     if path == "/echo" {
         let body = req.into_body().boxed();
         return Ok(Response::new(body));
+    }
+    if path == "/collect" {
+        let body = req.into_body().collect().await.map(|b| b.to_bytes());
+        let text = String::from_utf8_lossy(&body.unwrap_or_default()).into_owned();
+        return Ok(Response::new(full(text)));
     }
     if let Some(n) = path.strip_prefix("/bytes/") {
         let total: usize = n.parse().unwrap_or(0);

@@ -204,7 +204,11 @@ mod tests {
         let mut input = body.to_vec();
         input.extend_from_slice(b"GET / HTTP/1.1\r\n");
         for step in 1..=input.len() {
-            assert_eq!(run(Framing::CHUNKED, &input, step).unwrap(), body.len(), "step {step}");
+            assert_eq!(
+                run(Framing::CHUNKED, &input, step).unwrap(),
+                body.len(),
+                "step {step}"
+            );
         }
     }
 
@@ -217,14 +221,14 @@ mod tests {
     #[test]
     fn malformed_chunks_are_refused() {
         for bad in [
-            &b"\r\n"[..],                 // no size
-            b"g\r\n",                     // not hex
-            b"4\nWiki\r\n0\r\n\r\n",      // bare LF after size
-            b"4\r\nWikiX\r\n",            // data longer than its size
-            b"4\r\nWiki\r\n0\r\n\n",      // bare LF at the end
-            b"1000000000000000\r\n",      // size too large
-            b"-1\r\n",                    // sign
-            b"4;ext\nWiki",               // bare LF after an extension
+            &b"\r\n"[..],            // no size
+            b"g\r\n",                // not hex
+            b"4\nWiki\r\n0\r\n\r\n", // bare LF after size
+            b"4\r\nWikiX\r\n",       // data longer than its size
+            b"4\r\nWiki\r\n0\r\n\n", // bare LF at the end
+            b"1000000000000000\r\n", // size too large
+            b"-1\r\n",               // sign
+            b"4;ext\nWiki",          // bare LF after an extension
         ] {
             assert_eq!(run(Framing::CHUNKED, bad, 1), Err(FramingError), "{bad:?}");
         }

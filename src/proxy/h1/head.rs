@@ -93,6 +93,11 @@ impl<'b> Connection<'b> {
 
     /// Whether `name` must not be forwarded: hop-by-hop by definition or named here.
     fn drops(&self, name: &str) -> bool {
+        // Most fields are not hop-by-hop; the fixed ones all start with one of these.
+        let first = name.as_bytes().first().map(u8::to_ascii_lowercase);
+        if self.len == 0 && !matches!(first, Some(b'c' | b'k' | b't' | b'p' | b'u')) {
+            return false;
+        }
         is_hop_by_hop(name)
             || name.eq_ignore_ascii_case("upgrade")
             || self.named[..self.len]
@@ -117,9 +122,7 @@ impl Lengths {
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Err(HeadError::BadFraming);
             }
-            let n = part
-                .iter()
-                .fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+            let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
             match self.length {
                 Some(prev) if prev != n => return Err(HeadError::BadFraming),
                 _ => self.length = Some(n),
@@ -299,7 +302,7 @@ impl RequestHead<'_, '_> {
     /// fields kept (the body passes verbatim), and X-Forwarded-For/Host/Proto set. From a
     /// trusted peer the existing chain, host and proto are kept (nginx terminating TLS says
     /// `https`); from anyone else they are replaced.
-    pub fn write_backend(&self, out: &mut Vec<u8>, peer: IpAddr, peer_trusted: bool) {
+    pub fn write_backend(&self, out: &mut Vec<u8>, peer: &PeerText, peer_trusted: bool) {
         let target = self.absolute_path.unwrap_or(self.target);
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
@@ -357,7 +360,7 @@ impl RequestHead<'_, '_> {
         if chain {
             out.extend_from_slice(b", ");
         }
-        let _ = write!(out, "{}", canonical(peer));
+        out.extend_from_slice(peer.as_bytes());
         out.extend_from_slice(b"\r\n");
         if !forwarded_host {
             if let Some(host) = self.host {
@@ -371,6 +374,30 @@ impl RequestHead<'_, '_> {
             out.extend_from_slice(b"Connection: upgrade\r\n");
         }
         out.extend_from_slice(b"\r\n");
+    }
+}
+
+/// A client address as written into `X-Forwarded-For`, formatted once per connection.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerText {
+    buf: [u8; 48],
+    len: usize,
+}
+
+impl PeerText {
+    /// Formats `ip` (IPv4-mapped IPv6 as IPv4).
+    pub fn new(ip: IpAddr) -> Self {
+        let mut buf = [0u8; 48];
+        let mut w = &mut buf[..];
+        // The longest IPv6 text is 45 bytes, so this always fits.
+        let _ = write!(w, "{}", canonical(ip));
+        let len = 48 - w.len();
+        PeerText { buf, len }
+    }
+
+    /// The text.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf[..self.len]
     }
 }
 
@@ -428,8 +455,7 @@ pub fn parse_response<'h, 'b>(
             lengths.transfer_encoding(h.value);
         }
     }
-    let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304
-    {
+    let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         Framing::Done
     } else if lengths.seen_te {
         // Chunked last means chunked; any other coding is delimited by close.
@@ -523,7 +549,7 @@ mod tests {
         let mut slots = slots();
         let head = parse_request(raw, &mut slots).unwrap().unwrap();
         let mut out = Vec::new();
-        head.write_backend(&mut out, peer.parse().unwrap(), trusted);
+        head.write_backend(&mut out, &PeerText::new(peer.parse().unwrap()), trusted);
         String::from_utf8(out).unwrap()
     }
 
@@ -544,12 +570,16 @@ mod tests {
     fn absolute_form_becomes_origin_form() {
         let raw = b"GET http://Chat.App.Test:80/x?y HTTP/1.1\r\nHost: other\r\n\r\n";
         let out = backend_head(raw, "10.0.0.1", false);
-        assert!(out.starts_with("GET /x?y HTTP/1.1\r\nHost: Chat.App.Test:80\r\n"), "{out}");
+        assert!(
+            out.starts_with("GET /x?y HTTP/1.1\r\nHost: Chat.App.Test:80\r\n"),
+            "{out}"
+        );
     }
 
     #[test]
     fn upgrades_keep_upgrade() {
-        let raw = b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
+        let raw =
+            b"GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n";
         let out = backend_head(raw, "10.0.0.1", false);
         assert!(out.contains("Upgrade: websocket\r\n"), "{out}");
         assert!(out.ends_with("Connection: upgrade\r\n\r\n"), "{out}");
@@ -561,7 +591,10 @@ mod tests {
             let mut slots = slots();
             parse_request(raw, &mut slots).map(|h| h.unwrap().body)
         };
-        assert_eq!(framing(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"), Ok(Framing::Done));
+        assert_eq!(
+            framing(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n"),
+            Ok(Framing::Done)
+        );
         assert_eq!(
             framing(b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 7\r\n\r\n"),
             Ok(Framing::Length(7))
@@ -599,7 +632,10 @@ mod tests {
             Err(HeadError::Malformed)
         );
         let mut slots = slots();
-        assert!(matches!(parse_request(b"GET / HTTP/1.1\r\nHost:", &mut slots), Ok(None)));
+        assert!(matches!(
+            parse_request(b"GET / HTTP/1.1\r\nHost:", &mut slots),
+            Ok(None)
+        ));
     }
 
     #[test]
@@ -613,13 +649,25 @@ mod tests {
         assert_eq!(parse(ok, false), (Framing::Length(3), true));
         assert_eq!(parse(ok, true), (Framing::Done, true));
         assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n", false),
+            parse(
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                false
+            ),
             (Framing::CHUNKED, true)
         );
-        assert_eq!(parse(b"HTTP/1.1 200 OK\r\n\r\n", false), (Framing::UntilClose, false));
-        assert_eq!(parse(b"HTTP/1.1 204 No Content\r\n\r\n", false), (Framing::Done, true));
         assert_eq!(
-            parse(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", false),
+            parse(b"HTTP/1.1 200 OK\r\n\r\n", false),
+            (Framing::UntilClose, false)
+        );
+        assert_eq!(
+            parse(b"HTTP/1.1 204 No Content\r\n\r\n", false),
+            (Framing::Done, true)
+        );
+        assert_eq!(
+            parse(
+                b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
+                false
+            ),
             (Framing::Length(1), false)
         );
         assert_eq!(
@@ -641,6 +689,8 @@ mod tests {
         );
         let mut out = Vec::new();
         r.write_client(&mut out, true);
-        assert!(String::from_utf8(out).unwrap().ends_with("Connection: close\r\n\r\n"));
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("Connection: close\r\n\r\n"));
     }
 }

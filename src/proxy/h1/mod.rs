@@ -24,7 +24,7 @@ use tokio::time::{Instant, Sleep};
 
 pub use backend::BackendConn;
 use framing::{Framing, FramingError};
-use head::{parse_request, parse_response, slots, write_local, HeadError};
+use head::{parse_request, parse_response, slots, write_local, HeadError, PeerText};
 
 use super::body::InFlight;
 use super::upstream::connect_tcp;
@@ -95,6 +95,7 @@ struct Conn<'p> {
     proxy: &'p Proxy,
     client: TcpStream,
     peer: SocketAddr,
+    peer_text: PeerText,
     peer_trusted: bool,
     /// Bytes read from the client; `cbuf[cpos..]` are not consumed yet.
     cbuf: Vec<u8>,
@@ -120,6 +121,7 @@ impl Proxy {
             proxy: self,
             client,
             peer,
+            peer_text: PeerText::new(peer.ip()),
             peer_trusted: headers::is_trusted(peer.ip(), &self.trusted),
             cbuf: Vec::with_capacity(CLIENT_BUF),
             cpos: 0,
@@ -140,12 +142,15 @@ impl Conn<'_> {
     async fn run(&mut self) -> Option<Vec<u8>> {
         let mut first = true;
         loop {
+            // The whole head, and the idle time before it, must fit in the header timeout.
+            let mut deadline = None;
             let step = loop {
                 self.wbuf.clear();
                 if let Some(step) = self.prepare(first) {
                     break step;
                 }
-                if !self.read_head_bytes().await {
+                let due = *deadline.get_or_insert_with(|| Instant::now() + HEADER_TIMEOUT);
+                if !self.read_head_bytes(due).await {
                     return None;
                 }
             };
@@ -214,7 +219,12 @@ impl Conn<'_> {
         let host = match head.host.map(|h| normalize(h, &mut host_buf)) {
             Some(Ok(h)) => h,
             Some(Err(e)) => return local(ProxyError::BadHost(e), None),
-            None => return local(ProxyError::BadHost(crate::routing::HostError::Missing), None),
+            None => {
+                return local(
+                    ProxyError::BadHost(crate::routing::HostError::Missing),
+                    None,
+                )
+            }
         };
         let Some(service) = table.lookup(host) else {
             proxy.no_route.increment(1);
@@ -237,7 +247,7 @@ impl Conn<'_> {
             Strategy::UrlHash => hash_bytes(head.hash_path(proxy.hash_query)),
             Strategy::Random | Strategy::LeastLoad => 0,
         };
-        head.write_backend(&mut self.wbuf, peer_ip, self.peer_trusted);
+        head.write_backend(&mut self.wbuf, &self.peer_text, self.peer_trusted);
         let ex = Exchange {
             service,
             key,
@@ -252,9 +262,9 @@ impl Conn<'_> {
         Some(Step::Forward(ex))
     }
 
-    /// Reads more of a request head; false when the connection should just close (EOF,
-    /// error, timeout, or shutdown while idle).
-    async fn read_head_bytes(&mut self) -> bool {
+    /// Reads more of a request head, due by `deadline`; false when the connection should
+    /// just close (EOF, error, timeout, or shutdown while idle).
+    async fn read_head_bytes(&mut self, deadline: Instant) -> bool {
         if self.cpos == self.cbuf.len() {
             self.cbuf.clear();
             self.cpos = 0;
@@ -283,7 +293,7 @@ impl Conn<'_> {
                 _ = stop => None,
             }
         };
-        match self.timer.within(HEADER_TIMEOUT, raced).await {
+        match self.timer.before(deadline, raced).await {
             Some(Some(Ok(n))) => n > 0,
             _ => false,
         }
@@ -425,7 +435,13 @@ impl Conn<'_> {
             self.cpos += sent_body;
             let (mut cr, mut cw) = self.client.split();
             let (mut br, mut bw) = backend.stream.split();
-            let mut upload = pin!(upload(&mut cr, &mut self.cbuf, &mut self.cpos, body, &mut bw));
+            let mut upload = pin!(upload(
+                &mut cr,
+                &mut self.cbuf,
+                &mut self.cpos,
+                body,
+                &mut bw
+            ));
             let mut respond = pin!(respond(
                 &mut cw,
                 &mut br,
@@ -577,6 +593,7 @@ where
     if bbuf.capacity() < BACKEND_BUF {
         bbuf.reserve(BACKEND_BUF);
     }
+    let deadline = Instant::now() + timeout;
     let mut received = false;
     loop {
         // Parse what we have; read more until a head is complete.
@@ -601,7 +618,7 @@ where
             if bbuf.capacity() - bbuf.len() < 1024 {
                 bbuf.reserve(BACKEND_BUF);
             }
-            let read = timer.within(timeout, backend.read_buf(bbuf)).await;
+            let read = timer.before(deadline, backend.read_buf(bbuf)).await;
             match read {
                 None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
                 Some(Ok(0)) | Some(Err(_)) if !received && replayable => {
@@ -627,7 +644,9 @@ where
         }
         if status == 101 {
             if !ex.upgrade {
-                return Err(Failure::Answer(ProxyError::Upstream("unexpected 101".into())));
+                return Err(Failure::Answer(ProxyError::Upstream(
+                    "unexpected 101".into(),
+                )));
             }
             client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
             return Ok(Relayed {
@@ -684,9 +703,8 @@ impl Timer {
         }
     }
 
-    /// Runs `fut` for at most `limit`; `None` if it took longer.
-    async fn within<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
-        let until = Instant::now() + limit;
+    /// Runs `fut` until `until` at the latest; `None` if it was not done by then.
+    async fn before<F: Future>(&mut self, until: Instant, fut: F) -> Option<F::Output> {
         if self.sleep.deadline() > until {
             self.sleep.as_mut().reset(until);
         }
