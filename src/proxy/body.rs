@@ -57,7 +57,10 @@ impl UpstreamBody {
 
     fn release(&mut self) {
         if let Some(s) = self.sender.take() {
-            self.in_flight.state().idle_hyper.put(s);
+            self.in_flight
+                .state()
+                .idle_hyper
+                .put(s, std::time::Instant::now());
         }
     }
 }

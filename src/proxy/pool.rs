@@ -67,10 +67,11 @@ impl<C: Pooled> IdlePool<C> {
 
     /// A live idle connection, if any; closed and expired ones are dropped. It may still be
     /// finishing its last exchange (the body just ended): the caller awaits `ready()`.
-    pub fn take(&self, idle_timeout: Duration) -> Option<C> {
+    /// `now` is the caller's clock reading, so a request reads the clock once.
+    pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<C> {
         while let Some(idle) = self.queue.pop() {
             self.len.fetch_sub(1, Ordering::Relaxed);
-            if idle.conn.is_open() && idle.since.elapsed() <= idle_timeout {
+            if idle.conn.is_open() && now.saturating_duration_since(idle.since) <= idle_timeout {
                 return Some(idle.conn);
             }
         }
@@ -88,13 +89,10 @@ impl<C: Pooled> IdlePool<C> {
         }
     }
 
-    /// Returns a connection after its exchange finished.
-    pub fn put(&self, conn: C) {
+    /// Returns a connection after its exchange finished at `now`.
+    pub fn put(&self, conn: C, now: Instant) {
         if conn.is_open() {
-            self.push(Idle {
-                conn,
-                since: Instant::now(),
-            });
+            self.push(Idle { conn, since: now });
         }
     }
 

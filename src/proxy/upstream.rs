@@ -93,7 +93,11 @@ impl Upstream {
         let in_flight = InFlight::new(inst.state.clone());
         let mut req = req;
         // Idle connections first; one that died while idle hands the request back.
-        while let Some(mut sender) = inst.state.idle_hyper.take(self.idle_timeout) {
+        while let Some(mut sender) = inst
+            .state
+            .idle_hyper
+            .take(self.idle_timeout, std::time::Instant::now())
+        {
             // Pooled the moment its last response body ended; the connection task may not
             // have caught up yet, and waiting briefly beats a new connection. One still
             // sending a stalled upload never gets ready: give up on it.

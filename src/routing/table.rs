@@ -112,7 +112,12 @@ impl ServiceStats {
     /// Marks the service as used now. A load first, so a busy service does not bounce the
     /// cache line between cores on every request.
     pub fn touch(&self) {
-        let now = self.epoch.elapsed().as_secs() + 1;
+        self.touch_at(Instant::now());
+    }
+
+    /// [`ServiceStats::touch`] with the caller's clock reading.
+    pub fn touch_at(&self, now: Instant) {
+        let now = now.saturating_duration_since(self.epoch).as_secs() + 1;
         if self.last_used.load(Ordering::Relaxed) != now {
             self.last_used.store(now, Ordering::Relaxed);
         }

@@ -66,6 +66,8 @@ struct Exchange {
     head_request: bool,
     replayable: bool,
     http10: bool,
+    /// When the head was complete.
+    start: std::time::Instant,
 }
 
 /// The outcome of reading one complete request head.
@@ -106,6 +108,9 @@ struct Conn<'p> {
     wbuf: Vec<u8>,
     timer: Timer,
     shutdown: watch::Receiver<bool>,
+    /// When the connection last went idle (the last response ended). Clock readings are
+    /// shared like this so that a request reads the clock twice, not five times.
+    idle_since: std::time::Instant,
 }
 
 impl Proxy {
@@ -129,6 +134,7 @@ impl Proxy {
             wbuf: Vec::with_capacity(1024),
             timer: Timer::new(),
             shutdown,
+            idle_since: std::time::Instant::now(),
         };
         match conn.run().await {
             Some(preface) => Ended::Http2(conn.client, preface),
@@ -149,7 +155,8 @@ impl Conn<'_> {
                 if let Some(step) = self.prepare(first) {
                     break step;
                 }
-                let due = *deadline.get_or_insert_with(|| Instant::now() + HEADER_TIMEOUT);
+                let due = *deadline
+                    .get_or_insert_with(|| Instant::from_std(self.idle_since) + HEADER_TIMEOUT);
                 if !self.read_head_bytes(due).await {
                     return None;
                 }
@@ -170,6 +177,7 @@ impl Conn<'_> {
                     let (status, text) = e.answer();
                     self.answer_raw(status, text, close).await
                 }
+                // Sets `idle_since` itself, with the clock reading it pools the backend with.
                 Step::Forward(ex) => self.forward(ex).await,
             };
             if !keep {
@@ -178,8 +186,10 @@ impl Conn<'_> {
         }
     }
 
+    /// Whether shutdown has begun. The flag only ever turns true, so any change means it
+    /// has; unlike `borrow()` this takes no lock.
     fn closing(&self) -> bool {
-        *self.shutdown.borrow()
+        !matches!(self.shutdown.has_changed(), Ok(false))
     }
 
     /// Parses the next head in the client buffer and, when complete, routes it and writes
@@ -232,7 +242,8 @@ impl Conn<'_> {
         };
         let service = service.clone();
         drop(table);
-        service.stats.touch();
+        let start = std::time::Instant::now();
+        service.stats.touch_at(start);
         if service.routable == 0 {
             return local(ProxyError::NoHealthyInstance, Some(service));
         }
@@ -257,6 +268,7 @@ impl Conn<'_> {
             head_request: head.is_head(),
             replayable: !has_body && head.is_idempotent(),
             http10: head.http10,
+            start,
         };
         self.cpos += head_len;
         Some(Step::Forward(ex))
@@ -306,6 +318,7 @@ impl Conn<'_> {
         if self.client.write_all(&self.wbuf).await.is_err() {
             return false;
         }
+        self.idle_since = std::time::Instant::now();
         if close {
             self.linger().await;
             return false;
@@ -347,7 +360,7 @@ impl Conn<'_> {
             let in_flight = InFlight::new(inst.state.clone());
             // A pooled connection first. One the backend closed as we took it gets one fresh
             // retry on the same instance when the request can be replayed.
-            let mut pooled = inst.state.idle.take(up.idle_timeout);
+            let mut pooled = inst.state.idle.take(up.idle_timeout, ex.start);
             loop {
                 let reused = pooled.is_some();
                 let backend = match pooled.take() {
@@ -478,8 +491,10 @@ impl Conn<'_> {
                 Ok(false)
             }
             End::Complete { backend_reusable } => {
+                let now = std::time::Instant::now();
+                self.idle_since = now;
                 if backend_reusable && uploaded && !ex.http10 {
-                    in_flight.state().idle.put(backend);
+                    in_flight.state().idle.put(backend, now);
                 }
                 Ok(relayed.keep_client && uploaded && !self.closing())
             }
@@ -593,7 +608,7 @@ where
     if bbuf.capacity() < BACKEND_BUF {
         bbuf.reserve(BACKEND_BUF);
     }
-    let deadline = Instant::now() + timeout;
+    let deadline = Instant::from_std(ex.start) + timeout;
     let mut received = false;
     loop {
         // Parse what we have; read more until a head is complete.
