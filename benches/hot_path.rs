@@ -9,7 +9,7 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 
 use consul_router::balance::{Exclude, Strategy};
-use consul_router::proxy::headers;
+use consul_router::proxy::{h1, headers};
 use consul_router::routing::{
     build, normalize, BuildOptions, Health, InstanceSpec, StateRegistry, MAX_HOST,
 };
@@ -88,6 +88,34 @@ fn benches(c: &mut Criterion) {
     let trusted = vec!["127.0.0.0/8".parse().unwrap()];
     let peer = "127.0.0.1".parse().unwrap();
     let host = HeaderValue::from_static("chat.app.example.net");
+    // The HTTP/1 fast path: parse a typical head from nginx in place and write the backend's.
+    let raw = b"GET /api/messages?room=7 HTTP/1.1\r\nHost: chat.app.example.net\r\n\
+        Connection: keep-alive\r\nX-Real-IP: 203.0.113.7\r\nX-Forwarded-For: 203.0.113.7\r\n\
+        X-Forwarded-Proto: https\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n\
+        Accept: text/html,application/xhtml+xml\r\nAccept-Language: en-US,en;q=0.5\r\n\
+        Accept-Encoding: gzip, deflate, br\r\nCookie: session=abcdef0123456789\r\n\r\n";
+    let peer_text = h1::head::PeerText::new(peer);
+    let mut out = Vec::with_capacity(1024);
+    c.bench_function("headers/h1-parse+rewrite", |b| {
+        b.iter(|| {
+            let mut slots = h1::head::slots();
+            let head = h1::head::parse_request(black_box(raw), &mut slots)
+                .unwrap()
+                .unwrap();
+            let ip = headers::client_ip_in(head.forwarded_for(), peer, &trusted);
+            out.clear();
+            head.write_backend(&mut out, &peer_text, true);
+            black_box((out.len(), ip))
+        })
+    });
+
+    c.bench_function("headers/httparse-only", |b| {
+        b.iter(|| {
+            let mut h = [httparse::EMPTY_HEADER; 100];
+            let mut r = httparse::Request::new(&mut h);
+            black_box(r.parse(black_box(raw)).unwrap());
+        })
+    });
     c.bench_function("headers/strip+forwarded", |b| {
         b.iter_batched(
             || base.clone(),
