@@ -189,7 +189,8 @@ async fn pipelined_requests_answer_in_order() {
 
     let mut s = TcpStream::connect(p).await.unwrap();
     s.write_all(
-        b"GET /first HTTP/1.1\r\nHost: pipe.app.test\r\n\r\n\
+        b"GET /nowhere HTTP/1.1\r\nHost: nope.app.test\r\n\r\n\
+          GET /first HTTP/1.1\r\nHost: pipe.app.test\r\n\r\n\
           POST /echo HTTP/1.1\r\nHost: pipe.app.test\r\nContent-Length: 5\r\n\r\nhello\
           HEAD /third HTTP/1.1\r\nHost: pipe.app.test\r\n\r\n\
           GET /fourth HTTP/1.1\r\nHost: pipe.app.test\r\n\r\n",
@@ -197,6 +198,9 @@ async fn pipelined_requests_answer_in_order() {
     .await
     .unwrap();
     let mut buf = Vec::new();
+    // A local answer consumes its request: the next one is answered, once.
+    let unknown = read_response(&mut s, &mut buf, false).await;
+    assert_eq!(unknown.status, 404);
     let first = read_response(&mut s, &mut buf, false).await;
     assert!(String::from_utf8_lossy(&first.body).contains("GET /first"));
     let second = read_response(&mut s, &mut buf, false).await;
@@ -206,6 +210,32 @@ async fn pipelined_requests_answer_in_order() {
     assert!(third.body.is_empty());
     let fourth = read_response(&mut s, &mut buf, false).await;
     assert!(String::from_utf8_lossy(&fourth.body).contains("GET /fourth"));
+    assert!(
+        buf.is_empty(),
+        "extra bytes: {:?}",
+        String::from_utf8_lossy(&buf)
+    );
+
+    // A client that asks to close gets its local answer and a close.
+    let mut s = TcpStream::connect(p).await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: nope.app.test\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    assert_eq!(read_response(&mut s, &mut buf, false).await.status, 404);
+    assert!(closed(&mut s).await);
+
+    // An HTTP/1.0 client asking for keep-alive is told it has it, and keeps it.
+    let mut s = TcpStream::connect(p).await.unwrap();
+    let mut buf = Vec::new();
+    for _ in 0..2 {
+        s.write_all(b"GET / HTTP/1.0\r\nHost: pipe.app.test\r\nConnection: keep-alive\r\n\r\n")
+            .await
+            .unwrap();
+        let r = read_response(&mut s, &mut buf, false).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("connection"), Some("keep-alive"));
+    }
     router.shutdown().await;
 }
 

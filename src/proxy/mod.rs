@@ -59,6 +59,9 @@ pub enum ProxyError {
     /// The backend did not send response headers in time.
     #[error("backend response timeout")]
     ResponseTimeout,
+    /// The request body's chunked framing is broken.
+    #[error("malformed request body")]
+    BadBody,
     /// The backend broke the exchange.
     #[error("backend error: {0}")]
     Upstream(String),
@@ -89,6 +92,7 @@ impl ProxyError {
                 (StatusCode::BAD_GATEWAY, "bad gateway\n")
             }
             ProxyError::ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
+            ProxyError::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
         }
     }
 

@@ -36,8 +36,8 @@ pub enum Chunk {
     DataLf,
     /// At the start of a trailer line (or the final empty line).
     TrailerStart,
-    /// Inside a trailer field line.
-    Trailer,
+    /// Inside a trailer field line; whether its colon was seen.
+    Trailer(bool),
     /// After a trailer line's CR.
     TrailerLf,
     /// After the final empty line's CR.
@@ -143,13 +143,16 @@ fn advance_chunked(state: &mut Chunk, buf: &[u8]) -> Result<(usize, bool), Frami
             Chunk::TrailerStart => {
                 *state = match b {
                     b'\r' => Chunk::FinalLf,
-                    b'\n' => return Err(FramingError),
-                    _ => Chunk::Trailer,
+                    // A field line starts with its name: no folding, no bare LF.
+                    b'\n' | b' ' | b'\t' | b':' => return Err(FramingError),
+                    _ => Chunk::Trailer(false),
                 };
             }
-            Chunk::Trailer => match b {
-                b'\r' => *state = Chunk::TrailerLf,
-                b'\n' => return Err(FramingError),
+            Chunk::Trailer(colon) => match b {
+                // Only `name: value` lines: nothing that could pass for a request line.
+                b'\r' if colon => *state = Chunk::TrailerLf,
+                b'\r' | b'\n' => return Err(FramingError),
+                b':' => *state = Chunk::Trailer(true),
                 _ => {}
             },
             Chunk::TrailerLf => {
@@ -221,14 +224,16 @@ mod tests {
     #[test]
     fn malformed_chunks_are_refused() {
         for bad in [
-            &b"\r\n"[..],            // no size
-            b"g\r\n",                // not hex
-            b"4\nWiki\r\n0\r\n\r\n", // bare LF after size
-            b"4\r\nWikiX\r\n",       // data longer than its size
-            b"4\r\nWiki\r\n0\r\n\n", // bare LF at the end
-            b"1000000000000000\r\n", // size too large
-            b"-1\r\n",               // sign
-            b"4;ext\nWiki",          // bare LF after an extension
+            &b"\r\n"[..],                    // no size
+            b"g\r\n",                        // not hex
+            b"4\nWiki\r\n0\r\n\r\n",         // bare LF after size
+            b"4\r\nWikiX\r\n",               // data longer than its size
+            b"4\r\nWiki\r\n0\r\n\n",         // bare LF at the end
+            b"1000000000000000\r\n",         // size too large
+            b"-1\r\n",                       // sign
+            b"4;ext\nWiki",                  // bare LF after an extension
+            b"0\r\n \r\n\r\n",               // folded trailer
+            b"0\r\nGET /x HTTP/1.1\r\n\r\n", // a "trailer" without a colon
         ] {
             assert_eq!(run(Framing::CHUNKED, bad, 1), Err(FramingError), "{bad:?}");
         }

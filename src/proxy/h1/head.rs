@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use http::StatusCode;
 
 use super::framing::Framing;
-use crate::proxy::headers::{canonical, is_hop_by_hop};
+use crate::proxy::headers::canonical;
 
 /// Most header fields in one head (as hyper).
 pub const MAX_HEADERS: usize = 100;
@@ -91,20 +91,54 @@ impl<'b> Connection<'b> {
         Ok(())
     }
 
-    /// Whether `name` must not be forwarded: hop-by-hop by definition or named here.
-    fn drops(&self, name: &str) -> bool {
-        // Most fields are not hop-by-hop; the fixed ones all start with one of these.
-        let first = name.as_bytes().first().map(u8::to_ascii_lowercase);
-        if self.len == 0 && !matches!(first, Some(b'c' | b'k' | b't' | b'p' | b'u')) {
-            return false;
-        }
-        is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case("upgrade")
-            || self.named[..self.len]
-                .iter()
-                .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
+    /// Whether `name` is one of the fields this `Connection` names (hop-by-hop too).
+    fn names(&self, name: &str) -> bool {
+        self.named[..self.len]
+            .iter()
+            .any(|n| n.eq_ignore_ascii_case(name.as_bytes()))
     }
 }
+
+/// The fields the proxy treats specially, recognised once per field by length first, so
+/// the usual field costs one comparison or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Field {
+    Host,
+    Connection,
+    ContentLength,
+    TransferEncoding,
+    Upgrade,
+    ForwardedFor,
+    ForwardedHost,
+    ForwardedProto,
+    /// The other fixed hop-by-hop fields (`headers::is_hop_by_hop`).
+    HopByHop,
+    Other,
+}
+
+fn classify(name: &str) -> Field {
+    let is = |n: &str| name.eq_ignore_ascii_case(n);
+    match name.len() {
+        2 if is("te") => Field::HopByHop,
+        4 if is("host") => Field::Host,
+        5 if is("proxy") => Field::HopByHop,
+        7 if is("upgrade") => Field::Upgrade,
+        10 if is("connection") => Field::Connection,
+        10 if is("keep-alive") => Field::HopByHop,
+        14 if is("content-length") => Field::ContentLength,
+        15 if is("x-forwarded-for") => Field::ForwardedFor,
+        16 if is("x-forwarded-host") => Field::ForwardedHost,
+        16 if is("proxy-connection") => Field::HopByHop,
+        17 if is("x-forwarded-proto") => Field::ForwardedProto,
+        17 if is("transfer-encoding") => Field::TransferEncoding,
+        18 if is("proxy-authenticate") => Field::HopByHop,
+        19 if is("proxy-authorization") => Field::HopByHop,
+        _ => Field::Other,
+    }
+}
+
+/// Each field's kind, in order.
+type Kinds = [Field; MAX_HEADERS];
 
 /// Body framing from the Content-Length and Transfer-Encoding fields (RFC 9112 §6.3).
 #[derive(Debug, Default)]
@@ -170,6 +204,7 @@ pub struct RequestHead<'h, 'b> {
     /// Origin-form target of an absolute-form request (the path it carries, or `/`).
     pub absolute_path: Option<&'b str>,
     connection: Connection<'b>,
+    kinds: Kinds,
 }
 
 /// Parses a request head at the start of `buf`; `Ok(None)` when more bytes are needed.
@@ -195,19 +230,19 @@ pub fn parse_request<'h, 'b>(
     let mut host = None;
     let mut hosts = 0;
     let mut has_upgrade = false;
-    for h in headers {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("host") {
-            hosts += 1;
-            host = Some(h.value);
-        } else if name.eq_ignore_ascii_case("connection") {
-            connection.add(h.value)?;
-        } else if name.eq_ignore_ascii_case("content-length") {
-            lengths.content_length(h.value)?;
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            lengths.transfer_encoding(h.value);
-        } else if name.eq_ignore_ascii_case("upgrade") {
-            has_upgrade = true;
+    let mut kinds = [Field::Other; MAX_HEADERS];
+    for (h, kind) in headers.iter().zip(&mut kinds) {
+        *kind = classify(h.name);
+        match kind {
+            Field::Host => {
+                hosts += 1;
+                host = Some(h.value);
+            }
+            Field::Connection => connection.add(h.value)?,
+            Field::ContentLength => lengths.content_length(h.value)?,
+            Field::TransferEncoding => lengths.transfer_encoding(h.value),
+            Field::Upgrade => has_upgrade = true,
+            _ => {}
         }
     }
     if hosts > 1 {
@@ -247,6 +282,7 @@ pub fn parse_request<'h, 'b>(
         host,
         absolute_path,
         connection,
+        kinds,
     }))
 }
 
@@ -293,8 +329,9 @@ impl RequestHead<'_, '_> {
     pub fn forwarded_for(&self) -> impl DoubleEndedIterator<Item = &[u8]> {
         self.headers
             .iter()
-            .filter(|h| h.name.eq_ignore_ascii_case("x-forwarded-for"))
-            .map(|h| h.value)
+            .zip(&self.kinds)
+            .filter(|(_, k)| **k == Field::ForwardedFor)
+            .map(|(h, _)| h.value)
     }
 
     /// Writes the head the backend gets into `out`: HTTP/1.1 (1.0 for 1.0 clients, so the
@@ -315,32 +352,28 @@ impl RequestHead<'_, '_> {
         let mut forwarded_host = false;
         let mut forwarded_proto = false;
         let mut chain = false;
-        for h in self.headers {
-            let name = h.name;
-            if name.eq_ignore_ascii_case("x-forwarded-for") {
-                continue;
-            }
-            if name.eq_ignore_ascii_case("host") && self.absolute_path.is_some() {
-                continue;
-            }
-            if name.eq_ignore_ascii_case("x-forwarded-host") {
-                if !peer_trusted {
-                    continue;
+        let absolute = self.absolute_path.is_some();
+        for (h, kind) in self.headers.iter().zip(&self.kinds) {
+            match kind {
+                Field::ForwardedFor | Field::Connection | Field::HopByHop => continue,
+                Field::Host if absolute => continue,
+                Field::ForwardedHost | Field::ForwardedProto if !peer_trusted => continue,
+                Field::ForwardedHost => forwarded_host = true,
+                Field::ForwardedProto => forwarded_proto = true,
+                // Kept: the body is relayed in its own framing.
+                Field::TransferEncoding => {}
+                Field::Upgrade if self.upgrade => {}
+                Field::Upgrade => continue,
+                // Host and the body's length are never dropped, even when `Connection`
+                // names them: the backend must frame the body the way we relay it.
+                Field::Host | Field::ContentLength => {}
+                Field::Other => {
+                    if self.connection.names(h.name) {
+                        continue;
+                    }
                 }
-                forwarded_host = true;
-            } else if name.eq_ignore_ascii_case("x-forwarded-proto") {
-                if !peer_trusted {
-                    continue;
-                }
-                forwarded_proto = true;
-            } else if name.eq_ignore_ascii_case("transfer-encoding")
-                || (self.upgrade && name.eq_ignore_ascii_case("upgrade"))
-            {
-                // Kept: the body is relayed in its own framing; the upgrade is wanted.
-            } else if self.connection.drops(name) {
-                continue;
             }
-            field(out, name.as_bytes(), h.value);
+            field(out, h.name.as_bytes(), h.value);
         }
         if self.absolute_path.is_some() {
             if let Some(host) = self.host {
@@ -422,6 +455,9 @@ pub struct ResponseHead<'h, 'b> {
     /// The backend keeps the connection open after this response.
     pub keep_alive: bool,
     connection: Connection<'b>,
+    kinds: Kinds,
+    /// Transfer-Encoding came with it: a Content-Length beside it is not forwarded.
+    has_coding: bool,
 }
 
 /// Parses a response head at the start of `buf` for a request that was (or not) HEAD.
@@ -446,13 +482,14 @@ pub fn parse_response<'h, 'b>(
     let headers: &'h [httparse::Header<'b>] = resp.headers;
     let mut connection = Connection::default();
     let mut lengths = Lengths::default();
-    for h in headers {
-        if h.name.eq_ignore_ascii_case("connection") {
-            connection.add(h.value)?;
-        } else if h.name.eq_ignore_ascii_case("content-length") {
-            lengths.content_length(h.value)?;
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            lengths.transfer_encoding(h.value);
+    let mut kinds = [Field::Other; MAX_HEADERS];
+    for (h, kind) in headers.iter().zip(&mut kinds) {
+        *kind = classify(h.name);
+        match kind {
+            Field::Connection => connection.add(h.value)?,
+            Field::ContentLength => lengths.content_length(h.value)?,
+            Field::TransferEncoding => lengths.transfer_encoding(h.value),
+            _ => {}
         }
     }
     let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
@@ -484,23 +521,31 @@ pub fn parse_response<'h, 'b>(
         body,
         keep_alive,
         connection,
+        kinds,
+        has_coding: lengths.seen_te,
     }))
 }
 
 impl ResponseHead<'_, '_> {
     /// Writes the head the client gets: HTTP/1.1, hop-by-hop fields out, framing kept; with
-    /// `close`, `Connection: close`; a 101 keeps its `Upgrade` and says `Connection: upgrade`.
-    pub fn write_client(&self, out: &mut Vec<u8>, close: bool) {
+    /// `close`, `Connection: close`; with `keep_alive_10` (an HTTP/1.0 client that asked),
+    /// `Connection: keep-alive`; a 101 keeps its `Upgrade` and says `Connection: upgrade`.
+    pub fn write_client(&self, out: &mut Vec<u8>, close: bool, keep_alive_10: bool) {
         out.extend_from_slice(b"HTTP/1.1 ");
         write_status(out, self.status);
         out.push(b' ');
         out.extend_from_slice(self.reason.as_bytes());
         out.extend_from_slice(b"\r\n");
         let upgrade = self.status == 101;
-        for h in self.headers {
-            let keep = h.name.eq_ignore_ascii_case("transfer-encoding")
-                || (upgrade && h.name.eq_ignore_ascii_case("upgrade"))
-                || !self.connection.drops(h.name);
+        for (h, kind) in self.headers.iter().zip(&self.kinds) {
+            let keep = match kind {
+                Field::Connection | Field::HopByHop => false,
+                Field::TransferEncoding => true,
+                // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; drop the latter.
+                Field::ContentLength => !self.has_coding,
+                Field::Upgrade => upgrade,
+                _ => !self.connection.names(h.name),
+            };
             if keep {
                 field(out, h.name.as_bytes(), h.value);
             }
@@ -509,6 +554,8 @@ impl ResponseHead<'_, '_> {
             out.extend_from_slice(b"Connection: upgrade\r\n");
         } else if close {
             out.extend_from_slice(b"Connection: close\r\n");
+        } else if keep_alive_10 {
+            out.extend_from_slice(b"Connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
     }
@@ -554,6 +601,25 @@ mod tests {
     }
 
     #[test]
+    fn hop_by_hop_fields_are_recognised() {
+        for name in [
+            "Connection",
+            "keep-alive",
+            "TE",
+            "transfer-encoding",
+            "proxy-authenticate",
+            "Proxy-Authorization",
+            "proxy-connection",
+            "proxy",
+        ] {
+            assert!(crate::proxy::headers::is_hop_by_hop(name), "{name}");
+            assert_ne!(classify(name), Field::Other, "{name}");
+        }
+        assert_eq!(classify("X-Forwarded-For"), Field::ForwardedFor);
+        assert_eq!(classify("x-real-ip"), Field::Other);
+    }
+
+    #[test]
     fn rewrites_request_heads() {
         let raw = b"POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nConnection: keep-alive, x-secret\r\nKeep-Alive: 5\r\nX-Secret: 1\r\nTE: trailers\r\nProxy: http://evil\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\n\r\n";
         assert_eq!(
@@ -574,6 +640,23 @@ mod tests {
             out.starts_with("GET /x?y HTTP/1.1\r\nHost: Chat.App.Test:80\r\n"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn connection_cannot_drop_framing_or_host() {
+        let raw = b"POST / HTTP/1.1\r\nHost: a\r\nConnection: content-length, host, x-a\r\nContent-Length: 2\r\nX-A: 1\r\n\r\n";
+        let out = backend_head(raw, "10.0.0.1", false);
+        assert!(out.contains("Content-Length: 2\r\n"), "{out}");
+        assert!(out.contains("Host: a\r\n"), "{out}");
+        assert!(!out.contains("X-A"), "{out}");
+
+        let raw = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n";
+        let mut slots = slots();
+        let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        r.write_client(&mut out, false, false);
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("Content-Length"), "{out}");
     }
 
     #[test]
@@ -682,13 +765,13 @@ mod tests {
         let mut slots = slots();
         let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
-        r.write_client(&mut out, false);
+        r.write_client(&mut out, false, false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nX-App: yes\r\n\r\n"
         );
         let mut out = Vec::new();
-        r.write_client(&mut out, true);
+        r.write_client(&mut out, true, false);
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("Connection: close\r\n\r\n"));

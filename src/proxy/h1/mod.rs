@@ -72,8 +72,8 @@ struct Exchange {
 
 /// The outcome of reading one complete request head.
 enum Step {
-    /// Answer locally; `close` when the request's framing cannot be trusted.
-    Local(ProxyError, bool, Option<Arc<Service>>),
+    /// Answer locally, then close if told to; the head's length is consumed first.
+    Local(ProxyError, bool, Option<Arc<Service>>, usize),
     /// A bad head.
     Bad(HeadError),
     /// Forward it; the backend head is in the write buffer.
@@ -169,7 +169,8 @@ impl Conn<'_> {
                     self.answer_raw(e.status(), short_text(e.status()), true)
                         .await
                 }
-                Step::Local(e, close, service) => {
+                Step::Local(e, close, service, head_len) => {
+                    self.cpos += head_len;
                     if let Some(s) = service {
                         s.stats.count(e.answer().0.as_u16());
                     }
@@ -215,11 +216,15 @@ impl Conn<'_> {
         // Answers given before the body is read close the connection when there is a body.
         let has_body = !head.body.is_done();
         let head_len = head.len;
-        let local =
-            |e: ProxyError, service: Option<Arc<Service>>| Some(Step::Local(e, has_body, service));
+        // A local answer consumes the head; with a body left unread, or a client that asked
+        // to close, the connection closes after it.
+        let close = has_body || !head.keep_alive;
+        let local = |e: ProxyError, service: Option<Arc<Service>>| {
+            Some(Step::Local(e, close, service, head_len))
+        };
         if head.method == "CONNECT" {
             // Whatever follows a CONNECT head is tunnel bytes, not a request: close.
-            return Some(Step::Local(ProxyError::Connect405, true, None));
+            return Some(Step::Local(ProxyError::Connect405, true, None, head_len));
         }
         let table = proxy.routes.load();
         if !table.ready {
@@ -315,7 +320,8 @@ impl Conn<'_> {
     async fn answer_raw(&mut self, status: StatusCode, text: &str, close: bool) -> bool {
         self.wbuf.clear();
         write_local(&mut self.wbuf, status, text, close);
-        if self.client.write_all(&self.wbuf).await.is_err() {
+        let write = self.client.write_all(&self.wbuf);
+        if !matches!(self.timer.within(HEADER_TIMEOUT, write).await, Some(Ok(()))) {
             return false;
         }
         self.idle_since = std::time::Instant::now();
@@ -415,18 +421,27 @@ impl Conn<'_> {
         let head_len = self.wbuf.len();
         let mut body = ex.body;
         let avail = &self.cbuf[self.cpos..];
-        let n = body.advance(avail).map_err(|_| Failure::Abort)?;
+        let n = body
+            .advance(avail)
+            .map_err(|_| Failure::Answer(ProxyError::BadBody))?;
         self.wbuf.extend_from_slice(&avail[..n]);
-        if let Err(e) = backend.stream.write_all(&self.wbuf).await {
-            self.wbuf.truncate(head_len);
-            return Err(Failure::Retry(ProxyError::Upstream(e.to_string())));
+        let timeout = self.proxy.upstream.response_timeout;
+        match self
+            .timer
+            .within(timeout, backend.stream.write_all(&self.wbuf))
+            .await
+        {
+            Some(Ok(())) => {}
+            Some(Err(e)) => {
+                self.wbuf.truncate(head_len);
+                return Err(Failure::Retry(ProxyError::Upstream(e.to_string())));
+            }
+            None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
         }
         // Retries need only the head: body bytes were not consumed yet.
         self.wbuf.truncate(head_len);
         let sent_body = n;
 
-        let proxy = self.proxy;
-        let timeout = proxy.upstream.response_timeout;
         let closing = self.closing();
         let replayable = reused && ex.replayable;
         let (result, uploaded) = if body.is_done() {
@@ -453,7 +468,8 @@ impl Conn<'_> {
                 &mut self.cbuf,
                 &mut self.cpos,
                 body,
-                &mut bw
+                &mut bw,
+                timeout,
             ));
             let mut respond = pin!(respond(
                 &mut cw,
@@ -496,7 +512,13 @@ impl Conn<'_> {
                 if backend_reusable && uploaded && !ex.http10 {
                     in_flight.state().idle.put(backend, now);
                 }
-                Ok(relayed.keep_client && uploaded && !self.closing())
+                if !uploaded {
+                    // The answer came before the whole body: drain a little of what is left
+                    // so closing does not reset the connection under the client's answer.
+                    self.linger().await;
+                    return Ok(false);
+                }
+                Ok(relayed.keep_client && !self.closing())
             }
         }
     }
@@ -530,6 +552,14 @@ fn short_text(status: StatusCode) -> &'static str {
     }
 }
 
+/// A relay step's result: an I/O error or a timeout both cut the exchange off.
+fn timed<T>(r: Option<std::io::Result<T>>) -> Result<T, Failure> {
+    match r {
+        Some(Ok(v)) => Ok(v),
+        _ => Err(Failure::Abort),
+    }
+}
+
 /// A relayed response.
 struct Relayed {
     status: u16,
@@ -551,6 +581,7 @@ async fn upload<R, W>(
     cpos: &mut usize,
     mut body: Framing,
     backend: &mut W,
+    stall: Duration,
 ) -> Result<(), UploadError>
 where
     R: AsyncRead + Unpin,
@@ -564,12 +595,16 @@ where
         if cbuf.capacity() - cbuf.len() < 1024 {
             cbuf.reserve(BODY_BUF);
         }
-        if client.read_buf(cbuf).await? == 0 {
+        // The response side holds the connection's timer: these use their own.
+        let read = tokio::time::timeout(stall, client.read_buf(cbuf));
+        if read.await.map_err(|_| UploadError::Stalled)?? == 0 {
             return Err(UploadError::Eof);
         }
         let avail = &cbuf[*cpos..];
         let n = body.advance(avail)?;
-        backend.write_all(&avail[..n]).await?;
+        tokio::time::timeout(stall, backend.write_all(&avail[..n]))
+            .await
+            .map_err(|_| UploadError::Stalled)??;
         *cpos += n;
     }
     Ok(())
@@ -580,6 +615,8 @@ where
 enum UploadError {
     #[error("client closed mid-body")]
     Eof,
+    #[error("no progress within the timeout")]
+    Stalled,
     #[error(transparent)]
     Io(#[from] std::io::Error),
     #[error(transparent)]
@@ -619,7 +656,7 @@ where
                     let interim = (100..200).contains(&h.status) && h.status != 101;
                     let close = !ex.keep_alive || closing || h.body == Framing::UntilClose;
                     wbuf.clear();
-                    h.write_client(wbuf, close && !interim);
+                    h.write_client(wbuf, close && !interim, ex.http10 && !close);
                     Some((h.len, h.status, h.body, h.keep_alive, interim, close))
                 }
                 Ok(None) => None,
@@ -653,7 +690,7 @@ where
         };
         if interim {
             // 100 Continue and friends go to the client as they are; the real answer follows.
-            client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
+            timed(timer.within(timeout, client.write_all(wbuf)).await)?;
             bbuf.drain(..len);
             continue;
         }
@@ -663,7 +700,7 @@ where
                     "unexpected 101".into(),
                 )));
             }
-            client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
+            timed(timer.within(timeout, client.write_all(wbuf)).await)?;
             return Ok(Relayed {
                 status,
                 keep_client: false,
@@ -675,24 +712,23 @@ where
         let n = body.advance(rest).map_err(|_| Failure::Abort)?;
         wbuf.extend_from_slice(&rest[..n]);
         let mut leftover = rest.len() > n;
-        client.write_all(wbuf).await.map_err(|_| Failure::Abort)?;
+        // From here each read and write may stall at most `timeout` (as nginx's
+        // proxy_read_timeout and send_timeout); a stalled body is cut off.
+        timed(timer.within(timeout, client.write_all(wbuf)).await)?;
         while !body.is_done() {
             bbuf.clear();
             if bbuf.capacity() == BACKEND_BUF {
                 // A body larger than the buffer: read it in bigger pieces.
                 bbuf.reserve(BODY_BUF);
             }
-            let n = match backend.read_buf(bbuf).await {
-                Ok(0) if body == Framing::UntilClose => break,
-                Ok(0) | Err(_) => return Err(Failure::Abort),
-                Ok(n) => n,
+            let n = match timer.within(timeout, backend.read_buf(bbuf)).await {
+                Some(Ok(0)) if body == Framing::UntilClose => break,
+                Some(Ok(0)) | Some(Err(_)) | None => return Err(Failure::Abort),
+                Some(Ok(n)) => n,
             };
             let used = body.advance(&bbuf[..n]).map_err(|_| Failure::Abort)?;
             leftover |= used < n;
-            client
-                .write_all(&bbuf[..used])
-                .await
-                .map_err(|_| Failure::Abort)?;
+            timed(timer.within(timeout, client.write_all(&bbuf[..used])).await)?;
         }
         return Ok(Relayed {
             status,
@@ -716,6 +752,36 @@ impl Timer {
         Timer {
             sleep: Box::pin(tokio::time::sleep(Duration::from_secs(24 * 3600))),
         }
+    }
+
+    /// Runs `fut` for at most `limit` from when it first has to wait; `None` if it took
+    /// longer. A future that is ready at once costs no clock reading.
+    async fn within<F: Future>(&mut self, limit: Duration, fut: F) -> Option<F::Output> {
+        let mut fut = pin!(fut);
+        let mut until = None;
+        poll_fn(|cx| {
+            if let Poll::Ready(v) = fut.as_mut().poll(cx) {
+                return Poll::Ready(Some(v));
+            }
+            let until = match until {
+                Some(u) => u,
+                None => {
+                    let u = Instant::now() + limit;
+                    if self.sleep.deadline() > u {
+                        self.sleep.as_mut().reset(u);
+                    }
+                    *until.insert(u)
+                }
+            };
+            while self.sleep.as_mut().poll(cx).is_ready() {
+                if Instant::now() >= until {
+                    return Poll::Ready(None);
+                }
+                self.sleep.as_mut().reset(until);
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// Runs `fut` until `until` at the latest; `None` if it was not done by then.
