@@ -773,15 +773,20 @@ impl Timer {
                     *until.insert(u)
                 }
             };
-            while self.sleep.as_mut().poll(cx).is_ready() {
-                if Instant::now() >= until {
-                    return Poll::Ready(None);
-                }
-                self.sleep.as_mut().reset(until);
-            }
-            Poll::Pending
+            self.expired(cx, until).map(|()| None)
         })
         .await
+    }
+
+    /// Ready once `until` has passed; an early wake moves the timer to `until`.
+    fn expired(&mut self, cx: &mut std::task::Context<'_>, until: Instant) -> Poll<()> {
+        while self.sleep.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= until {
+                return Poll::Ready(());
+            }
+            self.sleep.as_mut().reset(until);
+        }
+        Poll::Pending
     }
 
     /// Runs `fut` until `until` at the latest; `None` if it was not done by then.
@@ -794,13 +799,7 @@ impl Timer {
             if let Poll::Ready(v) = fut.as_mut().poll(cx) {
                 return Poll::Ready(Some(v));
             }
-            while self.sleep.as_mut().poll(cx).is_ready() {
-                if Instant::now() >= until {
-                    return Poll::Ready(None);
-                }
-                self.sleep.as_mut().reset(until);
-            }
-            Poll::Pending
+            self.expired(cx, until).map(|()| None)
         })
         .await
     }
