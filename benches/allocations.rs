@@ -2,9 +2,8 @@
 //!
 //! Everything runs in this process on loopback: a backend, the proxy (`server::serve_proxy`,
 //! the HTTP/1 fast path, with a routing table built by hand, no Consul), and a keep-alive
-//! client. The client's and the
-//! backend's own allocations are measured by sending the same requests straight to the
-//! backend; the difference is what the proxy adds per request.
+//! client. The client's and the backend's own allocations are measured by sending the same
+//! requests straight to the backend; the difference is what the proxy adds per request.
 //!
 //! `cargo bench --bench allocations`
 

@@ -38,19 +38,8 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl Future<Output = Response<Self::Body>> + Send;
 }
 
-impl Handler for crate::proxy::Proxy {
-    type Body = crate::proxy::ProxyBody;
-    fn call(
-        &self,
-        req: Request<Incoming>,
-        peer: SocketAddr,
-    ) -> impl Future<Output = Response<Self::Body>> + Send {
-        self.handle(req, peer)
-    }
-}
-
-/// Serves `listener` with hyper until `shutdown` turns true, then lets open connections finish their
-/// current requests for at most `grace`.
+/// Serves `listener` with hyper until `shutdown` turns true, then lets open connections
+/// finish their current requests for at most `grace`.
 pub async fn serve<H: Handler>(
     listener: TcpListener,
     handler: Arc<H>,
@@ -66,33 +55,20 @@ pub async fn serve<H: Handler>(
     builder.http2().timer(TokioTimer::new());
     // Connection tasks, so the ones still open when the grace period ends can be closed.
     let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let h = handler.clone();
-                    let svc = service_fn(move |req| {
-                        let h = h.clone();
-                        async move { Ok::<_, Infallible>(h.call(req, peer).await) }
-                    });
-                    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
-                    let conn = graceful.watch(conn.into_owned());
-                    while conns.try_join_next().is_some() {}
-                    conns.spawn(async move {
-                        if let Err(e) = conn.await {
-                            tracing::debug!(%peer, error = %e, "connection ended with error");
-                        }
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: wait instead of spinning.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        }
+    while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
+        let h = handler.clone();
+        let svc = service_fn(move |req| {
+            let h = h.clone();
+            async move { Ok::<_, Infallible>(h.call(req, peer).await) }
+        });
+        let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+        let conn = graceful.watch(conn.into_owned());
+        while conns.try_join_next().is_some() {}
+        conns.spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection ended with error");
+            }
+        });
     }
     drop(listener);
     tokio::select! {
@@ -115,27 +91,15 @@ pub async fn serve_proxy(
     grace: Duration,
 ) {
     let mut conns = tokio::task::JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let proxy = proxy.clone();
-                    let stop = shutdown.clone();
-                    while conns.try_join_next().is_some() {}
-                    conns.spawn(async move {
-                        if let Ended::Http2(stream, read) = proxy.serve_h1(stream, peer, stop.clone()).await {
-                            serve_h2(Prefixed::new(read, stream), proxy, peer, stop).await;
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            },
-            _ = stopped(&mut shutdown) => break,
-        }
+    while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
+        let proxy = proxy.clone();
+        let stop = shutdown.clone();
+        while conns.try_join_next().is_some() {}
+        conns.spawn(async move {
+            if let Ended::Http2(stream, read) = proxy.serve_h1(stream, peer, stop.clone()).await {
+                serve_h2(Prefixed::new(read, stream), proxy, peer, stop).await;
+            }
+        });
     }
     drop(listener);
     let drained =
@@ -240,6 +204,29 @@ impl AsyncWrite for Prefixed {
     }
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+/// The next connection, with Nagle off, or `None` once `shutdown` turns true.
+async fn next_conn(
+    listener: &TcpListener,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<(TcpStream, SocketAddr)> {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    return Some((stream, peer));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = stopped(shutdown) => return None,
+        }
     }
 }
 

@@ -37,8 +37,7 @@ pub fn wants_upgrade(headers: &HeaderMap) -> bool {
             .any(|v| has_token(v.as_bytes(), b"upgrade"))
 }
 
-/// Whether a comma-separated header value holds `token` (case-insensitive).
-pub fn has_token(list: &[u8], token: &[u8]) -> bool {
+fn has_token(list: &[u8], token: &[u8]) -> bool {
     list.split(|&b| b == b',')
         .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }

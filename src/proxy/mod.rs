@@ -2,16 +2,16 @@
 //!
 //! HTTP/1 connections take the fast path in [`h1`]: heads parsed in place and rewritten as
 //! bytes, bodies relayed verbatim, backend connections driven in the client's task.
-//! Requests that arrive over HTTP/2 go through hyper: [`Proxy::handle`] reads the routing snapshot once, answers bad or unroutable requests
-//! itself, rewrites headers, and hands the request to [`upstream::Upstream`]. Bodies are
-//! never buffered: the client's body goes to the backend as it arrives and the backend's
-//! body comes back the same way.
+//! Requests that arrive over HTTP/2 go through hyper: [`Proxy::handle`] reads the routing
+//! snapshot once, answers bad or unroutable requests itself, rewrites headers, and hands
+//! the request to [`upstream::Upstream`]. On both paths bodies are never buffered: the
+//! client's body goes to the backend as it arrives and the backend's comes back the same
+//! way.
 
 pub mod body;
 pub mod h1;
 pub mod headers;
 pub mod pool;
-mod upgrade;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -146,7 +146,7 @@ impl Proxy {
         }
     }
 
-    /// Handles one request from `peer`.
+    /// Handles one request that arrived over HTTP/2 from `peer`.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
@@ -197,9 +197,7 @@ impl Proxy {
             Strategy::Random | Strategy::LeastLoad => 0,
         };
 
-        let upgrade = req.version() == Version::HTTP_11 && headers::wants_upgrade(req.headers());
-        let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
-        if let Err(e) = prepare_request(&mut req, peer_ip, peer_trusted, upgrade) {
+        if let Err(e) = prepare_request(&mut req, peer_ip, peer_trusted) {
             return e.into_response();
         }
 
@@ -220,20 +218,9 @@ impl Proxy {
         service.stats.count(response.status().as_u16());
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-            let Some(client_upgrade) = client_upgrade else {
-                // A 101 nobody asked for cannot be relayed.
-                return ProxyError::Upstream("unexpected 101".into()).into_response();
-            };
-            let backend_upgrade = hyper::upgrade::on(&mut response);
-            upgrade::tunnel(
-                client_upgrade,
-                backend_upgrade,
-                sender,
-                in_flight,
-                self.upgraded.clone(),
-            );
-            // A 101 has no body; the bytes that follow go through the tunnel.
-            return response.map(|_| Either::Right(Full::new(Bytes::new())));
+            // HTTP/2 has no HTTP/1.1 upgrades (WebSocket takes the fast path), so a 101
+            // answers nothing that was asked and cannot be relayed.
+            return ProxyError::Upstream("unexpected 101".into()).into_response();
         }
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
@@ -263,7 +250,6 @@ fn prepare_request(
     req: &mut Request<Incoming>,
     peer: std::net::IpAddr,
     peer_trusted: bool,
-    upgrade: bool,
 ) -> Result<(), ProxyError> {
     if let Some(auth) = req.uri().authority() {
         let host = HeaderValue::from_str(auth.as_str()).map_err(|_| HostError::Invalid)?;
@@ -280,7 +266,7 @@ fn prepare_request(
     if from_h2 {
         headers::join_cookies(headers);
     }
-    headers::strip_hop_by_hop(headers, upgrade);
+    headers::strip_hop_by_hop(headers, false);
     let host = headers
         .get(header::HOST)
         .cloned()

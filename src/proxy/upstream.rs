@@ -35,7 +35,7 @@ pub struct Upstream {
 pub struct Answer {
     /// The response as received.
     pub response: Response<Incoming>,
-    /// The connection, to pool after the body (None once upgraded).
+    /// The connection, to pool after the body.
     pub sender: Sender,
     /// In-flight accounting for the chosen instance.
     pub in_flight: InFlight,
@@ -161,7 +161,7 @@ impl Upstream {
             .map_err(|e| ProxyError::Connect(e.to_string()))?;
         let peer: Option<SocketAddr> = inst.socket;
         tokio::spawn(async move {
-            if let Err(e) = conn.with_upgrades().await {
+            if let Err(e) = conn.await {
                 tracing::debug!(?peer, error = %e, "backend connection closed with error");
             }
         });

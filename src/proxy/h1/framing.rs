@@ -119,9 +119,7 @@ fn advance_chunked(state: &mut Chunk, buf: &[u8]) -> Result<(usize, bool), Frami
                 _ => {}
             },
             Chunk::SizeLf(value) => {
-                if b != b'\n' {
-                    return Err(FramingError);
-                }
+                expect(b, b'\n')?;
                 *state = if value == 0 {
                     Chunk::TrailerStart
                 } else {
@@ -129,15 +127,11 @@ fn advance_chunked(state: &mut Chunk, buf: &[u8]) -> Result<(usize, bool), Frami
                 };
             }
             Chunk::DataCr => {
-                if b != b'\r' {
-                    return Err(FramingError);
-                }
+                expect(b, b'\r')?;
                 *state = Chunk::DataLf;
             }
             Chunk::DataLf => {
-                if b != b'\n' {
-                    return Err(FramingError);
-                }
+                expect(b, b'\n')?;
                 *state = Chunk::Size(0, 0);
             }
             Chunk::TrailerStart => {
@@ -156,21 +150,26 @@ fn advance_chunked(state: &mut Chunk, buf: &[u8]) -> Result<(usize, bool), Frami
                 _ => {}
             },
             Chunk::TrailerLf => {
-                if b != b'\n' {
-                    return Err(FramingError);
-                }
+                expect(b, b'\n')?;
                 *state = Chunk::TrailerStart;
             }
             Chunk::FinalLf => {
-                if b != b'\n' {
-                    return Err(FramingError);
-                }
+                expect(b, b'\n')?;
                 return Ok((i + 1, true));
             }
         }
         i += 1;
     }
     Ok((i, false))
+}
+
+/// `b` must be `want`.
+fn expect(b: u8, want: u8) -> Result<(), FramingError> {
+    if b == want {
+        Ok(())
+    } else {
+        Err(FramingError)
+    }
 }
 
 #[cfg(test)]

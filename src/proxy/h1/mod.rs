@@ -30,13 +30,14 @@ use super::body::InFlight;
 use super::upstream::connect_tcp;
 use super::{headers, Proxy, ProxyError};
 use crate::balance::{hash_bytes, Exclude, Strategy};
-use crate::routing::{normalize, Service, MAX_HOST};
+use crate::routing::{normalize, HostError, Service, MAX_HOST};
 
 /// How long a client may take to send a request head, and stay idle between requests.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Client read buffer to start with; it grows for larger heads, up to [`head::MAX_HEAD`].
 const CLIENT_BUF: usize = 4 * 1024;
-/// Backend read buffer to start with; it grows once to [`BODY_BUF`] when a body fills it.
+/// Backend read buffer to start with; it grows once to [`BODY_BUF`] for a body that does
+/// not arrive with its head.
 const BACKEND_BUF: usize = 8 * 1024;
 /// Read size for large bodies.
 const BODY_BUF: usize = 64 * 1024;
@@ -72,8 +73,13 @@ struct Exchange {
 
 /// The outcome of reading one complete request head.
 enum Step {
-    /// Answer locally, then close if told to; the head's length is consumed first.
-    Local(ProxyError, bool, Option<Arc<Service>>, usize),
+    /// Answer locally, then close if told to; the head's `len` is consumed first.
+    Local {
+        error: ProxyError,
+        close: bool,
+        service: Option<Arc<Service>>,
+        len: usize,
+    },
     /// A bad head.
     Bad(HeadError),
     /// Forward it; the backend head is in the write buffer.
@@ -169,14 +175,14 @@ impl Conn<'_> {
                     self.answer_raw(e.status(), short_text(e.status()), true)
                         .await
                 }
-                Step::Local(e, close, service, head_len) => {
-                    self.cpos += head_len;
-                    if let Some(s) = service {
-                        s.stats.count(e.answer().0.as_u16());
-                    }
-                    let close = close || self.closing();
-                    let (status, text) = e.answer();
-                    self.answer_raw(status, text, close).await
+                Step::Local {
+                    error,
+                    close,
+                    service,
+                    len,
+                } => {
+                    self.cpos += len;
+                    self.answer_error(error, service.as_deref(), close).await
                 }
                 // Sets `idle_since` itself, with the clock reading it pools the backend with.
                 Step::Forward(ex) => self.forward(ex).await,
@@ -219,12 +225,22 @@ impl Conn<'_> {
         // A local answer consumes the head; with a body left unread, or a client that asked
         // to close, the connection closes after it.
         let close = has_body || !head.keep_alive;
-        let local = |e: ProxyError, service: Option<Arc<Service>>| {
-            Some(Step::Local(e, close, service, head_len))
+        let local = |error: ProxyError, service: Option<Arc<Service>>| {
+            Some(Step::Local {
+                error,
+                close,
+                service,
+                len: head_len,
+            })
         };
         if head.method == "CONNECT" {
             // Whatever follows a CONNECT head is tunnel bytes, not a request: close.
-            return Some(Step::Local(ProxyError::Connect405, true, None, head_len));
+            return Some(Step::Local {
+                error: ProxyError::Connect405,
+                close: true,
+                service: None,
+                len: head_len,
+            });
         }
         let table = proxy.routes.load();
         if !table.ready {
@@ -234,12 +250,7 @@ impl Conn<'_> {
         let host = match head.host.map(|h| normalize(h, &mut host_buf)) {
             Some(Ok(h)) => h,
             Some(Err(e)) => return local(ProxyError::BadHost(e), None),
-            None => {
-                return local(
-                    ProxyError::BadHost(crate::routing::HostError::Missing),
-                    None,
-                )
-            }
+            None => return local(ProxyError::BadHost(HostError::Missing), None),
         };
         let Some(service) = table.lookup(host) else {
             proxy.no_route.increment(1);
@@ -403,9 +414,23 @@ impl Conn<'_> {
     /// Answers a request that no backend answered.
     async fn fail(&mut self, ex: &Exchange, e: ProxyError) -> bool {
         tracing::debug!(service = %ex.service.name, error = %e, "no backend answer");
-        let (status, text) = e.answer();
-        ex.service.stats.count(status.as_u16());
-        let close = !ex.keep_alive || !ex.body.is_done() || self.closing();
+        let close = !ex.keep_alive || !ex.body.is_done();
+        self.answer_error(e, Some(&ex.service), close).await
+    }
+
+    /// Answers `error` locally, counting it for `service`; closes after it when told to or
+    /// when shutting down. False when the connection closes.
+    async fn answer_error(
+        &mut self,
+        error: ProxyError,
+        service: Option<&Service>,
+        close: bool,
+    ) -> bool {
+        let (status, text) = error.answer();
+        if let Some(s) = service {
+            s.stats.count(status.as_u16());
+        }
+        let close = close || self.closing();
         self.answer_raw(status, text, close).await
     }
 
@@ -438,14 +463,13 @@ impl Conn<'_> {
             }
             None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
         }
-        // Retries need only the head: body bytes were not consumed yet.
+        // A retry resends the head alone: only requests without a body are retried.
         self.wbuf.truncate(head_len);
-        let sent_body = n;
+        self.cpos += n;
 
         let closing = self.closing();
         let replayable = reused && ex.replayable;
         let (result, uploaded) = if body.is_done() {
-            self.cpos += sent_body;
             let r = respond(
                 &mut self.client,
                 &mut backend.stream,
@@ -460,7 +484,6 @@ impl Conn<'_> {
             .await;
             (r, true)
         } else {
-            self.cpos += sent_body;
             let (mut cr, mut cw) = self.client.split();
             let (mut br, mut bw) = backend.stream.split();
             let mut upload = pin!(upload(
@@ -717,8 +740,8 @@ where
         timed(timer.within(timeout, client.write_all(wbuf)).await)?;
         while !body.is_done() {
             bbuf.clear();
-            if bbuf.capacity() == BACKEND_BUF {
-                // A body larger than the buffer: read it in bigger pieces.
+            if bbuf.capacity() < BODY_BUF {
+                // A body larger than what came with the head: read it in bigger pieces.
                 bbuf.reserve(BODY_BUF);
             }
             let n = match timer.within(timeout, backend.read_buf(bbuf)).await {
