@@ -10,6 +10,7 @@
 #   scripts/bench.sh                 # all scenarios, 2 rounds of 10 s
 #   ROUNDS=3 DURATION=15 scripts/bench.sh
 #   SCENARIOS="small" scripts/bench.sh
+#   BENCH_RAW=1 scripts/bench.sh     # also print every round's figures
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -130,6 +131,7 @@ for scenario in $SCENARIOS; do
       cpu_us=$(awk -v d=$((after-before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d/hz*1e6/n }')
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$round" "$p" "$rps" "$p50" "$p99" "$cpu_us" >> "$results"
       [ -n "$errs" ] && echo "bench: $p $scenario: $errs" >&2
+      [ -n "${BENCH_RAW:-}" ] && echo "$p $scenario round $round: rps=$rps p50=$p50 p99=$p99" >&2
       sleep 1
     done
   done
