@@ -69,6 +69,12 @@ pub struct FileConfig {
     pub include_warning: Option<bool>,
     /// Whether url-hash hashes the query as well as the path.
     pub hash_query: Option<bool>,
+    /// Services never routed, whatever their tags.
+    pub exclude_services: Option<Vec<String>>,
+    /// Which services are routed: `all` or `tagged`.
+    pub expose: Option<String>,
+    /// Which header names with underscores are dropped: `lookalikes` or `all`.
+    pub underscore_headers: Option<String>,
     /// Consul settings.
     #[serde(default)]
     pub consul: FileConsul,
@@ -117,6 +123,10 @@ pub struct FileProxy {
     pub max_idle_per_instance: Option<usize>,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Option<String>,
+    /// Time a client has to send a request head, and may stay idle between requests.
+    pub header_timeout: Option<String>,
+    /// Most concurrent streams on one HTTP/2 client connection.
+    pub h2_max_concurrent_streams: Option<u32>,
 }
 
 /// Command-line values that override the file. `None` leaves the file's value.
@@ -159,6 +169,12 @@ pub struct Config {
     pub include_warning: bool,
     /// url-hash includes the query.
     pub hash_query: bool,
+    /// Services never routed (lowercase names).
+    pub exclude_services: Vec<String>,
+    /// Which services are routed.
+    pub expose: Expose,
+    /// Which header names with underscores are dropped.
+    pub underscore_headers: UnderscoreHeaders,
     /// Consul settings.
     pub consul: ConsulConfig,
     /// Proxy settings.
@@ -203,7 +219,34 @@ pub struct ProxyConfig {
     pub max_idle_per_instance: usize,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
+    /// Time allowed for a request head (and idle time before it); for HTTP/2, for the
+    /// handshake and for idle time with no open stream.
+    pub header_timeout: Duration,
+    /// Most concurrent streams per HTTP/2 client connection.
+    pub h2_max_concurrent_streams: u32,
 }
+
+/// Which services in Consul are routed (`expose`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expose {
+    /// Every registered service, unless excluded or tagged `router.expose=false`.
+    All,
+    /// Only services tagged `router.expose=true` or with a `router.host=` tag.
+    Tagged,
+}
+
+/// Which request header names containing `_` are dropped (`underscore_headers`). Frameworks
+/// that map names to variables (PHP, WSGI, CGI) read `X_Forwarded_For` as `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnderscoreHeaders {
+    /// Those that read as a client-address header (`X_Forwarded_For`, `X_Real_IP`, ...).
+    Lookalikes,
+    /// Every name with an underscore, as nginx's `underscores_in_headers off`.
+    All,
+}
+
+/// Services excluded when the file names none: Consul itself and the usual internal tools.
+pub const DEFAULT_EXCLUDED: [&str; 4] = ["consul", "nomad", "nomad-client", "vault"];
 
 impl Default for Config {
     fn default() -> Self {
@@ -339,6 +382,55 @@ impl Config {
                 p.shutdown_grace.as_deref(),
                 "30s",
             )?,
+            header_timeout: parse_duration(
+                "proxy.header_timeout",
+                p.header_timeout.as_deref(),
+                "30s",
+            )?,
+            h2_max_concurrent_streams: p.h2_max_concurrent_streams.unwrap_or(128),
+        };
+        if proxy.header_timeout.is_zero() {
+            return Err(invalid("proxy.header_timeout", "must be above zero"));
+        }
+        if !(1..=10_000).contains(&proxy.h2_max_concurrent_streams) {
+            return Err(invalid(
+                "proxy.h2_max_concurrent_streams",
+                "must be between 1 and 10000",
+            ));
+        }
+        let exclude_services = match file.exclude_services {
+            None => DEFAULT_EXCLUDED.iter().map(|s| s.to_string()).collect(),
+            Some(list) => list
+                .iter()
+                .map(|s| {
+                    let s = s.trim().to_ascii_lowercase();
+                    if s.is_empty() {
+                        Err(invalid("exclude_services", "names must not be empty"))
+                    } else {
+                        Ok(s)
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?,
+        };
+        let expose = match file.expose.as_deref() {
+            None | Some("all") => Expose::All,
+            Some("tagged") => Expose::Tagged,
+            Some(other) => {
+                return Err(invalid(
+                    "expose",
+                    format!("{other:?} is not \"all\" or \"tagged\""),
+                ))
+            }
+        };
+        let underscore_headers = match file.underscore_headers.as_deref() {
+            None | Some("lookalikes") => UnderscoreHeaders::Lookalikes,
+            Some("all") => UnderscoreHeaders::All,
+            Some(other) => {
+                return Err(invalid(
+                    "underscore_headers",
+                    format!("{other:?} is not \"lookalikes\" or \"all\""),
+                ))
+            }
         };
         if proxy.connect_timeout.is_zero() {
             return Err(invalid("proxy.connect_timeout", "must be above zero"));
@@ -359,6 +451,9 @@ impl Config {
             trusted_proxies,
             include_warning: file.include_warning.unwrap_or(false),
             hash_query: file.hash_query.unwrap_or(true),
+            exclude_services,
+            expose,
+            underscore_headers,
             consul,
             proxy,
         })
@@ -481,6 +576,14 @@ mod tests {
             ("[consul]\naddress = \"ftp://x\"", "consul.address"),
             ("[consul]\nmax_watches = 500", "consul.max_watches"),
             ("[proxy]\nconnect_timeout = \"0s\"", "proxy.connect_timeout"),
+            ("[proxy]\nheader_timeout = \"0s\"", "proxy.header_timeout"),
+            (
+                "[proxy]\nh2_max_concurrent_streams = 0",
+                "proxy.h2_max_concurrent_streams",
+            ),
+            ("expose = \"some\"", "expose"),
+            ("underscore_headers = \"keep\"", "underscore_headers"),
+            ("exclude_services = [\"\"]", "exclude_services"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.starts_with(key), "{text}: {e}");
