@@ -28,6 +28,60 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     PROXY,
 ];
 
+/// `X-Real-IP`.
+pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// `Forwarded` (RFC 7239).
+pub const FORWARDED: HeaderName = HeaderName::from_static("forwarded");
+
+/// Dashed names whose `_` spellings are never forwarded: frameworks that map names to
+/// variables (PHP's `$_SERVER`, WSGI, CGI) read `X_Forwarded_For` as `X-Forwarded-For`.
+const DASHED: [&str; 11] = [
+    "x-real-ip",
+    "keep-alive",
+    "content-length",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "proxy-connection",
+    "x-forwarded-proto",
+    "transfer-encoding",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "forwarded",
+];
+
+/// Whether `name` has an `_` and reads as a client-address, framing or hop-by-hop field
+/// once `_` is `-` (case-insensitive).
+pub fn is_lookalike(name: &str) -> bool {
+    let name = name.as_bytes();
+    name.contains(&b'_')
+        && DASHED.iter().any(|d| {
+            d.len() == name.len()
+                && name
+                    .iter()
+                    .zip(d.as_bytes())
+                    .all(|(&a, &b)| a.to_ascii_lowercase() == b || (a == b'_' && b == b'-'))
+        })
+}
+
+/// Removes the request fields a backend could mistake for ours: `_` lookalikes of
+/// client-address and framing fields (with `drop_underscores`, every name with `_`), and
+/// `Forwarded` and `X-Real-IP` unless the peer is trusted.
+pub fn drop_spoofable(headers: &mut HeaderMap, peer_trusted: bool, drop_underscores: bool) {
+    if !peer_trusted {
+        headers.remove(FORWARDED);
+    }
+    headers.remove(X_REAL_IP);
+    let spoofed =
+        |n: &HeaderName| n.as_str().contains('_') && (drop_underscores || is_lookalike(n.as_str()));
+    if headers.keys().any(spoofed) {
+        // Rare: only then collect the names to drop.
+        let names: Vec<HeaderName> = headers.keys().filter(|n| spoofed(n)).cloned().collect();
+        for n in names {
+            headers.remove(n);
+        }
+    }
+}
+
 /// Whether the request asks for an HTTP/1.1 upgrade (`Connection: upgrade` plus `Upgrade`).
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {
     headers.contains_key(header::UPGRADE)
@@ -161,13 +215,15 @@ pub fn client_ip_in<'a>(
     client
 }
 
-/// Sets X-Forwarded-For/Host/Proto. From a trusted peer the existing chain, host and proto
-/// are kept (nginx terminating TLS says `https`); from anyone else they are replaced.
+/// Sets X-Forwarded-For/Host/Proto and X-Real-IP (`client`). From a trusted peer the
+/// existing chain, host and proto are kept (nginx terminating TLS says `https`); from
+/// anyone else they are replaced.
 pub fn set_forwarded(
     headers: &mut HeaderMap,
     peer: IpAddr,
     peer_trusted: bool,
     host: &HeaderValue,
+    client: IpAddr,
 ) {
     let mut buf = [0u8; 512];
     let mut w = &mut buf[..];
@@ -201,6 +257,14 @@ pub fn set_forwarded(
     }
     if !peer_trusted || !headers.contains_key(X_FORWARDED_PROTO) {
         headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    }
+    let mut buf = [0u8; 48];
+    let mut w = &mut buf[..];
+    if write!(w, "{}", canonical(client)).is_ok() {
+        let n = 48 - w.len();
+        if let Ok(v) = HeaderValue::from_bytes(&buf[..n]) {
+            headers.insert(X_REAL_IP, v);
+        }
     }
 }
 
@@ -291,8 +355,10 @@ mod tests {
             ("x-forwarded-for", "203.0.113.9"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, &host);
+        let lo = "127.0.0.1".parse().unwrap();
+        set_forwarded(&mut h, lo, true, &host, "203.0.113.9".parse().unwrap());
         assert_eq!(h["x-forwarded-for"], "203.0.113.9, 127.0.0.1");
+        assert_eq!(h["x-real-ip"], "203.0.113.9");
         assert_eq!(h["x-forwarded-proto"], "https");
         assert_eq!(h["x-forwarded-host"], "chat.app.example.net");
 
@@ -300,9 +366,36 @@ mod tests {
             ("x-forwarded-for", "1.1.1.1"),
             ("x-forwarded-proto", "https"),
         ]);
-        set_forwarded(&mut h, "198.51.100.1".parse().unwrap(), false, &host);
+        let peer = "198.51.100.1".parse().unwrap();
+        set_forwarded(&mut h, peer, false, &host, peer);
         assert_eq!(h["x-forwarded-for"], "198.51.100.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn spoofable_fields_are_dropped() {
+        let pairs = [
+            ("x_forwarded_for", "1.1.1.1"),
+            ("x-forwarded_host", "evil"),
+            ("x_real_ip", "1.1.1.1"),
+            ("content_length", "5"),
+            ("x-real-ip", "2.2.2.2"),
+            ("forwarded", "for=3.3.3.3"),
+            ("x_custom", "kept"),
+            ("accept", "*/*"),
+        ];
+        let mut h = map(&pairs);
+        drop_spoofable(&mut h, false, false);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["accept", "x_custom"]);
+        let mut h = map(&pairs);
+        drop_spoofable(&mut h, true, true);
+        let mut left: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        left.sort();
+        assert_eq!(left, ["accept", "forwarded"]);
+        assert!(is_lookalike("X_Forwarded_Proto"));
+        assert!(!is_lookalike("x-forwarded-proto"));
     }
 
     #[test]
@@ -310,7 +403,8 @@ mod tests {
         let long = vec!["10.0.0.1"; 100].join(", ");
         let mut h = map(&[("x-forwarded-for", &long)]);
         let host = HeaderValue::from_static("h");
-        set_forwarded(&mut h, "127.0.0.1".parse().unwrap(), true, &host);
+        let lo = "127.0.0.1".parse().unwrap();
+        set_forwarded(&mut h, lo, true, &host, lo);
         assert!(h["x-forwarded-for"]
             .to_str()
             .unwrap()

@@ -26,7 +26,7 @@ use hyper::{Request, Response};
 use ipnet::IpNet;
 
 use crate::balance::{hash_bytes, Strategy};
-use crate::config::Config;
+use crate::config::{Config, UnderscoreHeaders};
 use crate::routing::{normalize, HostError, Routes, MAX_HOST};
 
 pub use body::{ProxyBody, UpstreamBody};
@@ -127,6 +127,8 @@ pub struct Proxy {
     upstream: Upstream,
     trusted: Box<[IpNet]>,
     hash_query: bool,
+    /// Drop every request field name with `_` (else only the lookalikes).
+    drop_underscores: bool,
     requests: metrics::Counter,
     no_route: metrics::Counter,
     upgraded: metrics::Gauge,
@@ -140,6 +142,7 @@ impl Proxy {
             upstream: Upstream::new(&cfg.proxy),
             trusted: cfg.trusted_proxies.clone().into_boxed_slice(),
             hash_query: cfg.hash_query,
+            drop_underscores: cfg.underscore_headers == UnderscoreHeaders::All,
             requests: metrics::counter!("consul_router_requests_total"),
             no_route: metrics::counter!("consul_router_no_route_total"),
             upgraded: metrics::gauge!("consul_router_upgraded_connections"),
@@ -182,8 +185,9 @@ impl Proxy {
 
         let peer_ip = peer.ip();
         let peer_trusted = headers::is_trusted(peer_ip, &self.trusted);
+        let client_ip = headers::client_ip(req.headers(), peer_ip, &self.trusted);
         let key = match service.strategy() {
-            Strategy::IpHash => match headers::client_ip(req.headers(), peer_ip, &self.trusted) {
+            Strategy::IpHash => match client_ip {
                 std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
                 std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
             },
@@ -197,7 +201,13 @@ impl Proxy {
             Strategy::Random | Strategy::LeastLoad => 0,
         };
 
-        if let Err(e) = prepare_request(&mut req, peer_ip, peer_trusted) {
+        let fwd = Forward {
+            peer: peer_ip,
+            trusted: peer_trusted,
+            client: client_ip,
+            drop_underscores: self.drop_underscores,
+        };
+        if let Err(e) = prepare_request(&mut req, &fwd) {
             return e.into_response();
         }
 
@@ -244,13 +254,18 @@ fn request_host<'b>(
     }
 }
 
-/// Rewrites the request for the backend: HTTP/1.1, origin-form target, Host set from the
-/// authority when the client sent absolute-form or HTTP/2, hop-by-hop out, X-Forwarded-* in.
-fn prepare_request(
-    req: &mut Request<Incoming>,
+/// The client-address facts of one request on the HTTP/2 path.
+struct Forward {
     peer: std::net::IpAddr,
-    peer_trusted: bool,
-) -> Result<(), ProxyError> {
+    trusted: bool,
+    client: std::net::IpAddr,
+    drop_underscores: bool,
+}
+
+/// Rewrites the request for the backend: HTTP/1.1, origin-form target, Host set from the
+/// authority when the client sent absolute-form or HTTP/2, hop-by-hop and spoofable
+/// fields out, X-Forwarded-* and X-Real-IP in.
+fn prepare_request(req: &mut Request<Incoming>, fwd: &Forward) -> Result<(), ProxyError> {
     if let Some(auth) = req.uri().authority() {
         let host = HeaderValue::from_str(auth.as_str()).map_err(|_| HostError::Invalid)?;
         req.headers_mut().insert(header::HOST, host);
@@ -267,10 +282,11 @@ fn prepare_request(
         headers::join_cookies(headers);
     }
     headers::strip_hop_by_hop(headers, false);
+    headers::drop_spoofable(headers, fwd.trusted, fwd.drop_underscores);
     let host = headers
         .get(header::HOST)
         .cloned()
         .ok_or(HostError::Missing)?;
-    headers::set_forwarded(headers, peer, peer_trusted, &host);
+    headers::set_forwarded(headers, fwd.peer, fwd.trusted, &host, fwd.client);
     Ok(())
 }

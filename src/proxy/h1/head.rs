@@ -9,7 +9,7 @@ use std::net::IpAddr;
 use http::StatusCode;
 
 use super::framing::Framing;
-use crate::proxy::headers::canonical;
+use crate::proxy::headers::{canonical, is_lookalike};
 
 /// Most header fields in one head (as hyper).
 pub const MAX_HEADERS: usize = 100;
@@ -111,18 +111,27 @@ enum Field {
     ForwardedFor,
     ForwardedHost,
     ForwardedProto,
+    /// `Forwarded` (RFC 7239).
+    Forwarded,
+    /// `X-Real-IP`.
+    RealIp,
     /// The other fixed hop-by-hop fields (`headers::is_hop_by_hop`).
     HopByHop,
+    /// A name with `_` that reads as one of the fields above once `_` is `-` (as PHP, WSGI
+    /// and CGI read names): never forwarded.
+    Lookalike,
     Other,
 }
 
 fn classify(name: &str) -> Field {
     let is = |n: &str| name.eq_ignore_ascii_case(n);
-    match name.len() {
+    let kind = match name.len() {
         2 if is("te") => Field::HopByHop,
         4 if is("host") => Field::Host,
         5 if is("proxy") => Field::HopByHop,
         7 if is("upgrade") => Field::Upgrade,
+        9 if is("forwarded") => Field::Forwarded,
+        9 if is("x-real-ip") => Field::RealIp,
         10 if is("connection") => Field::Connection,
         10 if is("keep-alive") => Field::HopByHop,
         14 if is("content-length") => Field::ContentLength,
@@ -134,24 +143,34 @@ fn classify(name: &str) -> Field {
         18 if is("proxy-authenticate") => Field::HopByHop,
         19 if is("proxy-authorization") => Field::HopByHop,
         _ => Field::Other,
+    };
+    // Only names as long as a dashed special name can be its lookalike.
+    if kind == Field::Other && matches!(name.len(), 9 | 10 | 14..=19) && is_lookalike(name) {
+        return Field::Lookalike;
     }
+    kind
 }
 
 /// Each field's kind, in order.
 type Kinds = [Field; MAX_HEADERS];
 
 /// Body framing from the Content-Length and Transfer-Encoding fields (RFC 9112 §6.3).
+/// Both are re-written from what is parsed here, never relayed as they came, so a repeated
+/// or oddly spelled value reaches the next parser as one plain value.
 #[derive(Debug, Default)]
 struct Lengths {
     length: Option<u64>,
-    chunked: bool,
+    /// `chunked` codings seen, in every Transfer-Encoding field.
+    chunked: u8,
+    /// Any other coding seen.
     other_coding: bool,
     seen_te: bool,
 }
 
 impl Lengths {
     fn content_length(&mut self, value: &[u8]) -> Result<(), HeadError> {
-        // "5, 5" from merged duplicates is allowed; differing values are not.
+        // "5, 5" from merged duplicates is allowed (and forwarded as one); differing values
+        // are not.
         for part in value.split(|&b| b == b',').map(<[u8]>::trim_ascii) {
             if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
                 return Err(HeadError::BadFraming);
@@ -171,12 +190,45 @@ impl Lengths {
             if coding.is_empty() {
                 continue;
             }
-            // Chunked must come last; anything after it means the length is unknown.
-            if self.chunked || !coding.eq_ignore_ascii_case(b"chunked") {
+            if coding.eq_ignore_ascii_case(b"chunked") {
+                self.chunked = self.chunked.saturating_add(1);
+            } else {
                 self.other_coding = true;
             }
-            self.chunked |= coding.eq_ignore_ascii_case(b"chunked");
         }
+    }
+
+    /// Transfer-Encoding is exactly one `chunked`: the only coding relayed.
+    fn just_chunked(&self) -> bool {
+        self.chunked == 1 && !self.other_coding
+    }
+}
+
+/// Writes the framing fields a head had, as parsed: one `Content-Length: N` or one
+/// `Transfer-Encoding: chunked`, at the place of the first such field.
+fn framing_field(out: &mut Vec<u8>, kind: Field, written: &mut bool, length: Option<u64>) {
+    if std::mem::replace(written, true) {
+        return;
+    }
+    match (kind, length) {
+        (Field::TransferEncoding, _) => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
+        (_, Some(n)) => {
+            out.extend_from_slice(b"Content-Length: ");
+            let mut digits = [0u8; 20];
+            let mut i = digits.len();
+            let mut n = n;
+            loop {
+                i -= 1;
+                digits[i] = b'0' + (n % 10) as u8;
+                n /= 10;
+                if n == 0 {
+                    break;
+                }
+            }
+            out.extend_from_slice(&digits[i..]);
+            out.extend_from_slice(b"\r\n");
+        }
+        (_, None) => {}
     }
 }
 
@@ -201,10 +253,25 @@ pub struct RequestHead<'h, 'b> {
     pub upgrade: bool,
     /// The host to route by: the absolute-form authority, else the single Host field.
     pub host: Option<&'b [u8]>,
-    /// Origin-form target of an absolute-form request (the path it carries, or `/`).
+    /// What follows the authority in an absolute-form target: empty, `/path...` or `?query`.
     pub absolute_path: Option<&'b str>,
+    /// The Content-Length, as parsed.
+    length: Option<u64>,
     connection: Connection<'b>,
     kinds: Kinds,
+}
+
+/// How a request's client-address fields are written for the backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Forwarding<'a> {
+    /// The peer's address text, appended to `X-Forwarded-For`.
+    pub peer: &'a PeerText,
+    /// Whether the peer is a trusted proxy, whose X-Forwarded-*, `Forwarded` are kept.
+    pub trusted: bool,
+    /// The client's address for `X-Real-IP` (the peer, or from a trusted peer's chain).
+    pub client: &'a PeerText,
+    /// Drop every field name with `_`, not just the lookalikes.
+    pub drop_underscores: bool,
 }
 
 /// Parses a request head at the start of `buf`; `Ok(None)` when more bytes are needed.
@@ -224,6 +291,7 @@ pub fn parse_request<'h, 'b>(
     };
     let headers: &'h [httparse::Header<'b>] = req.headers;
     let http10 = version == 0;
+    let absolute = check_target(method, target)?;
 
     let mut connection = Connection::default();
     let mut lengths = Lengths::default();
@@ -253,15 +321,16 @@ pub fn parse_request<'h, 'b>(
     let body = match (lengths.seen_te, lengths.length) {
         (true, Some(_)) => return Err(HeadError::BadFraming),
         (true, None) if http10 => return Err(HeadError::BadFraming),
-        (true, None) if lengths.other_coding || !lengths.chunked => {
-            return Err(HeadError::UnsupportedCoding)
+        (true, None) if lengths.chunked == 0 && !lengths.other_coding => {
+            return Err(HeadError::BadFraming)
         }
+        (true, None) if !lengths.just_chunked() => return Err(HeadError::UnsupportedCoding),
         (true, None) => Framing::CHUNKED,
         (false, Some(0)) | (false, None) => Framing::Done,
         (false, Some(n)) => Framing::Length(n),
     };
 
-    let (host, absolute_path) = match split_absolute(target) {
+    let (host, absolute_path) = match absolute {
         Some((authority, path)) => (Some(authority.as_bytes()), Some(path)),
         None => (host, None),
     };
@@ -281,23 +350,46 @@ pub fn parse_request<'h, 'b>(
         upgrade: !http10 && connection.upgrade && has_upgrade,
         host,
         absolute_path,
+        length: lengths.length,
         connection,
         kinds,
     }))
 }
 
-/// `http://authority/path?q` → (`authority`, `/path?q`); `None` for origin-form targets.
-fn split_absolute(target: &str) -> Option<(&str, &str)> {
-    if target.starts_with('/') || target == "*" {
-        return None;
+/// Checks the request target's form (RFC 9112 §3.2): origin-form, absolute-form with an
+/// http(s) scheme, `*` for OPTIONS, or anything for CONNECT (which is refused later). No
+/// fragment and nothing outside ASCII. Returns the authority and the rest of an
+/// absolute-form target.
+fn check_target<'b>(
+    method: &str,
+    target: &'b str,
+) -> Result<Option<(&'b str, &'b str)>, HeadError> {
+    if method == "CONNECT" {
+        return Ok(None);
     }
-    let (_scheme, rest) = target.split_once("://")?;
+    if target.bytes().any(|b| b == b'#' || !b.is_ascii()) {
+        return Err(HeadError::Malformed);
+    }
+    if target.starts_with('/') {
+        return Ok(None);
+    }
+    if target == "*" {
+        return if method == "OPTIONS" {
+            Ok(None)
+        } else {
+            Err(HeadError::Malformed)
+        };
+    }
+    let (scheme, rest) = target.split_once("://").ok_or(HeadError::Malformed)?;
+    if !scheme.eq_ignore_ascii_case("http") && !scheme.eq_ignore_ascii_case("https") {
+        return Err(HeadError::Malformed);
+    }
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
-    // `http://host?q` has an empty path: the origin-form is then `/?q`, which we cannot
-    // borrow, so such a target keeps only its path `/`.
-    let path = if path.starts_with('/') { path } else { "/" };
-    Some((authority, path))
+    if authority.is_empty() {
+        return Err(HeadError::Malformed);
+    }
+    Ok(Some((authority, path)))
 }
 
 impl RequestHead<'_, '_> {
@@ -314,9 +406,14 @@ impl RequestHead<'_, '_> {
         )
     }
 
-    /// The path (and query, with `with_query`) for URL hashing.
+    /// The path (and query, with `with_query`) for URL hashing. An absolute-form target
+    /// with an empty path hashes as `/`.
     pub fn hash_path(&self, with_query: bool) -> &[u8] {
-        let target = self.absolute_path.unwrap_or(self.target);
+        let target = match self.absolute_path {
+            Some("") => "/",
+            Some(p) => p,
+            None => self.target,
+        };
         let path = if with_query {
             target
         } else {
@@ -336,14 +433,22 @@ impl RequestHead<'_, '_> {
 
     /// Writes the head the backend gets into `out`: HTTP/1.1 (1.0 for 1.0 clients, so the
     /// backend never answers them chunked), origin-form, hop-by-hop fields out, framing
-    /// fields kept (the body passes verbatim), and X-Forwarded-For/Host/Proto set. From a
-    /// trusted peer the existing chain, host and proto are kept (nginx terminating TLS says
-    /// `https`); from anyone else they are replaced.
-    pub fn write_backend(&self, out: &mut Vec<u8>, peer: &PeerText, peer_trusted: bool) {
-        let target = self.absolute_path.unwrap_or(self.target);
+    /// fields written once as parsed (the body passes verbatim), and X-Forwarded-For/Host/
+    /// Proto and X-Real-IP set. From a trusted peer the existing chain, host, proto and
+    /// `Forwarded` are kept (nginx terminating TLS says `https`); from anyone else they are
+    /// replaced or dropped. Names with `_` that read as one of these are always dropped.
+    pub fn write_backend(&self, out: &mut Vec<u8>, fwd: &Forwarding<'_>) {
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
-        out.extend_from_slice(target.as_bytes());
+        match self.absolute_path {
+            // `http://h?q` has an empty path, which is `/` in origin-form (RFC 9110 §4.2.3).
+            Some(p) if !p.starts_with('/') => {
+                out.push(b'/');
+                out.extend_from_slice(p.as_bytes());
+            }
+            Some(p) => out.extend_from_slice(p.as_bytes()),
+            None => out.extend_from_slice(self.target.as_bytes()),
+        }
         out.extend_from_slice(if self.http10 {
             b" HTTP/1.0\r\n"
         } else {
@@ -351,49 +456,55 @@ impl RequestHead<'_, '_> {
         });
         let mut forwarded_host = false;
         let mut forwarded_proto = false;
-        let mut chain = false;
+        let mut framing = false;
         let absolute = self.absolute_path.is_some();
         for (h, kind) in self.headers.iter().zip(&self.kinds) {
             match kind {
-                Field::ForwardedFor | Field::Connection | Field::HopByHop => continue,
+                Field::ForwardedFor
+                | Field::Connection
+                | Field::HopByHop
+                | Field::RealIp
+                | Field::Lookalike => continue,
                 Field::Host if absolute => continue,
-                Field::ForwardedHost | Field::ForwardedProto if !peer_trusted => continue,
+                Field::ForwardedHost | Field::ForwardedProto | Field::Forwarded if !fwd.trusted => {
+                    continue
+                }
                 Field::ForwardedHost => forwarded_host = true,
                 Field::ForwardedProto => forwarded_proto = true,
-                // Kept: the body is relayed in its own framing.
-                Field::TransferEncoding => {}
+                Field::Forwarded => {}
+                // The body is relayed in its own framing, described once and plainly.
+                // Connection cannot drop these or Host: the backend must frame the body
+                // the way we relay it.
+                Field::TransferEncoding | Field::ContentLength => {
+                    framing_field(out, *kind, &mut framing, self.length);
+                    continue;
+                }
                 Field::Upgrade if self.upgrade => {}
                 Field::Upgrade => continue,
-                // Host and the body's length are never dropped, even when `Connection`
-                // names them: the backend must frame the body the way we relay it.
-                Field::Host | Field::ContentLength => {}
+                Field::Host => {}
                 Field::Other => {
-                    if self.connection.names(h.name) {
+                    if self.connection.names(h.name)
+                        || (fwd.drop_underscores && h.name.as_bytes().contains(&b'_'))
+                    {
                         continue;
                     }
                 }
             }
             field(out, h.name.as_bytes(), h.value);
         }
-        if self.absolute_path.is_some() {
+        if absolute {
             if let Some(host) = self.host {
                 field(out, b"Host", host);
             }
         }
         out.extend_from_slice(b"X-Forwarded-For: ");
-        if peer_trusted {
-            for v in self.forwarded_for() {
-                if chain {
-                    out.extend_from_slice(b", ");
-                }
+        if fwd.trusted {
+            for v in self.forwarded_for().filter(|v| !v.trim_ascii().is_empty()) {
                 out.extend_from_slice(v);
-                chain = true;
+                out.extend_from_slice(b", ");
             }
         }
-        if chain {
-            out.extend_from_slice(b", ");
-        }
-        out.extend_from_slice(peer.as_bytes());
+        out.extend_from_slice(fwd.peer.as_bytes());
         out.extend_from_slice(b"\r\n");
         if !forwarded_host {
             if let Some(host) = self.host {
@@ -403,6 +514,7 @@ impl RequestHead<'_, '_> {
         if !forwarded_proto {
             out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
         }
+        field(out, b"X-Real-IP", fwd.client.as_bytes());
         if self.upgrade {
             out.extend_from_slice(b"Connection: upgrade\r\n");
         }
@@ -458,6 +570,8 @@ pub struct ResponseHead<'h, 'b> {
     kinds: Kinds,
     /// Transfer-Encoding came with it: a Content-Length beside it is not forwarded.
     has_coding: bool,
+    /// The Content-Length, as parsed.
+    length: Option<u64>,
 }
 
 /// Parses a response head at the start of `buf` for a request that was (or not) HEAD.
@@ -492,15 +606,15 @@ pub fn parse_response<'h, 'b>(
             _ => {}
         }
     }
+    // Only `chunked` is relayed: another coding (which would be delimited by close) or a
+    // repeated chunked is a framing the client might read differently (nginx refuses too).
+    if lengths.seen_te && !lengths.just_chunked() {
+        return Err(HeadError::BadFraming);
+    }
     let body = if head_request || (100..200).contains(&status) || status == 204 || status == 304 {
         Framing::Done
     } else if lengths.seen_te {
-        // Chunked last means chunked; any other coding is delimited by close.
-        if lengths.chunked && !lengths.other_coding {
-            Framing::CHUNKED
-        } else {
-            Framing::UntilClose
-        }
+        Framing::CHUNKED
     } else {
         match lengths.length {
             Some(0) => Framing::Done,
@@ -523,26 +637,39 @@ pub fn parse_response<'h, 'b>(
         connection,
         kinds,
         has_coding: lengths.seen_te,
+        length: lengths.length,
     }))
 }
 
 impl ResponseHead<'_, '_> {
-    /// Writes the head the client gets: HTTP/1.1, hop-by-hop fields out, framing kept; with
-    /// `close`, `Connection: close`; with `keep_alive_10` (an HTTP/1.0 client that asked),
-    /// `Connection: keep-alive`; a 101 keeps its `Upgrade` and says `Connection: upgrade`.
-    pub fn write_client(&self, out: &mut Vec<u8>, close: bool, keep_alive_10: bool) {
+    /// Writes the head the client gets: HTTP/1.1, hop-by-hop fields out, framing fields
+    /// written once as parsed; with `close`, `Connection: close`; with `keep_alive_10` (an
+    /// HTTP/1.0 client that asked), `Connection: keep-alive`; with `dechunk` (the body is
+    /// sent de-chunked and delimited by close), no Transfer-Encoding; a 101 keeps its
+    /// `Upgrade` and says `Connection: upgrade`.
+    pub fn write_client(&self, out: &mut Vec<u8>, close: bool, keep_alive_10: bool, dechunk: bool) {
         out.extend_from_slice(b"HTTP/1.1 ");
         write_status(out, self.status);
         out.push(b' ');
         out.extend_from_slice(self.reason.as_bytes());
         out.extend_from_slice(b"\r\n");
         let upgrade = self.status == 101;
+        let mut framing = false;
         for (h, kind) in self.headers.iter().zip(&self.kinds) {
             let keep = match kind {
                 Field::Connection | Field::HopByHop => false,
-                Field::TransferEncoding => true,
                 // RFC 9112 §6.3: Transfer-Encoding overrides Content-Length; drop the latter.
-                Field::ContentLength => !self.has_coding,
+                Field::TransferEncoding | Field::ContentLength => {
+                    let drop = if *kind == Field::TransferEncoding {
+                        dechunk
+                    } else {
+                        self.has_coding
+                    };
+                    if !drop {
+                        framing_field(out, *kind, &mut framing, self.length);
+                    }
+                    false
+                }
                 Field::Upgrade => upgrade,
                 _ => !self.connection.names(h.name),
             };
@@ -593,11 +720,111 @@ mod tests {
     use super::*;
 
     fn backend_head(raw: &[u8], peer: &str, trusted: bool) -> String {
+        backend_head_with(raw, peer, trusted, false)
+    }
+
+    fn backend_head_with(raw: &[u8], peer: &str, trusted: bool, drop_all: bool) -> String {
         let mut slots = slots();
         let head = parse_request(raw, &mut slots).unwrap().unwrap();
         let mut out = Vec::new();
-        head.write_backend(&mut out, &PeerText::new(peer.parse().unwrap()), trusted);
+        let peer = PeerText::new(peer.parse().unwrap());
+        let fwd = Forwarding {
+            peer: &peer,
+            trusted,
+            client: &peer,
+            drop_underscores: drop_all,
+        };
+        head.write_backend(&mut out, &fwd);
         String::from_utf8(out).unwrap()
+    }
+
+    fn refused(raw: &[u8]) -> Option<HeadError> {
+        let mut slots = slots();
+        parse_request(raw, &mut slots).err()
+    }
+
+    #[test]
+    fn request_targets() {
+        for bad in [
+            &b"GET * HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET abc HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET a:80 HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http:/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",
+        ] {
+            assert_eq!(
+                refused(bad),
+                Some(HeadError::Malformed),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let out = backend_head(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", "10.0.0.1", false);
+        assert!(out.starts_with("OPTIONS * HTTP/1.1\r\n"), "{out}");
+        let out = backend_head(
+            b"GET http://a.test?q=1 HTTP/1.1\r\nHost: b\r\n\r\n",
+            "10.0.0.1",
+            false,
+        );
+        assert!(
+            out.starts_with("GET /?q=1 HTTP/1.1\r\nHost: a.test\r\n"),
+            "{out}"
+        );
+        let out = backend_head(b"GET HTTPS://a.test HTTP/1.1\r\n\r\n", "10.0.0.1", false);
+        assert!(
+            out.starts_with("GET / HTTP/1.1\r\nHost: a.test\r\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn framing_fields_are_written_once_as_parsed() {
+        let out = backend_head(
+            b"PUT / HTTP/1.1\r\nHost: a\r\ncontent-length: 005\r\nX: 1\r\nContent-Length: 5\r\n\r\n",
+            "10.0.0.1",
+            false,
+        );
+        assert!(out.contains("\r\nContent-Length: 5\r\nX: 1\r\n"), "{out}");
+        assert_eq!(out.matches("ength").count(), 1, "{out}");
+        let out = backend_head(
+            b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: ,Chunked ,\r\n\r\n",
+            "10.0.0.1",
+            false,
+        );
+        assert!(out.contains("\r\nTransfer-Encoding: chunked\r\n"), "{out}");
+        for (raw, e) in [
+            (&b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n"[..], HeadError::UnsupportedCoding),
+            (b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", HeadError::UnsupportedCoding),
+            (b"PUT / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n", HeadError::BadFraming),
+            (b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", HeadError::BadFraming),
+            (b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", HeadError::BadFraming),
+            (b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\n", HeadError::BadFraming),
+            (b"PUT / HTTP/1.1\r\nHost: a\r\nContent-Length:\r\n\r\n", HeadError::BadFraming),
+        ] {
+            assert_eq!(refused(raw), Some(e), "{}", String::from_utf8_lossy(raw));
+        }
+    }
+
+    #[test]
+    fn client_address_fields() {
+        let raw = b"GET / HTTP/1.1\r\nHost: a\r\nX_Forwarded_For: 1.1.1.1\r\nx_forwarded_host: evil\r\nX-Forwarded_Proto: https\r\nX_Real_IP: 1.1.1.1\r\nX-Real-IP: 2.2.2.2\r\nForwarded: for=3.3.3.3\r\nContent_Length: 9\r\nX_Other: kept\r\n\r\n";
+        let out = backend_head(raw, "198.51.100.1", false);
+        assert_eq!(
+            out,
+            "GET / HTTP/1.1\r\nHost: a\r\nX_Other: kept\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: a\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.1\r\n\r\n"
+        );
+        // A trusted peer keeps Forwarded; lookalikes go whoever sends them.
+        let out = backend_head(raw, "127.0.0.1", true);
+        assert!(out.contains("Forwarded: for=3.3.3.3\r\n"), "{out}");
+        for gone in ["X_F", "x_f", "X-Forwarded_", "X_R", "Content_"] {
+            assert!(!out.contains(gone), "{out}");
+        }
+        // underscore_headers = "all" drops every name with `_`.
+        let out = backend_head_with(raw, "198.51.100.1", false, true);
+        assert!(!out.contains('_'), "{out}");
     }
 
     #[test]
@@ -616,7 +843,10 @@ mod tests {
             assert_ne!(classify(name), Field::Other, "{name}");
         }
         assert_eq!(classify("X-Forwarded-For"), Field::ForwardedFor);
-        assert_eq!(classify("x-real-ip"), Field::Other);
+        assert_eq!(classify("x-real-ip"), Field::RealIp);
+        assert_eq!(classify("X_Real_Ip"), Field::Lookalike);
+        assert_eq!(classify("Transfer_Encoding"), Field::Lookalike);
+        assert_eq!(classify("x_custom"), Field::Other);
     }
 
     #[test]
@@ -624,11 +854,11 @@ mod tests {
         let raw = b"POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nConnection: keep-alive, x-secret\r\nKeep-Alive: 5\r\nX-Secret: 1\r\nTE: trailers\r\nProxy: http://evil\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\n\r\n";
         assert_eq!(
             backend_head(raw, "198.51.100.1", false),
-            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Forwarded-Proto: http\r\n\r\n"
+            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.1\r\n\r\n"
         );
         assert_eq!(
             backend_head(raw, "127.0.0.1", true),
-            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\nX-Forwarded-For: 6.6.6.6, 127.0.0.1\r\nX-Forwarded-Host: chat.app.test\r\n\r\n"
+            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\nX-Forwarded-For: 6.6.6.6, 127.0.0.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Real-IP: 127.0.0.1\r\n\r\n"
         );
     }
 
@@ -654,9 +884,10 @@ mod tests {
         let mut slots = slots();
         let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
-        r.write_client(&mut out, false, false);
+        r.write_client(&mut out, false, false, false);
         let out = String::from_utf8(out).unwrap();
         assert!(!out.contains("Content-Length"), "{out}");
+        assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
     }
 
     #[test]
@@ -765,13 +996,13 @@ mod tests {
         let mut slots = slots();
         let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
-        r.write_client(&mut out, false, false);
+        r.write_client(&mut out, false, false, false);
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nX-App: yes\r\n\r\n"
         );
         let mut out = Vec::new();
-        r.write_client(&mut out, true, false);
+        r.write_client(&mut out, true, false, false);
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("Connection: close\r\n\r\n"));

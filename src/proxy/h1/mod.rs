@@ -12,6 +12,7 @@ pub mod head;
 use std::future::{poll_fn, Future};
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Duration;
@@ -24,7 +25,7 @@ use tokio::time::{Instant, Sleep};
 
 pub use backend::BackendConn;
 use framing::{Framing, FramingError};
-use head::{parse_request, parse_response, slots, write_local, HeadError, PeerText};
+use head::{parse_request, parse_response, slots, write_local, Forwarding, HeadError, PeerText};
 
 use super::body::InFlight;
 use super::upstream::connect_tcp;
@@ -219,6 +220,14 @@ impl Conn<'_> {
         };
         let proxy = self.proxy;
         proxy.requests.increment(1);
+        // Body bytes that came with the head are checked before anything is routed, so a
+        // malformed chunk never costs a backend connection.
+        if head.body.is_chunked() {
+            let mut probe = head.body;
+            if probe.advance(&buf[head.len..]).is_err() {
+                return Some(Step::Bad(HeadError::BadFraming));
+            }
+        }
         // Answers given before the body is read close the connection when there is a body.
         let has_body = !head.body.is_done();
         let head_len = head.len;
@@ -263,18 +272,35 @@ impl Conn<'_> {
         if service.routable == 0 {
             return local(ProxyError::NoHealthyInstance, Some(service));
         }
-        let peer_ip = self.peer.ip();
+        // The client's address: the peer, or from a trusted peer's X-Forwarded-For chain.
+        let peer_ip = headers::canonical(self.peer.ip());
+        let client_ip = if self.peer_trusted {
+            headers::client_ip_in(head.forwarded_for(), peer_ip, &proxy.trusted)
+        } else {
+            peer_ip
+        };
         let key = match service.strategy() {
-            Strategy::IpHash => {
-                match headers::client_ip_in(head.forwarded_for(), peer_ip, &proxy.trusted) {
-                    std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-                    std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
-                }
-            }
+            Strategy::IpHash => match client_ip {
+                std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
+                std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
+            },
             Strategy::UrlHash => hash_bytes(head.hash_path(proxy.hash_query)),
             Strategy::Random | Strategy::LeastLoad => 0,
         };
-        head.write_backend(&mut self.wbuf, &self.peer_text, self.peer_trusted);
+        let client_text;
+        let client = if client_ip == peer_ip {
+            &self.peer_text
+        } else {
+            client_text = PeerText::new(client_ip);
+            &client_text
+        };
+        let fwd = Forwarding {
+            peer: &self.peer_text,
+            trusted: self.peer_trusted,
+            client,
+            drop_underscores: proxy.drop_underscores,
+        };
+        head.write_backend(&mut self.wbuf, &fwd);
         let ex = Exchange {
             service,
             key,
@@ -469,6 +495,9 @@ impl Conn<'_> {
 
         let closing = self.closing();
         let replayable = reused && ex.replayable;
+        // Whether any response byte went to the client: until then a broken request body
+        // can still be answered with a 400. (An atomic only so the future stays Send.)
+        let sent = AtomicBool::new(false);
         let (result, uploaded) = if body.is_done() {
             let r = respond(
                 &mut self.client,
@@ -480,6 +509,7 @@ impl Conn<'_> {
                 ex,
                 replayable,
                 closing,
+                &sent,
             )
             .await;
             (r, true)
@@ -504,6 +534,7 @@ impl Conn<'_> {
                 ex,
                 false,
                 closing,
+                &sent,
             ));
             let mut uploaded = false;
             let r = loop {
@@ -512,6 +543,10 @@ impl Conn<'_> {
                     r = &mut respond => break r,
                     u = &mut upload, if !uploaded => match u {
                         Ok(()) => uploaded = true,
+                        Err(UploadError::Framing(_)) if !sent.load(Ordering::Relaxed) => {
+                            tracing::debug!(peer = %self.peer, "malformed request body");
+                            break Err(Failure::Answer(ProxyError::BadBody));
+                        }
                         Err(e) => {
                             tracing::debug!(peer = %self.peer, error = %e, "request body broke off");
                             break Err(Failure::Abort);
@@ -659,6 +694,7 @@ async fn respond<C, B>(
     ex: &Exchange,
     replayable: bool,
     closing: bool,
+    sent: &AtomicBool,
 ) -> Result<Relayed, Failure>
 where
     C: AsyncWrite + Unpin,
@@ -677,10 +713,22 @@ where
             match parse_response(bbuf, &mut slots, ex.head_request) {
                 Ok(Some(h)) => {
                     let interim = (100..200).contains(&h.status) && h.status != 101;
-                    let close = !ex.keep_alive || closing || h.body == Framing::UntilClose;
+                    // HTTP/1.0 clients cannot take chunked (RFC 9112 §7.1): they get the
+                    // payload delimited by close, as nginx sends it.
+                    let dechunk = ex.http10 && h.body.is_chunked();
+                    let close =
+                        !ex.keep_alive || closing || h.body == Framing::UntilClose || dechunk;
                     wbuf.clear();
-                    h.write_client(wbuf, close && !interim, ex.http10 && !close);
-                    Some((h.len, h.status, h.body, h.keep_alive, interim, close))
+                    h.write_client(wbuf, close && !interim, ex.http10 && !close, dechunk);
+                    Some((
+                        h.len,
+                        h.status,
+                        h.body,
+                        h.keep_alive,
+                        interim,
+                        close,
+                        dechunk,
+                    ))
                 }
                 Ok(None) => None,
                 Err(e) => {
@@ -689,7 +737,7 @@ where
                 }
             }
         };
-        let Some((len, status, mut body, backend_keep, interim, close)) = parsed else {
+        let Some((len, status, mut body, backend_keep, interim, close, dechunk)) = parsed else {
             if bbuf.capacity() - bbuf.len() < 1024 {
                 bbuf.reserve(BACKEND_BUF);
             }
@@ -712,8 +760,12 @@ where
             continue;
         };
         if interim {
-            // 100 Continue and friends go to the client as they are; the real answer follows.
-            timed(timer.within(timeout, client.write_all(wbuf)).await)?;
+            // 100 Continue and friends go to the client as they are, except to HTTP/1.0
+            // clients, which must never get one (RFC 9110 §15.2); the real answer follows.
+            if !ex.http10 {
+                sent.store(true, Ordering::Relaxed);
+                timed(timer.within(timeout, client.write_all(wbuf)).await)?;
+            }
             bbuf.drain(..len);
             continue;
         }
@@ -723,6 +775,7 @@ where
                     "unexpected 101".into(),
                 )));
             }
+            sent.store(true, Ordering::Relaxed);
             timed(timer.within(timeout, client.write_all(wbuf)).await)?;
             return Ok(Relayed {
                 status,
@@ -730,13 +783,20 @@ where
                 end: End::Upgraded(bbuf[len..].to_vec()),
             });
         }
-        // Head plus the body bytes that came with it, in one write.
+        // Head plus the body bytes that came with it, in one write. A body we cannot follow
+        // is never relayed: before the head went out that is a 502, after it a cut.
         let rest = &bbuf[len..];
-        let n = body.advance(rest).map_err(|_| Failure::Abort)?;
-        wbuf.extend_from_slice(&rest[..n]);
+        let n = if dechunk {
+            body.advance_payload(rest, wbuf)
+        } else {
+            body.advance(rest)
+                .inspect(|&n| wbuf.extend_from_slice(&rest[..n]))
+        }
+        .map_err(|e| Failure::Answer(ProxyError::Upstream(e.to_string())))?;
         let mut leftover = rest.len() > n;
         // From here each read and write may stall at most `timeout` (as nginx's
         // proxy_read_timeout and send_timeout); a stalled body is cut off.
+        sent.store(true, Ordering::Relaxed);
         timed(timer.within(timeout, client.write_all(wbuf)).await)?;
         while !body.is_done() {
             bbuf.clear();
@@ -749,9 +809,19 @@ where
                 Some(Ok(0)) | Some(Err(_)) | None => return Err(Failure::Abort),
                 Some(Ok(n)) => n,
             };
-            let used = body.advance(&bbuf[..n]).map_err(|_| Failure::Abort)?;
-            leftover |= used < n;
-            timed(timer.within(timeout, client.write_all(&bbuf[..used])).await)?;
+            let out = if dechunk {
+                wbuf.clear();
+                let used = body
+                    .advance_payload(&bbuf[..n], wbuf)
+                    .map_err(|_| Failure::Abort)?;
+                leftover |= used < n;
+                &wbuf[..]
+            } else {
+                let used = body.advance(&bbuf[..n]).map_err(|_| Failure::Abort)?;
+                leftover |= used < n;
+                &bbuf[..used]
+            };
+            timed(timer.within(timeout, client.write_all(out)).await)?;
         }
         return Ok(Relayed {
             status,
