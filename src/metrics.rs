@@ -40,6 +40,10 @@ fn describe() {
         "Requests retried on another instance after a connect failure."
     );
     metrics::describe_gauge!("consul_router_services", "Services in the routing table.");
+    metrics::describe_counter!(
+        "consul_router_consul_requests_total",
+        "Requests to Consul's HTTP API by endpoint and outcome."
+    );
     metrics::describe_gauge!(
         "consul_router_upgraded_connections",
         "Open upgraded (WebSocket) tunnels."

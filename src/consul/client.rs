@@ -187,6 +187,18 @@ impl ConsulClient {
         wait: Duration,
         stale: bool,
     ) -> Result<Indexed<T>, ConsulError> {
+        let r = self.get(path, index, wait, stale).await;
+        count(path, &r);
+        r
+    }
+
+    async fn get<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        index: u64,
+        wait: Duration,
+        stale: bool,
+    ) -> Result<Indexed<T>, ConsulError> {
         let sep = if path.contains('?') { '&' } else { '?' };
         let mut url = format!("{}{}{}", self.base, path, sep);
         if index > 0 {
@@ -223,11 +235,16 @@ impl ConsulClient {
 
     async fn send(&self, method: Method, path: &str, body: Vec<u8>) -> Result<(), ConsulError> {
         let url = format!("{}{}", self.base, path);
-        let (status, _, body) =
-            tokio::time::timeout(Duration::from_secs(30), self.exchange(method, &url, body))
+        let r =
+            match tokio::time::timeout(Duration::from_secs(30), self.exchange(method, &url, body))
                 .await
-                .map_err(|_| ConsulError::Timeout)??;
-        check_status(status, &body)
+            {
+                Err(_) => Err(ConsulError::Timeout),
+                Ok(Err(e)) => Err(e),
+                Ok(Ok((status, _, body))) => check_status(status, &body),
+            };
+        count(path, &r);
+        r
     }
 
     async fn exchange(
@@ -259,6 +276,40 @@ impl ConsulClient {
             .to_bytes();
         Ok((parts.status, parts.headers, body))
     }
+}
+
+/// The endpoint label for a request path: its API route without the parts that name a
+/// service or an ID, so the label set stays bounded.
+fn endpoint(path: &str) -> &'static str {
+    let path = path.split('?').next().unwrap_or(path);
+    match path {
+        "/v1/catalog/services" => "catalog_services",
+        "/v1/health/state/any" => "health_state",
+        "/v1/status/leader" => "status_leader",
+        "/v1/agent/service/register" => "agent_register",
+        p if p.starts_with("/v1/health/service/") => "health_service",
+        p if p.starts_with("/v1/agent/service/deregister/") => "agent_deregister",
+        p if p.starts_with("/v1/agent/check/update/") => "agent_check_update",
+        _ => "other",
+    }
+}
+
+/// Counts one Consul request by endpoint and outcome.
+fn count<T>(path: &str, r: &Result<T, ConsulError>) {
+    let outcome = match r {
+        Ok(_) => "ok",
+        Err(ConsulError::Timeout) => "timeout",
+        Err(ConsulError::Transport(_)) => "transport_error",
+        Err(ConsulError::Status { .. }) => "status_error",
+        Err(ConsulError::Decode(_)) => "decode_error",
+        Err(ConsulError::Setup(_)) => "setup_error",
+    };
+    metrics::counter!(
+        "consul_router_consul_requests_total",
+        "endpoint" => endpoint(path),
+        "outcome" => outcome
+    )
+    .increment(1);
 }
 
 fn check_status(status: StatusCode, body: &[u8]) -> Result<(), ConsulError> {
@@ -295,6 +346,20 @@ fn encode_segment(raw: &str, out: &mut String) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_labels_are_bounded() {
+        assert_eq!(endpoint("/v1/health/service/web%20app"), "health_service");
+        assert_eq!(
+            endpoint("/v1/catalog/services?consistent"),
+            "catalog_services"
+        );
+        assert_eq!(
+            endpoint("/v1/agent/service/deregister/x-1"),
+            "agent_deregister"
+        );
+        assert_eq!(endpoint("/v1/kv/x"), "other");
+    }
 
     #[test]
     fn encodes_segments() {
