@@ -12,6 +12,7 @@ pub mod proxy;
 pub mod routing;
 pub mod server;
 pub mod tls;
+pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -3,7 +3,65 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics::{Counter, Histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+use crate::upstream::ErrorKind;
+
+/// Latency buckets (seconds) for the duration histograms: 1 ms to 60 s.
+const BUCKETS: [f64; 16] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0,
+];
+
+/// A service's request metrics, registered once when the service enters the routing table so
+/// that a request does no lookup by label.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    /// `consul_router_requests_total{service,code}` by status class 1xx..5xx.
+    requests: [Counter; 5],
+    /// `consul_router_request_duration_seconds{service}`: head received to response ended.
+    pub duration: Histogram,
+    /// `consul_router_upstream_duration_seconds{service}`: sent to the backend's response head.
+    pub upstream_duration: Histogram,
+    /// `consul_router_upstream_errors_total{service,kind}`, in [`ErrorKind::ALL`] order.
+    upstream_errors: [Counter; 5],
+    /// `consul_router_retries_total{service}`.
+    pub retries: Counter,
+}
+
+impl ServiceMetrics {
+    /// Registers the metrics of service `name` (`unknown` for requests no service took).
+    pub fn new(name: &str) -> Self {
+        let service = name.to_owned();
+        let code = |c: &'static str| metrics::counter!("consul_router_requests_total", "service" => service.clone(), "code" => c);
+        let kind = |k: ErrorKind| metrics::counter!("consul_router_upstream_errors_total", "service" => service.clone(), "kind" => k.as_str());
+        ServiceMetrics {
+            requests: [
+                code("1xx"),
+                code("2xx"),
+                code("3xx"),
+                code("4xx"),
+                code("5xx"),
+            ],
+            duration: metrics::histogram!("consul_router_request_duration_seconds", "service" => service.clone()),
+            upstream_duration: metrics::histogram!("consul_router_upstream_duration_seconds", "service" => service.clone()),
+            upstream_errors: ErrorKind::ALL.map(kind),
+            retries: metrics::counter!("consul_router_retries_total", "service" => service.clone()),
+        }
+    }
+
+    /// Counts a request answered with `status`.
+    pub fn count(&self, status: u16) {
+        let i = usize::from((status / 100).clamp(1, 5) - 1);
+        self.requests[i].increment(1);
+    }
+
+    /// Counts a failed exchange with a backend.
+    pub fn upstream_error(&self, kind: ErrorKind) {
+        let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        self.upstream_errors[i].increment(1);
+    }
+}
 
 /// The process-wide Prometheus handle. The `metrics` facade has a single global recorder, so
 /// the first call installs it and later calls share it.
@@ -11,7 +69,10 @@ pub fn handle() -> PrometheusHandle {
     static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
     HANDLE
         .get_or_init(|| {
-            let recorder = PrometheusBuilder::new().build_recorder();
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), &BUCKETS)
+                .map(PrometheusBuilder::build_recorder)
+                .unwrap_or_else(|_| PrometheusBuilder::new().build_recorder());
             let handle = recorder.handle();
             if metrics::set_global_recorder(recorder).is_err() {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
@@ -25,11 +86,25 @@ pub fn handle() -> PrometheusHandle {
 fn describe() {
     metrics::describe_counter!(
         "consul_router_requests_total",
-        "Requests received by the proxy."
+        "Requests by service and status class, local answers included (service \"unknown\" when no service took the request)."
+    );
+    metrics::describe_histogram!(
+        "consul_router_request_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from a request's head to the end of its response."
+    );
+    metrics::describe_histogram!(
+        "consul_router_upstream_duration_seconds",
+        metrics::Unit::Seconds,
+        "Time from sending a request to a backend to its response head."
     );
     metrics::describe_counter!(
-        "consul_router_responses_total",
-        "Responses per service and status class, local answers included."
+        "consul_router_upstream_errors_total",
+        "Failed exchanges with backends by kind."
+    );
+    metrics::describe_counter!(
+        "consul_router_retries_total",
+        "Requests sent again to another instance or connection."
     );
     metrics::describe_counter!(
         "consul_router_no_route_total",
