@@ -120,8 +120,15 @@ fn main() {
             default_strategy: consul_router::balance::Strategy::Random,
             include_warning: false,
             max_idle_per_instance: 64,
+            exclude_services: vec![],
+            expose: consul_router::config::Expose::All,
         };
-        routes.store(build(&catalog, &opts, &mut StateRegistry::default()));
+        routes.store(build(
+            &catalog,
+            &Default::default(),
+            &opts,
+            &mut StateRegistry::default(),
+        ));
         let cfg = Config::default();
         let proxy = Arc::new(Proxy::new(&cfg, routes));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();

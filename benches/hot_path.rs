@@ -41,13 +41,15 @@ fn opts() -> BuildOptions {
         default_strategy: Strategy::Random,
         include_warning: false,
         max_idle_per_instance: 64,
+        exclude_services: vec![],
+        expose: consul_router::config::Expose::All,
     }
 }
 
 fn benches(c: &mut Criterion) {
     let cat = catalog(2_000, 5);
     let mut reg = StateRegistry::default();
-    let table = build(&cat, &opts(), &mut reg);
+    let table = build(&cat, &Default::default(), &opts(), &mut reg);
 
     c.bench_function("lookup/2000-services/normalize+lookup", |b| {
         b.iter(|| {
@@ -140,7 +142,7 @@ fn benches(c: &mut Criterion) {
     let mut group = c.benchmark_group("rebuild");
     group.sample_size(20);
     group.bench_function("2000-services-x5", |b| {
-        b.iter(|| black_box(build(&cat, &opts(), &mut reg)))
+        b.iter(|| black_box(build(&cat, &Default::default(), &opts(), &mut reg)))
     });
     group.finish();
 }

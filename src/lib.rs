@@ -104,6 +104,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         default_strategy: cfg.strategy,
         include_warning: cfg.include_warning,
         max_idle_per_instance: cfg.proxy.max_idle_per_instance,
+        exclude_services: cfg.exclude_services.clone(),
+        expose: cfg.expose,
     };
     let discovery = Discovery::new(client, cfg.consul.clone(), build, routes.clone()).spawn();
 

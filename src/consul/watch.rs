@@ -23,7 +23,7 @@ use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
 use crate::config::ConsulConfig;
-use crate::routing::{build, BuildOptions, InstanceSpec, Routes, StateRegistry};
+use crate::routing::{build, BuildOptions, CatalogTags, InstanceSpec, Routes, StateRegistry};
 
 use super::client::ConsulClient;
 use super::supervise::{supervise, AbortOnDrop, Backoff};
@@ -60,8 +60,9 @@ pub struct Discovery {
 
 #[derive(Debug, Default)]
 struct Model {
-    /// `/v1/catalog/services`; `None` until its first answer.
-    catalog: Option<HashMap<String, Vec<String>>>,
+    /// `/v1/catalog/services` without excluded names; `None` until its first answer. Shared
+    /// with the rebuilder, whose build reads its tags.
+    catalog: Option<Arc<CatalogTags>>,
     /// Instances per service, as last read.
     instances: BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
     /// Services with their own long-poll.
@@ -70,6 +71,20 @@ struct Model {
     pending: BTreeSet<String>,
     /// Fingerprints of each service's (and node's) checks from `/v1/health/state/any`.
     fingerprints: HashMap<String, u64>,
+}
+
+impl Model {
+    /// The instances the build reads. Every listed service goes in: one not read yet is known,
+    /// with no instance (503), never unknown (404), unless the catalog's tags hide it.
+    fn build_input(&self, catalog: &CatalogTags) -> BTreeMap<Arc<str>, Arc<[InstanceSpec]>> {
+        let mut snapshot = self.instances.clone();
+        for name in catalog.keys() {
+            if !snapshot.contains_key(name.as_str()) {
+                snapshot.insert(Arc::from(name.as_str()), Arc::from(Vec::new()));
+            }
+        }
+        snapshot
+    }
 }
 
 /// Keeps discovery running; dropping it stops every task and watch.
@@ -201,7 +216,9 @@ impl Discovery {
         }
     }
 
-    fn apply_catalog(&self, new: HashMap<String, Vec<String>>) {
+    fn apply_catalog(&self, mut new: CatalogTags) {
+        // Excluded services are never routed: never watched or read either.
+        new.retain(|name, _| !self.build.is_excluded(name));
         let mut removed = false;
         let mut queued = false;
         {
@@ -217,7 +234,7 @@ impl Discovery {
                     queued |= st.pending.insert(name.clone());
                 }
             }
-            st.catalog = Some(new);
+            st.catalog = Some(Arc::new(new));
         }
         self.reconcile();
         if removed {
@@ -519,9 +536,11 @@ impl Discovery {
                     tokio::time::timeout(Duration::from_millis(200), self.changed.notified()).await;
             }
             tokio::time::sleep(self.cfg.coalesce).await;
-            let snapshot = {
+            let (snapshot, catalog_tags) = {
                 let st = self.lock();
-                let Some(catalog) = &st.catalog else { continue };
+                let Some(catalog) = st.catalog.clone() else {
+                    continue;
+                };
                 let since = *first_catalog.get_or_insert_with(Instant::now);
                 let complete = catalog
                     .keys()
@@ -534,28 +553,22 @@ impl Discovery {
                         "some services could not be read yet; they answer 503 until they are"
                     );
                 }
-                // Every listed service is in the table: one not read yet is known, with no
-                // instance (503), never unknown (404).
-                let mut snapshot = st.instances.clone();
-                for name in catalog.keys() {
-                    if !snapshot.contains_key(name.as_str()) {
-                        snapshot.insert(Arc::from(name.as_str()), Arc::from(Vec::new()));
-                    }
-                }
-                snapshot
+                (st.build_input(&catalog), catalog)
             };
             let t0 = Instant::now();
-            let table = build(&snapshot, &self.build, &mut reg);
+            let table = build(&snapshot, &catalog_tags, &self.build, &mut reg);
             let generation = table.generation;
+            let routed = table.services.len();
             self.routes.store(table);
             metrics::histogram!("consul_router_table_build_seconds").record(t0.elapsed());
-            metrics::gauge!("consul_router_services").set(snapshot.len() as f64);
+            metrics::gauge!("consul_router_services").set(routed as f64);
             if !live {
-                tracing::info!(services = snapshot.len(), "routing table is live");
+                tracing::info!(services = snapshot.len(), routed, "routing table is live");
             }
             tracing::debug!(
                 generation,
                 services = snapshot.len(),
+                routed,
                 "routing table rebuilt"
             );
             live = true;
@@ -647,5 +660,64 @@ mod tests {
         assert_ne!(a["service:chat"], b["service:chat"]);
         assert_eq!(a["service:mail"], b["service:mail"]);
         assert_eq!(a["node:n1"], b["node:n1"]);
+    }
+
+    fn discovery(expose: crate::config::Expose) -> Arc<Discovery> {
+        let cfg = crate::config::Config::default();
+        let mut consul = cfg.consul.clone();
+        // No watch: every service stays queued for a read, none is started.
+        consul.max_watches = 0;
+        let opts = BuildOptions {
+            domains: vec!["app.test".into()],
+            default_strategy: cfg.strategy,
+            include_warning: false,
+            max_idle_per_instance: 1,
+            exclude_services: cfg.exclude_services.clone(),
+            expose,
+        };
+        let client = ConsulClient::new(&consul).expect("client");
+        Discovery::new(client, consul, opts, Arc::new(Routes::new()))
+    }
+
+    fn listing() -> CatalogTags {
+        [
+            ("consul", vec![]),
+            ("Vault", vec!["router.expose=true".to_owned()]),
+            ("plain", vec![]),
+            ("shown", vec!["router.expose=true".to_owned()]),
+            ("hidden", vec!["router.expose=false".to_owned()]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
+    }
+
+    #[tokio::test]
+    async fn excluded_services_are_not_read_and_unread_ones_follow_catalog_tags() {
+        use crate::config::Expose;
+        for (expose, want) in [
+            (Expose::All, vec!["plain", "shown"]),
+            (Expose::Tagged, vec!["shown"]),
+        ] {
+            let d = discovery(expose);
+            d.apply_catalog(listing());
+            let st = d.lock();
+            let pending: Vec<&str> = st.pending.iter().map(String::as_str).collect();
+            assert_eq!(
+                pending,
+                ["hidden", "plain", "shown"],
+                "excluded names are not read"
+            );
+            let catalog = st.catalog.clone().expect("catalog");
+            // The first table, before any service was read.
+            let snapshot = st.build_input(&catalog);
+            drop(st);
+            let table = build(&snapshot, &catalog, &d.build, &mut StateRegistry::default());
+            let mut routed: Vec<&str> = table.services.keys().map(|k| &**k).collect();
+            routed.sort();
+            assert_eq!(routed, want, "{expose:?}");
+            // Exposed but not read yet: known, with no instance (503).
+            assert_eq!(table.services["shown"].routable, 0);
+        }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::{hash_bytes, Picker, Strategy};
+use crate::config::Expose;
 
 use super::table::{
     Health, Instance, InstanceSpec, InstanceState, NameMap, RoutingTable, Service, ServiceStats,
@@ -15,6 +16,11 @@ use super::table::{
 pub const HOST_TAG: &str = "router.host=";
 /// Tag that chooses the service's strategy.
 pub const STRATEGY_TAG: &str = "router.strategy=";
+/// Tag that exposes (`true`) or hides (any other value) the service.
+pub const EXPOSE_TAG: &str = "router.expose=";
+
+/// Each service's tags as `/v1/catalog/services` lists them (the union over its instances).
+pub type CatalogTags = HashMap<String, Vec<String>>;
 
 /// What the build needs from the configuration.
 #[derive(Debug, Clone)]
@@ -27,6 +33,19 @@ pub struct BuildOptions {
     pub include_warning: bool,
     /// Idle connections kept per instance.
     pub max_idle_per_instance: usize,
+    /// Services never routed, whatever their tags (lowercase; compared case-insensitively).
+    pub exclude_services: Vec<String>,
+    /// Whether untagged services are routed.
+    pub expose: Expose,
+}
+
+impl BuildOptions {
+    /// Whether `service` is in `exclude_services`.
+    pub fn is_excluded(&self, service: &str) -> bool {
+        self.exclude_services
+            .iter()
+            .any(|x| x.eq_ignore_ascii_case(service))
+    }
 }
 
 /// State kept across rebuilds, so counters, in-flight counts and idle connections survive a
@@ -36,6 +55,8 @@ pub struct StateRegistry {
     instances: HashMap<(String, String, u16), Arc<InstanceState>>,
     services: HashMap<String, Arc<ServiceStats>>,
     warned: HashSet<String>,
+    /// Services whose `router.expose=` value was neither true nor false, logged once.
+    warned_expose: HashSet<String>,
     epoch: Instant,
     generation: u64,
 }
@@ -46,6 +67,7 @@ impl Default for StateRegistry {
             instances: HashMap::new(),
             services: HashMap::new(),
             warned: HashSet::new(),
+            warned_expose: HashSet::new(),
             epoch: Instant::now(),
             generation: 0,
         }
@@ -71,9 +93,12 @@ pub fn is_dns_label(name: &str) -> bool {
 }
 
 /// Builds a table from `catalog` (service name → instances; an empty list is a known service
-/// with no instance).
+/// with no instance). `catalog_tags` are the service list's tags, which decide exposure
+/// before a service's instances have been read. Services not exposed are left out entirely:
+/// their hosts are unknown (404) and they claim no `router.host=` host.
 pub fn build(
     catalog: &BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
+    catalog_tags: &CatalogTags,
     opts: &BuildOptions,
     reg: &mut StateRegistry,
 ) -> RoutingTable {
@@ -81,8 +106,13 @@ pub fn build(
     let mut services = NameMap::with_capacity_and_hasher(catalog.len(), Default::default());
     let mut hosts: NameMap<Arc<Service>> = NameMap::default();
     let mut live_instances = HashSet::new();
+    let mut odd_expose = HashSet::new();
 
     for (name, specs) in catalog {
+        let tags = catalog_tags.get(name.as_ref()).map(Vec::as_slice);
+        if !is_exposed(name, tags, specs, opts, &mut odd_expose) {
+            continue;
+        }
         let strategy = choose_strategy(name, specs, opts.default_strategy, &mut reg.warned);
         let mut instances: Vec<Instance> = specs
             .iter()
@@ -148,8 +178,13 @@ pub fn build(
     }
 
     reg.instances.retain(|k, _| live_instances.contains(k));
-    reg.services.retain(|k, _| catalog.contains_key(k.as_str()));
-    reg.warned.retain(|k| catalog.contains_key(k.as_str()));
+    reg.services
+        .retain(|k, _| services.contains_key(k.as_str()));
+    reg.warned.retain(|k| services.contains_key(k.as_str()));
+    for name in odd_expose.difference(&reg.warned_expose) {
+        tracing::warn!(service = %name, "router.expose= is neither true nor false; the service is not routed");
+    }
+    reg.warned_expose = odd_expose;
 
     RoutingTable {
         services,
@@ -157,6 +192,70 @@ pub fn build(
         domains: opts.domains.iter().map(|d| d.as_str().into()).collect(),
         ready: true,
         generation: reg.generation,
+    }
+}
+
+/// Whether `name` is routed. Excluded names never are. Otherwise each source of tags that
+/// knows the service (the catalog's union, and the instances once read) must agree: any
+/// `router.expose=` other than true hides it, and under `expose = "tagged"` each source needs
+/// `router.expose=true` or a `router.host=` tag. The sources can disagree for a moment while
+/// a tag changes: the service is hidden as soon as either one hides it.
+fn is_exposed(
+    name: &str,
+    catalog_tags: Option<&[String]>,
+    specs: &[InstanceSpec],
+    opts: &BuildOptions,
+    odd: &mut HashSet<String>,
+) -> bool {
+    if opts.is_excluded(name) {
+        return false;
+    }
+    let from_catalog = catalog_tags.map(|t| TagMarks::of(t.iter()));
+    // No instance means not read yet (or leaving): the catalog's tags decide alone.
+    let from_instances =
+        (!specs.is_empty()).then(|| TagMarks::of(specs.iter().flat_map(|s| s.tags.iter())));
+    let mut known = false;
+    for marks in [from_catalog, from_instances].into_iter().flatten() {
+        known = true;
+        if marks.odd {
+            odd.insert(name.to_owned());
+        }
+        if marks.deny || (opts.expose == Expose::Tagged && !marks.allow) {
+            return false;
+        }
+    }
+    // A service nothing is known of yet: routed only when every service is.
+    known || opts.expose == Expose::All
+}
+
+/// What one set of tags says about exposure.
+#[derive(Debug, Default)]
+struct TagMarks {
+    /// `router.expose=true` or a `router.host=` tag with a value.
+    allow: bool,
+    /// `router.expose=` with any value but true.
+    deny: bool,
+    /// `router.expose=` with a value neither true nor false (counted as false: fail closed).
+    odd: bool,
+}
+
+impl TagMarks {
+    fn of<'a>(tags: impl Iterator<Item = &'a String>) -> TagMarks {
+        let mut m = TagMarks::default();
+        for tag in tags {
+            if let Some(v) = tag.strip_prefix(EXPOSE_TAG) {
+                let v = v.trim();
+                if v.eq_ignore_ascii_case("true") {
+                    m.allow = true;
+                } else {
+                    m.deny = true;
+                    m.odd |= !v.eq_ignore_ascii_case("false");
+                }
+            } else if tag.len() > HOST_TAG.len() && tag.starts_with(HOST_TAG) {
+                m.allow = true;
+            }
+        }
+        m
     }
 }
 
@@ -254,6 +353,11 @@ mod tests {
             default_strategy: Strategy::Random,
             include_warning: false,
             max_idle_per_instance: 4,
+            exclude_services: crate::config::DEFAULT_EXCLUDED
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            expose: Expose::All,
         }
     }
 
@@ -278,7 +382,12 @@ mod tests {
             ),
             ("Upper", vec![spec("u-1", 2, Health::Passing, &[])]),
         ]);
-        let t = build(&c, &opts(), &mut StateRegistry::default());
+        let t = build(
+            &c,
+            &CatalogTags::new(),
+            &opts(),
+            &mut StateRegistry::default(),
+        );
         assert_eq!(&*t.lookup("chat.app.example.net").unwrap().name, "chat");
         assert_eq!(&*t.lookup("chat.example.com").unwrap().name, "chat");
         assert!(t.lookup("x.chat.app.example.net").is_none());
@@ -300,13 +409,13 @@ mod tests {
             ],
         )]);
         let mut reg = StateRegistry::default();
-        let t = build(&c, &opts(), &mut reg);
+        let t = build(&c, &CatalogTags::new(), &opts(), &mut reg);
         let s = t.lookup("chat.app.example.net").unwrap();
         assert_eq!(s.routable, 1);
         assert_eq!(&*s.routable()[0].id, "c");
         let mut o = opts();
         o.include_warning = true;
-        let t = build(&c, &o, &mut reg);
+        let t = build(&c, &CatalogTags::new(), &o, &mut reg);
         let s = t.lookup("chat.app.example.net").unwrap();
         let ids: Vec<_> = s.routable().iter().map(|i| &*i.id).collect();
         assert_eq!(ids, ["b", "c"]);
@@ -321,7 +430,12 @@ mod tests {
                 spec("b", 2, Health::Passing, &["router.strategy=ip-hash"]),
             ],
         )]);
-        let t = build(&c, &opts(), &mut StateRegistry::default());
+        let t = build(
+            &c,
+            &CatalogTags::new(),
+            &opts(),
+            &mut StateRegistry::default(),
+        );
         // A tie goes to the first in name order: ip-hash < url-hash.
         assert_eq!(t.services["chat"].strategy(), Strategy::IpHash);
     }
@@ -330,12 +444,12 @@ mod tests {
     fn state_survives_rebuilds_and_is_dropped_with_the_instance() {
         let mut reg = StateRegistry::default();
         let c1 = catalog(vec![("chat", vec![spec("a", 1, Health::Passing, &[])])]);
-        let t1 = build(&c1, &opts(), &mut reg);
+        let t1 = build(&c1, &CatalogTags::new(), &opts(), &mut reg);
         let s1 = t1.services["chat"].routable()[0].state.clone();
-        let t2 = build(&c1, &opts(), &mut reg);
+        let t2 = build(&c1, &CatalogTags::new(), &opts(), &mut reg);
         assert!(Arc::ptr_eq(&s1, &t2.services["chat"].routable()[0].state));
         assert!(t2.generation > t1.generation);
-        build(&catalog(vec![]), &opts(), &mut reg);
+        build(&catalog(vec![]), &CatalogTags::new(), &opts(), &mut reg);
         assert!(reg.instances.is_empty());
     }
 
@@ -348,6 +462,7 @@ mod tests {
         b.port = 2;
         let t = build(
             &catalog(vec![("web", vec![a, b])]),
+            &CatalogTags::new(),
             &opts(),
             &mut StateRegistry::default(),
         );
@@ -372,8 +487,245 @@ mod tests {
     #[test]
     fn known_service_without_instances_is_kept() {
         let c = catalog(vec![("chat", vec![])]);
-        let t = build(&c, &opts(), &mut StateRegistry::default());
+        let t = build(
+            &c,
+            &CatalogTags::new(),
+            &opts(),
+            &mut StateRegistry::default(),
+        );
         let s = t.lookup("chat.app.example.net").unwrap();
         assert!(s.pick(0, Exclude::default()).is_none());
+    }
+
+    fn tags(entries: &[(&str, &[&str])]) -> CatalogTags {
+        entries
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.iter().map(|t| t.to_string()).collect()))
+            .collect()
+    }
+
+    fn tagged() -> BuildOptions {
+        BuildOptions {
+            expose: Expose::Tagged,
+            ..opts()
+        }
+    }
+
+    fn routed(t: &RoutingTable) -> Vec<&str> {
+        let mut v: Vec<&str> = t.services.keys().map(|k| &**k).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn excluded_names_are_never_routed_whatever_their_case_or_tags() {
+        let c = catalog(vec![
+            ("consul", vec![spec("c", 1, Health::Passing, &[])]),
+            (
+                "Vault",
+                vec![spec("v", 2, Health::Passing, &["router.expose=true"])],
+            ),
+            (
+                "nomad",
+                vec![spec(
+                    "n",
+                    3,
+                    Health::Passing,
+                    &["router.host=nomad.example.com"],
+                )],
+            ),
+            ("chat", vec![spec("a", 4, Health::Passing, &[])]),
+        ]);
+        for o in [opts(), tagged()] {
+            let t = build(&c, &CatalogTags::new(), &o, &mut StateRegistry::default());
+            let want: &[&str] = if o.expose == Expose::All {
+                &["chat"]
+            } else {
+                &[]
+            };
+            assert_eq!(routed(&t), want);
+            assert!(t.lookup("consul.app.example.net").is_none());
+            assert!(t.lookup("nomad.example.com").is_none());
+        }
+        // A custom list replaces the default one.
+        let mut o = opts();
+        o.exclude_services = vec!["chat".into()];
+        let t = build(&c, &CatalogTags::new(), &o, &mut StateRegistry::default());
+        assert_eq!(routed(&t), ["Vault", "consul", "nomad"]);
+        assert!(t.lookup("chat.app.example.net").is_none());
+    }
+
+    #[test]
+    fn expose_false_on_any_instance_hides_the_service() {
+        let c = catalog(vec![
+            (
+                "admin",
+                vec![
+                    spec("a", 1, Health::Passing, &["router.expose=true"]),
+                    spec("b", 2, Health::Passing, &["router.expose=false"]),
+                ],
+            ),
+            (
+                "odd",
+                vec![spec("o", 3, Health::Passing, &["router.expose=no"])],
+            ),
+            (
+                "shouty",
+                vec![spec("s", 4, Health::Passing, &["router.expose=FALSE"])],
+            ),
+            (
+                "chat",
+                vec![spec("c", 5, Health::Passing, &["router.expose=True"])],
+            ),
+        ]);
+        for o in [opts(), tagged()] {
+            let t = build(&c, &CatalogTags::new(), &o, &mut StateRegistry::default());
+            // Deny wins over allow; a value other than true counts as false.
+            assert_eq!(routed(&t), ["chat"], "{:?}", o.expose);
+        }
+    }
+
+    #[test]
+    fn tagged_routes_only_services_tagged_expose_or_host() {
+        let c = catalog(vec![
+            ("plain", vec![spec("p", 1, Health::Passing, &[])]),
+            (
+                "shown",
+                vec![
+                    spec("s1", 2, Health::Passing, &[]),
+                    spec("s2", 3, Health::Passing, &["router.expose=true"]),
+                ],
+            ),
+            (
+                "site",
+                vec![spec(
+                    "w",
+                    4,
+                    Health::Passing,
+                    &["router.host=www.example.com"],
+                )],
+            ),
+            (
+                "empty-host",
+                vec![spec("e", 5, Health::Passing, &["router.host="])],
+            ),
+        ]);
+        let t = build(
+            &c,
+            &CatalogTags::new(),
+            &tagged(),
+            &mut StateRegistry::default(),
+        );
+        assert_eq!(routed(&t), ["shown", "site"]);
+        assert!(t.lookup("plain.app.example.net").is_none());
+        assert_eq!(&*t.lookup("shown.app.example.net").unwrap().name, "shown");
+        assert_eq!(&*t.lookup("www.example.com").unwrap().name, "site");
+        assert_eq!(&*t.lookup("site.app.example.net").unwrap().name, "site");
+        let t = build(
+            &c,
+            &CatalogTags::new(),
+            &opts(),
+            &mut StateRegistry::default(),
+        );
+        assert_eq!(routed(&t), ["empty-host", "plain", "shown", "site"]);
+    }
+
+    #[test]
+    fn a_hidden_service_claims_no_host() {
+        // "aaa" would win www.example.com by name order, but it is hidden.
+        let c = catalog(vec![
+            (
+                "aaa",
+                vec![spec(
+                    "a",
+                    1,
+                    Health::Passing,
+                    &["router.host=www.example.com", "router.expose=false"],
+                )],
+            ),
+            (
+                "bbb",
+                vec![spec(
+                    "b",
+                    2,
+                    Health::Passing,
+                    &["router.host=www.example.com"],
+                )],
+            ),
+            (
+                "vault",
+                vec![spec(
+                    "v",
+                    3,
+                    Health::Passing,
+                    &["router.host=vault.example.com"],
+                )],
+            ),
+        ]);
+        for o in [opts(), tagged()] {
+            let t = build(&c, &CatalogTags::new(), &o, &mut StateRegistry::default());
+            assert_eq!(&*t.lookup("www.example.com").unwrap().name, "bbb");
+            assert!(t.lookup("aaa.app.example.net").is_none());
+            assert!(t.lookup("vault.example.com").is_none());
+            assert_eq!(t.hosts.len(), 1);
+        }
+    }
+
+    #[test]
+    fn catalog_tags_decide_before_instances_are_read() {
+        // Listed, not read yet: no instances, only the catalog's tags.
+        let c = catalog(vec![
+            ("plain", vec![]),
+            ("shown", vec![]),
+            ("hidden", vec![]),
+            ("unlisted", vec![]),
+        ]);
+        let ct = tags(&[
+            ("plain", &[]),
+            ("shown", &["router.expose=true"]),
+            ("hidden", &["router.expose=false"]),
+        ]);
+        let t = build(&c, &ct, &tagged(), &mut StateRegistry::default());
+        assert_eq!(routed(&t), ["shown"]);
+        let t = build(&c, &ct, &opts(), &mut StateRegistry::default());
+        assert_eq!(routed(&t), ["plain", "shown", "unlisted"]);
+    }
+
+    #[test]
+    fn catalog_and_instances_must_both_allow() {
+        // While a tag changes, the two sources can disagree for a moment: either one hiding
+        // the service hides it.
+        let c = catalog(vec![
+            (
+                "dropped",
+                vec![spec("d", 1, Health::Passing, &["router.expose=true"])],
+            ),
+            ("added", vec![spec("a", 2, Health::Passing, &[])]),
+            ("denied", vec![spec("x", 3, Health::Passing, &[])]),
+        ]);
+        let ct = tags(&[
+            ("dropped", &[]),
+            ("added", &["router.expose=true"]),
+            ("denied", &["router.expose=false"]),
+        ]);
+        let t = build(&c, &ct, &tagged(), &mut StateRegistry::default());
+        assert!(routed(&t).is_empty());
+        let t = build(&c, &ct, &opts(), &mut StateRegistry::default());
+        assert_eq!(routed(&t), ["added", "dropped"]);
+    }
+
+    #[test]
+    fn state_of_a_hidden_service_is_dropped() {
+        let mut reg = StateRegistry::default();
+        let c = catalog(vec![("chat", vec![spec("a", 1, Health::Passing, &[])])]);
+        build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        assert_eq!(reg.instances.len(), 1);
+        let c = catalog(vec![(
+            "chat",
+            vec![spec("a", 1, Health::Passing, &["router.expose=false"])],
+        )]);
+        let t = build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        assert!(t.services.is_empty());
+        assert!(reg.instances.is_empty() && reg.services.is_empty());
     }
 }

@@ -7,7 +7,7 @@ mod build;
 mod host;
 mod table;
 
-pub use build::{build, BuildOptions, StateRegistry};
+pub use build::{build, BuildOptions, CatalogTags, StateRegistry};
 pub use host::{normalize, HostError, MAX_HOST};
 pub use table::{
     Health, Instance, InstanceSpec, InstanceState, RoutingTable, Service, ServiceStats,
