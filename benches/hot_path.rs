@@ -112,6 +112,7 @@ fn benches(c: &mut Criterion) {
                 trusted: true,
                 client: &client,
                 drop_underscores: false,
+                request_id: b"5f3a9c01-1a-7",
             };
             out.clear();
             head.write_backend(&mut out, &fwd);

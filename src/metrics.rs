@@ -107,10 +107,6 @@ fn describe() {
         "Requests sent again to another instance or connection."
     );
     metrics::describe_counter!(
-        "consul_router_no_route_total",
-        "Requests for a host no service serves (404)."
-    );
-    metrics::describe_counter!(
         "consul_router_upstream_retries_total",
         "Requests retried on another instance after a connect failure."
     );

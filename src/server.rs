@@ -121,9 +121,11 @@ async fn serve_h2(
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
+    let conn = Arc::new(crate::proxy::core::ClientConn::new(&proxy, peer));
     let svc = service_fn(move |req| {
         let proxy = proxy.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, peer).await) }
+        let conn = conn.clone();
+        async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
     });
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
     builder.timer(TokioTimer::new());

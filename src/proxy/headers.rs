@@ -28,6 +28,8 @@ const HOP_BY_HOP: [HeaderName; 8] = [
     PROXY,
 ];
 
+/// `X-Request-Id`.
+pub const X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 /// `X-Real-IP`.
 pub const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 /// `Forwarded` (RFC 7239).

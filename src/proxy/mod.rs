@@ -9,12 +9,12 @@
 //! way.
 
 pub mod body;
+pub mod core;
 pub mod h1;
 pub mod headers;
 pub mod pool;
 pub mod upstream;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -25,9 +25,10 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use ipnet::IpNet;
 
-use crate::balance::{hash_bytes, Strategy};
 use crate::config::{Config, UnderscoreHeaders};
-use crate::routing::{normalize, HostError, Routes, MAX_HOST};
+use crate::routing::{self, HostError, Routes};
+
+use self::core::{ClientConn, Finished, RequestId};
 
 pub use body::{ProxyBody, UpstreamBody};
 use upstream::Upstream;
@@ -62,9 +63,12 @@ pub enum ProxyError {
     /// The request body's chunked framing is broken.
     #[error("malformed request body")]
     BadBody,
-    /// The backend broke the exchange.
+    /// The backend broke the exchange (reset or closed).
     #[error("backend error: {0}")]
     Upstream(String),
+    /// The backend's response could not be parsed or framed.
+    #[error("bad response from backend: {0}")]
+    BadResponse(String),
 }
 
 impl ProxyError {
@@ -88,11 +92,25 @@ impl ProxyError {
             ProxyError::NoHealthyInstance => {
                 (StatusCode::SERVICE_UNAVAILABLE, "no healthy instance\n")
             }
-            ProxyError::Connect(_) | ProxyError::ConnectTimeout | ProxyError::Upstream(_) => {
-                (StatusCode::BAD_GATEWAY, "bad gateway\n")
-            }
+            ProxyError::Connect(_)
+            | ProxyError::ConnectTimeout
+            | ProxyError::Upstream(_)
+            | ProxyError::BadResponse(_) => (StatusCode::BAD_GATEWAY, "bad gateway\n"),
             ProxyError::ResponseTimeout => (StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n"),
             ProxyError::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
+        }
+    }
+
+    /// The kind of backend failure this is, if it is one.
+    pub fn upstream_kind(&self) -> Option<crate::upstream::ErrorKind> {
+        use crate::upstream::ErrorKind;
+        match self {
+            ProxyError::Connect(_) => Some(ErrorKind::ConnectRefused),
+            ProxyError::ConnectTimeout => Some(ErrorKind::ConnectTimeout),
+            ProxyError::ResponseTimeout => Some(ErrorKind::ResponseTimeout),
+            ProxyError::Upstream(_) => Some(ErrorKind::Reset),
+            ProxyError::BadResponse(_) => Some(ErrorKind::BadResponse),
+            _ => None,
         }
     }
 
@@ -129,9 +147,13 @@ pub struct Proxy {
     hash_query: bool,
     /// Drop every request field name with `_` (else only the lookalikes).
     drop_underscores: bool,
-    requests: metrics::Counter,
-    no_route: metrics::Counter,
     upgraded: metrics::Gauge,
+    /// Metrics of requests no service took (`service="unknown"`).
+    unknown: crate::metrics::ServiceMetrics,
+    /// Client connections accepted, numbering them for request IDs.
+    conns: std::sync::atomic::AtomicU64,
+    /// This process's request ID prefix.
+    salt: u32,
 }
 
 impl Proxy {
@@ -143,81 +165,72 @@ impl Proxy {
             trusted: cfg.trusted_proxies.clone().into_boxed_slice(),
             hash_query: cfg.hash_query,
             drop_underscores: cfg.underscore_headers == UnderscoreHeaders::All,
-            requests: metrics::counter!("consul_router_requests_total"),
-            no_route: metrics::counter!("consul_router_no_route_total"),
             upgraded: metrics::gauge!("consul_router_upgraded_connections"),
+            unknown: crate::metrics::ServiceMetrics::new("unknown"),
+            conns: std::sync::atomic::AtomicU64::new(0),
+            salt: fastrand::u32(..),
         }
     }
 
-    /// Handles one request that arrived over HTTP/2 from `peer`.
+    /// Handles one request that arrived over HTTP/2 on connection `conn`.
     pub async fn handle(
         &self,
         mut req: Request<Incoming>,
-        peer: SocketAddr,
+        conn: &ClientConn,
     ) -> Response<ProxyBody> {
-        self.requests.increment(1);
-        if req.method() == http::Method::CONNECT {
-            return ProxyError::Connect405.into_response();
-        }
-        let service = {
-            let table = self.routes.load();
-            if !table.ready {
-                return ProxyError::NotReady.into_response();
+        let request_id = req
+            .headers()
+            .get(headers::X_REQUEST_ID)
+            .filter(|_| conn.trusted)
+            .and_then(|v| RequestId::from_peer(v.as_bytes()))
+            .unwrap_or_else(|| conn.next_request_id(self.salt));
+        let start = std::time::Instant::now();
+        let routed = match request_host(&req) {
+            Ok(host) => {
+                let path = req
+                    .uri()
+                    .path_and_query()
+                    .map_or(&b"/"[..], |pq| pq.as_str().as_bytes());
+                let xff = req
+                    .headers()
+                    .get_all(headers::X_FORWARDED_FOR)
+                    .iter()
+                    .map(HeaderValue::as_bytes);
+                self.route(conn, req.method().as_str(), host, path, xff)
             }
-            let mut buf = [0u8; MAX_HOST + 2];
-            let host = match request_host(&req, &mut buf) {
-                Ok(h) => h,
-                Err(e) => return ProxyError::BadHost(e).into_response(),
-            };
-            match table.lookup(host) {
-                Some(s) => s.clone(),
-                None => {
-                    self.no_route.increment(1);
-                    return ProxyError::UnknownHost.into_response();
-                }
+            Err(e) => Err(ProxyError::BadHost(e).into()),
+        };
+        let routed = match routed {
+            Ok(r) => r,
+            Err(refused) => {
+                return self.local_answer(
+                    refused.error,
+                    refused.service.as_deref(),
+                    start,
+                    &request_id,
+                );
             }
         };
-        service.stats.touch();
-        if service.routable == 0 {
-            service.stats.count(503);
-            return ProxyError::NoHealthyInstance.into_response();
-        }
-
-        let peer_ip = peer.ip();
-        let peer_trusted = headers::is_trusted(peer_ip, &self.trusted);
-        let client_ip = headers::client_ip(req.headers(), peer_ip, &self.trusted);
-        let key = match service.strategy() {
-            Strategy::IpHash => match client_ip {
-                std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-                std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
-            },
-            Strategy::UrlHash => {
-                let uri = req.uri();
-                match (self.hash_query, uri.path_and_query()) {
-                    (true, Some(pq)) => hash_bytes(pq.as_str().as_bytes()),
-                    _ => hash_bytes(uri.path().as_bytes()),
-                }
-            }
-            Strategy::Random | Strategy::LeastLoad => 0,
-        };
-
+        let service = routed.service;
         let fwd = Forward {
-            peer: peer_ip,
-            trusted: peer_trusted,
-            client: client_ip,
+            peer: conn.peer_ip,
+            trusted: conn.trusted,
+            client: routed.client,
             drop_underscores: self.drop_underscores,
+            request_id: &request_id,
         };
         if let Err(e) = prepare_request(&mut req, &fwd) {
-            return e.into_response();
+            return self.local_answer(e, Some(&service), routed.start, &request_id);
         }
 
-        let answer = match self.upstream.send(&service, key, req).await {
+        let answer = match self.upstream.send(&service, routed.key, req).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(service = %service.name, error = %e, "no backend answer");
-                let resp = e.into_response();
-                service.stats.count(resp.status().as_u16());
-                return resp;
+                if let Some(kind) = e.upstream_kind() {
+                    service.stats.metrics.upstream_error(kind);
+                }
+                return self.local_answer(e, Some(&service), routed.start, &request_id);
             }
         };
         let upstream::Answer {
@@ -225,47 +238,84 @@ impl Proxy {
             sender,
             in_flight,
         } = answer;
-        service.stats.count(response.status().as_u16());
+        let upstream_time = routed.start.elapsed();
 
         if response.status() == StatusCode::SWITCHING_PROTOCOLS {
             // HTTP/2 has no HTTP/1.1 upgrades (WebSocket takes the fast path), so a 101
             // answers nothing that was asked and cannot be relayed.
-            return ProxyError::Upstream("unexpected 101".into()).into_response();
+            service
+                .stats
+                .metrics
+                .upstream_error(crate::upstream::ErrorKind::BadResponse);
+            let e = ProxyError::BadResponse("unexpected 101".into());
+            return self.local_answer(e, Some(&service), routed.start, &request_id);
         }
+        self.finish(&Finished {
+            service: Some(&service),
+            status: response.status().as_u16(),
+            start: routed.start,
+            upstream: Some(upstream_time),
+        });
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
+        set_request_id(response.headers_mut(), &request_id);
         response.map(|b| Either::Left(UpstreamBody::new(b, Some(sender), in_flight)))
+    }
+
+    /// A local answer on the HTTP/2 path, closed in the core like any request.
+    fn local_answer(
+        &self,
+        error: ProxyError,
+        service: Option<&routing::Service>,
+        start: std::time::Instant,
+        request_id: &RequestId,
+    ) -> Response<ProxyBody> {
+        let mut resp = error.into_response();
+        set_request_id(resp.headers_mut(), request_id);
+        self.finish(&Finished {
+            service,
+            status: resp.status().as_u16(),
+            start,
+            upstream: None,
+        });
+        resp
     }
 }
 
-/// The host of a request: the absolute-form target's authority, else the Host header.
-fn request_host<'b>(
-    req: &Request<Incoming>,
-    buf: &'b mut [u8; MAX_HOST + 2],
-) -> Result<&'b str, HostError> {
+/// Sets `X-Request-Id` on a response for the client.
+fn set_request_id(headers: &mut http::HeaderMap, id: &RequestId) {
+    if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
+        headers.insert(headers::X_REQUEST_ID, v);
+    }
+}
+
+/// The raw host of a request: the absolute-form target's (or HTTP/2 `:authority`)
+/// authority, else the single Host header.
+fn request_host(req: &Request<Incoming>) -> Result<Option<&[u8]>, HostError> {
     if let Some(auth) = req.uri().authority() {
-        return normalize(auth.as_str().as_bytes(), buf);
+        return Ok(Some(auth.as_str().as_bytes()));
     }
     let mut hosts = req.headers().get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (Some(h), None) => normalize(h.as_bytes(), buf),
-        (None, _) => Err(HostError::Missing),
+        (Some(h), None) => Ok(Some(h.as_bytes())),
+        (None, _) => Ok(None),
         (Some(_), Some(_)) => Err(HostError::Invalid),
     }
 }
 
 /// The client-address facts of one request on the HTTP/2 path.
-struct Forward {
+struct Forward<'a> {
     peer: std::net::IpAddr,
     trusted: bool,
     client: std::net::IpAddr,
     drop_underscores: bool,
+    request_id: &'a RequestId,
 }
 
 /// Rewrites the request for the backend: HTTP/1.1, origin-form target, Host set from the
 /// authority when the client sent absolute-form or HTTP/2, hop-by-hop and spoofable
 /// fields out, X-Forwarded-* and X-Real-IP in.
-fn prepare_request(req: &mut Request<Incoming>, fwd: &Forward) -> Result<(), ProxyError> {
+fn prepare_request(req: &mut Request<Incoming>, fwd: &Forward<'_>) -> Result<(), ProxyError> {
     if let Some(auth) = req.uri().authority() {
         let host = HeaderValue::from_str(auth.as_str()).map_err(|_| HostError::Invalid)?;
         req.headers_mut().insert(header::HOST, host);
@@ -288,5 +338,8 @@ fn prepare_request(req: &mut Request<Incoming>, fwd: &Forward) -> Result<(), Pro
         .cloned()
         .ok_or(HostError::Missing)?;
     headers::set_forwarded(headers, fwd.peer, fwd.trusted, &host, fwd.client);
+    if let Ok(v) = HeaderValue::from_bytes(fwd.request_id.as_bytes()) {
+        headers.insert(headers::X_REQUEST_ID, v);
+    }
     Ok(())
 }

@@ -88,24 +88,17 @@ pub struct ServiceStats {
     /// Seconds since `epoch` at the last request; 0 means never.
     last_used: AtomicU64,
     epoch: Instant,
-    /// Responses by status class (1xx..5xx), pre-registered so a request does no lookup.
-    pub responses: [metrics::Counter; 5],
+    /// Request metrics, registered once so a request does no lookup.
+    pub metrics: crate::metrics::ServiceMetrics,
 }
 
 impl ServiceStats {
     /// Registers the service's counters.
     pub fn new(name: &str, epoch: Instant) -> Self {
-        let class = |c: &'static str| metrics::counter!("consul_router_responses_total", "service" => name.to_owned(), "class" => c);
         ServiceStats {
             last_used: AtomicU64::new(0),
             epoch,
-            responses: [
-                class("1xx"),
-                class("2xx"),
-                class("3xx"),
-                class("4xx"),
-                class("5xx"),
-            ],
+            metrics: crate::metrics::ServiceMetrics::new(name),
         }
     }
 
@@ -126,12 +119,6 @@ impl ServiceStats {
     /// Seconds-since-epoch stamp of the last request (0: never).
     pub fn last_used(&self) -> u64 {
         self.last_used.load(Ordering::Relaxed)
-    }
-
-    /// Counts a response with `status`.
-    pub fn count(&self, status: u16) {
-        let i = usize::from((status / 100).clamp(1, 5) - 1);
-        self.responses[i].increment(1);
     }
 }
 

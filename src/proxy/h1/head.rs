@@ -115,6 +115,8 @@ enum Field {
     Forwarded,
     /// `X-Real-IP`.
     RealIp,
+    /// `X-Request-Id`.
+    RequestId,
     /// The other fixed hop-by-hop fields (`headers::is_hop_by_hop`).
     HopByHop,
     /// A name with `_` that reads as one of the fields above once `_` is `-` (as PHP, WSGI
@@ -134,6 +136,7 @@ fn classify(name: &str) -> Field {
         9 if is("x-real-ip") => Field::RealIp,
         10 if is("connection") => Field::Connection,
         10 if is("keep-alive") => Field::HopByHop,
+        12 if is("x-request-id") => Field::RequestId,
         14 if is("content-length") => Field::ContentLength,
         15 if is("x-forwarded-for") => Field::ForwardedFor,
         16 if is("x-forwarded-host") => Field::ForwardedHost,
@@ -145,7 +148,7 @@ fn classify(name: &str) -> Field {
         _ => Field::Other,
     };
     // Only names as long as a dashed special name can be its lookalike.
-    if kind == Field::Other && matches!(name.len(), 9 | 10 | 14..=19) && is_lookalike(name) {
+    if kind == Field::Other && matches!(name.len(), 9 | 10 | 12 | 14..=19) && is_lookalike(name) {
         return Field::Lookalike;
     }
     kind
@@ -272,6 +275,8 @@ pub struct Forwarding<'a> {
     pub client: &'a PeerText,
     /// Drop every field name with `_`, not just the lookalikes.
     pub drop_underscores: bool,
+    /// The request's ID, sent as `X-Request-Id` (any the client sent is replaced).
+    pub request_id: &'a [u8],
 }
 
 /// Parses a request head at the start of `buf`; `Ok(None)` when more bytes are needed.
@@ -422,6 +427,15 @@ impl RequestHead<'_, '_> {
         path.as_bytes()
     }
 
+    /// The first `X-Request-Id` value, if any.
+    pub fn request_id(&self) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .zip(&self.kinds)
+            .find(|(_, k)| **k == Field::RequestId)
+            .map(|(h, _)| h.value)
+    }
+
     /// The `X-Forwarded-For` values, in order.
     pub fn forwarded_for(&self) -> impl DoubleEndedIterator<Item = &[u8]> {
         self.headers
@@ -464,6 +478,7 @@ impl RequestHead<'_, '_> {
                 | Field::Connection
                 | Field::HopByHop
                 | Field::RealIp
+                | Field::RequestId
                 | Field::Lookalike => continue,
                 Field::Host if absolute => continue,
                 Field::ForwardedHost | Field::ForwardedProto | Field::Forwarded if !fwd.trusted => {
@@ -515,6 +530,7 @@ impl RequestHead<'_, '_> {
             out.extend_from_slice(b"X-Forwarded-Proto: http\r\n");
         }
         field(out, b"X-Real-IP", fwd.client.as_bytes());
+        field(out, b"X-Request-Id", fwd.request_id);
         if self.upgrade {
             out.extend_from_slice(b"Connection: upgrade\r\n");
         }
@@ -641,13 +657,31 @@ pub fn parse_response<'h, 'b>(
     }))
 }
 
+/// How the client's head is written around a backend's response.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ClientHead<'a> {
+    /// Say `Connection: close`: the connection closes after this response.
+    pub close: bool,
+    /// Say `Connection: keep-alive` (an HTTP/1.0 client that asked for it).
+    pub keep_alive_10: bool,
+    /// The body goes out de-chunked and delimited by close: no Transfer-Encoding.
+    pub dechunk: bool,
+    /// The request's ID.
+    pub request_id: &'a [u8],
+}
+
 impl ResponseHead<'_, '_> {
     /// Writes the head the client gets: HTTP/1.1, hop-by-hop fields out, framing fields
-    /// written once as parsed; with `close`, `Connection: close`; with `keep_alive_10` (an
-    /// HTTP/1.0 client that asked), `Connection: keep-alive`; with `dechunk` (the body is
-    /// sent de-chunked and delimited by close), no Transfer-Encoding; a 101 keeps its
-    /// `Upgrade` and says `Connection: upgrade`.
-    pub fn write_client(&self, out: &mut Vec<u8>, close: bool, keep_alive_10: bool, dechunk: bool) {
+    /// written once as parsed, the request's `X-Request-Id` (replacing the backend's), and
+    /// the connection fields `how` asks for; a 101 keeps its `Upgrade` and says
+    /// `Connection: upgrade`.
+    pub fn write_client(&self, out: &mut Vec<u8>, how: &ClientHead<'_>) {
+        let ClientHead {
+            close,
+            keep_alive_10,
+            dechunk,
+            request_id,
+        } = *how;
         out.extend_from_slice(b"HTTP/1.1 ");
         write_status(out, self.status);
         out.push(b' ');
@@ -671,11 +705,15 @@ impl ResponseHead<'_, '_> {
                     false
                 }
                 Field::Upgrade => upgrade,
+                Field::RequestId => false,
                 _ => !self.connection.names(h.name),
             };
             if keep {
                 field(out, h.name.as_bytes(), h.value);
             }
+        }
+        if !request_id.is_empty() {
+            field(out, b"X-Request-Id", request_id);
         }
         if upgrade {
             out.extend_from_slice(b"Connection: upgrade\r\n");
@@ -697,8 +735,15 @@ fn write_status(out: &mut Vec<u8>, status: u16) {
     ]);
 }
 
-/// Writes a short local answer (plain text, `Retry-After` on 503).
-pub fn write_local(out: &mut Vec<u8>, status: StatusCode, text: &str, close: bool) {
+/// Writes a short local answer (plain text, `Retry-After` on 503, the request's ID when it
+/// has one).
+pub fn write_local(
+    out: &mut Vec<u8>,
+    status: StatusCode,
+    text: &str,
+    close: bool,
+    request_id: Option<&[u8]>,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     write_status(out, status.as_u16());
     out.push(b' ');
@@ -707,6 +752,9 @@ pub fn write_local(out: &mut Vec<u8>, status: StatusCode, text: &str, close: boo
     let _ = write!(out, "Content-Length: {}\r\n", text.len());
     if status == StatusCode::SERVICE_UNAVAILABLE {
         out.extend_from_slice(b"Retry-After: 5\r\n");
+    }
+    if let Some(id) = request_id {
+        field(out, b"X-Request-Id", id);
     }
     if close {
         out.extend_from_slice(b"Connection: close\r\n");
@@ -733,6 +781,7 @@ mod tests {
             trusted,
             client: &peer,
             drop_underscores: drop_all,
+            request_id: b"rid",
         };
         head.write_backend(&mut out, &fwd);
         String::from_utf8(out).unwrap()
@@ -814,7 +863,7 @@ mod tests {
         let out = backend_head(raw, "198.51.100.1", false);
         assert_eq!(
             out,
-            "GET / HTTP/1.1\r\nHost: a\r\nX_Other: kept\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: a\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.1\r\n\r\n"
+            "GET / HTTP/1.1\r\nHost: a\r\nX_Other: kept\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: a\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.1\r\nX-Request-Id: rid\r\n\r\n"
         );
         // A trusted peer keeps Forwarded; lookalikes go whoever sends them.
         let out = backend_head(raw, "127.0.0.1", true);
@@ -854,11 +903,11 @@ mod tests {
         let raw = b"POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nConnection: keep-alive, x-secret\r\nKeep-Alive: 5\r\nX-Secret: 1\r\nTE: trailers\r\nProxy: http://evil\r\nUpgrade: h2c\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\n\r\n";
         assert_eq!(
             backend_head(raw, "198.51.100.1", false),
-            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.1\r\n\r\n"
+            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Kept: yes\r\nX-Forwarded-For: 198.51.100.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.1\r\nX-Request-Id: rid\r\n\r\n"
         );
         assert_eq!(
             backend_head(raw, "127.0.0.1", true),
-            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\nX-Forwarded-For: 6.6.6.6, 127.0.0.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Real-IP: 127.0.0.1\r\n\r\n"
+            "POST /a?b HTTP/1.1\r\nHost: chat.app.test\r\nTransfer-Encoding: chunked\r\nX-Forwarded-Proto: https\r\nX-Kept: yes\r\nX-Forwarded-For: 6.6.6.6, 127.0.0.1\r\nX-Forwarded-Host: chat.app.test\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: rid\r\n\r\n"
         );
     }
 
@@ -884,7 +933,7 @@ mod tests {
         let mut slots = slots();
         let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
-        r.write_client(&mut out, false, false, false);
+        r.write_client(&mut out, &ClientHead::default());
         let out = String::from_utf8(out).unwrap();
         assert!(!out.contains("Content-Length"), "{out}");
         assert!(out.contains("Transfer-Encoding: chunked\r\n"), "{out}");
@@ -996,13 +1045,19 @@ mod tests {
         let mut slots = slots();
         let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
         let mut out = Vec::new();
-        r.write_client(&mut out, false, false, false);
+        r.write_client(&mut out, &ClientHead::default());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "HTTP/1.1 200 Fine\r\nContent-Length: 2\r\nX-App: yes\r\n\r\n"
         );
         let mut out = Vec::new();
-        r.write_client(&mut out, true, false, false);
+        r.write_client(
+            &mut out,
+            &ClientHead {
+                close: true,
+                ..ClientHead::default()
+            },
+        );
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("Connection: close\r\n\r\n"));

@@ -25,13 +25,17 @@ use tokio::time::{Instant, Sleep};
 
 pub use backend::BackendConn;
 use framing::{Framing, FramingError};
-use head::{parse_request, parse_response, slots, write_local, Forwarding, HeadError, PeerText};
+use head::{
+    parse_request, parse_response, slots, write_local, ClientHead, Forwarding, HeadError, PeerText,
+};
 
 use super::body::InFlight;
+use super::core::{ClientConn, Failed, Finished, Next, Refused, RequestId};
 use super::upstream::connect_tcp;
-use super::{headers, Proxy, ProxyError};
-use crate::balance::{hash_bytes, Exclude, Strategy};
-use crate::routing::{normalize, HostError, Service, MAX_HOST};
+use super::{Proxy, ProxyError};
+use crate::balance::Exclude;
+use crate::routing::Service;
+use crate::upstream::ErrorKind;
 
 /// How long a client may take to send a request head, and stay idle between requests.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -70,16 +74,18 @@ struct Exchange {
     http10: bool,
     /// When the head was complete.
     start: std::time::Instant,
+    /// The request's ID, sent to the backend and back to the client.
+    request_id: RequestId,
 }
 
 /// The outcome of reading one complete request head.
 enum Step {
     /// Answer locally, then close if told to; the head's `len` is consumed first.
     Local {
-        error: ProxyError,
+        refused: Refused,
         close: bool,
-        service: Option<Arc<Service>>,
         len: usize,
+        request_id: RequestId,
     },
     /// A bad head.
     Bad(HeadError),
@@ -92,7 +98,8 @@ enum Step {
 /// Why one attempt on a backend connection did not produce a complete exchange.
 enum Failure {
     /// Nothing usable came back and the request may go to another connection.
-    Retry(ProxyError),
+    /// (`unsent`: the request did not get through whole, so no backend acted on it.)
+    Retry { error: ProxyError, unsent: bool },
     /// Nothing was sent to the client yet: answer with this error.
     Answer(ProxyError),
     /// The client's side broke, or the response broke after its head was sent.
@@ -103,9 +110,7 @@ enum Failure {
 struct Conn<'p> {
     proxy: &'p Proxy,
     client: TcpStream,
-    peer: SocketAddr,
-    peer_text: PeerText,
-    peer_trusted: bool,
+    info: ClientConn,
     /// Bytes read from the client; `cbuf[cpos..]` are not consumed yet.
     cbuf: Vec<u8>,
     cpos: usize,
@@ -132,9 +137,7 @@ impl Proxy {
         let mut conn = Conn {
             proxy: self,
             client,
-            peer,
-            peer_text: PeerText::new(peer.ip()),
-            peer_trusted: headers::is_trusted(peer.ip(), &self.trusted),
+            info: ClientConn::new(self, peer),
             cbuf: Vec::with_capacity(CLIENT_BUF),
             cpos: 0,
             bbuf: Vec::new(),
@@ -172,18 +175,35 @@ impl Conn<'_> {
             let keep = match step {
                 Step::Http2 => return Some(std::mem::take(&mut self.cbuf)),
                 Step::Bad(e) => {
-                    tracing::debug!(peer = %self.peer, error = %e, "bad request head");
-                    self.answer_raw(e.status(), short_text(e.status()), true)
-                        .await
+                    tracing::debug!(peer = %self.info.peer, error = %e, "bad request head");
+                    let start = std::time::Instant::now();
+                    let keep = self
+                        .answer_raw(e.status(), short_text(e.status()), true, None)
+                        .await;
+                    self.proxy.finish(&Finished {
+                        service: None,
+                        status: e.status().as_u16(),
+                        start,
+                        upstream: None,
+                    });
+                    keep
                 }
                 Step::Local {
-                    error,
+                    refused,
                     close,
-                    service,
                     len,
+                    request_id,
                 } => {
                     self.cpos += len;
-                    self.answer_error(error, service.as_deref(), close).await
+                    let start = std::time::Instant::now();
+                    self.answer_error(
+                        refused.error,
+                        refused.service.as_deref(),
+                        close,
+                        start,
+                        &request_id,
+                    )
+                    .await
                 }
                 // Sets `idle_since` itself, with the clock reading it pools the backend with.
                 Step::Forward(ex) => self.forward(ex).await,
@@ -218,8 +238,6 @@ impl Conn<'_> {
             Ok(None) => return None,
             Err(e) => return Some(Step::Bad(e)),
         };
-        let proxy = self.proxy;
-        proxy.requests.increment(1);
         // Body bytes that came with the head are checked before anything is routed, so a
         // malformed chunk never costs a backend connection.
         if head.body.is_chunked() {
@@ -228,91 +246,64 @@ impl Conn<'_> {
                 return Some(Step::Bad(HeadError::BadFraming));
             }
         }
-        // Answers given before the body is read close the connection when there is a body.
+        let proxy = self.proxy;
         let has_body = !head.body.is_done();
-        let head_len = head.len;
-        // A local answer consumes the head; with a body left unread, or a client that asked
-        // to close, the connection closes after it.
-        let close = has_body || !head.keep_alive;
-        let local = |error: ProxyError, service: Option<Arc<Service>>| {
-            Some(Step::Local {
-                error,
-                close,
-                service,
-                len: head_len,
-            })
-        };
-        if head.method == "CONNECT" {
-            // Whatever follows a CONNECT head is tunnel bytes, not a request: close.
-            return Some(Step::Local {
-                error: ProxyError::Connect405,
-                close: true,
-                service: None,
-                len: head_len,
-            });
+        let request_id = match head.request_id().filter(|_| self.info.trusted) {
+            Some(v) => RequestId::from_peer(v),
+            None => None,
         }
-        let table = proxy.routes.load();
-        if !table.ready {
-            return local(ProxyError::NotReady, None);
-        }
-        let mut host_buf = [0u8; MAX_HOST + 2];
-        let host = match head.host.map(|h| normalize(h, &mut host_buf)) {
-            Some(Ok(h)) => h,
-            Some(Err(e)) => return local(ProxyError::BadHost(e), None),
-            None => return local(ProxyError::BadHost(HostError::Missing), None),
-        };
-        let Some(service) = table.lookup(host) else {
-            proxy.no_route.increment(1);
-            return local(ProxyError::UnknownHost, None);
-        };
-        let service = service.clone();
-        drop(table);
-        let start = std::time::Instant::now();
-        service.stats.touch_at(start);
-        if service.routable == 0 {
-            return local(ProxyError::NoHealthyInstance, Some(service));
-        }
-        // The client's address: the peer, or from a trusted peer's X-Forwarded-For chain.
-        let peer_ip = headers::canonical(self.peer.ip());
-        let client_ip = if self.peer_trusted {
-            headers::client_ip_in(head.forwarded_for(), peer_ip, &proxy.trusted)
-        } else {
-            peer_ip
-        };
-        let key = match service.strategy() {
-            Strategy::IpHash => match client_ip {
-                std::net::IpAddr::V4(v4) => hash_bytes(&v4.octets()),
-                std::net::IpAddr::V6(v6) => hash_bytes(&v6.octets()),
-            },
-            Strategy::UrlHash => hash_bytes(head.hash_path(proxy.hash_query)),
-            Strategy::Random | Strategy::LeastLoad => 0,
+        .unwrap_or_else(|| self.info.next_request_id(proxy.salt));
+        let routed = proxy.route(
+            &self.info,
+            head.method,
+            head.host,
+            head.hash_path(true),
+            head.forwarded_for(),
+        );
+        let routed = match routed {
+            Ok(r) => r,
+            Err(refused) => {
+                // A local answer consumes the head; with a body left unread, or a client
+                // that asked to close, the connection closes after it. Whatever follows a
+                // CONNECT head is tunnel bytes, not a request: close.
+                let close =
+                    has_body || !head.keep_alive || matches!(refused.error, ProxyError::Connect405);
+                return Some(Step::Local {
+                    refused,
+                    close,
+                    len: head.len,
+                    request_id,
+                });
+            }
         };
         let client_text;
-        let client = if client_ip == peer_ip {
-            &self.peer_text
+        let client = if routed.client == self.info.peer_ip {
+            &self.info.peer_text
         } else {
-            client_text = PeerText::new(client_ip);
+            client_text = PeerText::new(routed.client);
             &client_text
         };
         let fwd = Forwarding {
-            peer: &self.peer_text,
-            trusted: self.peer_trusted,
+            peer: &self.info.peer_text,
+            trusted: self.info.trusted,
             client,
             drop_underscores: proxy.drop_underscores,
+            request_id: request_id.as_bytes(),
         };
         head.write_backend(&mut self.wbuf, &fwd);
         let ex = Exchange {
-            service,
-            key,
+            service: routed.service,
+            key: routed.key,
             body: head.body,
             keep_alive: head.keep_alive,
             upgrade: head.upgrade,
             head_request: head.is_head(),
             replayable: !has_body && head.is_idempotent(),
             http10: head.http10,
-            start,
+            start: routed.start,
+            request_id,
         };
-        self.cpos += head_len;
+        self.cpos += head.len;
         Some(Step::Forward(ex))
     }
 
@@ -354,9 +345,21 @@ impl Conn<'_> {
     }
 
     /// Writes a local answer; false when the connection closes after it.
-    async fn answer_raw(&mut self, status: StatusCode, text: &str, close: bool) -> bool {
+    async fn answer_raw(
+        &mut self,
+        status: StatusCode,
+        text: &str,
+        close: bool,
+        request_id: Option<&RequestId>,
+    ) -> bool {
         self.wbuf.clear();
-        write_local(&mut self.wbuf, status, text, close);
+        write_local(
+            &mut self.wbuf,
+            status,
+            text,
+            close,
+            request_id.map(RequestId::as_bytes),
+        );
         let write = self.client.write_all(&self.wbuf);
         if !matches!(self.timer.within(HEADER_TIMEOUT, write).await, Some(Ok(()))) {
             return false;
@@ -394,44 +397,50 @@ impl Conn<'_> {
         let mut exclude = Exclude::default();
         let mut last = ProxyError::NoHealthyInstance;
         let mut tries = 0;
-        while tries <= up.retries {
-            let Some((pos, inst)) = ex.service.pick(ex.key, exclude) else {
-                break;
-            };
+        'instances: while let Some((pos, inst)) = ex.service.pick(ex.key, exclude) {
             exclude.add(pos);
-            tries += 1;
             let in_flight = InFlight::new(inst.state.clone());
             // A pooled connection first. One the backend closed as we took it gets one fresh
             // retry on the same instance when the request can be replayed.
             let mut pooled = inst.state.idle.take(up.idle_timeout, ex.start);
             loop {
+                tries += 1;
                 let reused = pooled.is_some();
-                let backend = match pooled.take() {
-                    Some(b) => b,
-                    None => match connect_tcp(inst, up.connect_timeout).await {
-                        Ok(stream) => BackendConn { stream },
-                        Err(e) => {
-                            tracing::debug!(service = %ex.service.name, instance = %inst.id, error = %e, "connect failed");
-                            last = e;
-                            break;
-                        }
-                    },
+                let attempt = match pooled.take() {
+                    Some(b) => Ok(b),
+                    None => connect_tcp(inst, up.connect_timeout)
+                        .await
+                        .map(|stream| BackendConn { stream }),
                 };
-                match self.exchange(&ex, backend, &in_flight, reused).await {
-                    Ok(keep) => return keep,
-                    Err(Failure::Abort) => return false,
-                    Err(Failure::Answer(e)) => return self.fail(&ex, e).await,
-                    Err(Failure::Retry(e)) if reused => {
-                        tracing::debug!(service = %ex.service.name, instance = %inst.id, error = %e, "pooled connection was closed; retrying on a new one");
-                    }
-                    Err(Failure::Retry(e)) => {
-                        last = e;
-                        break;
-                    }
+                let (error, unsent) = match attempt {
+                    Ok(backend) => match self.exchange(&ex, backend, &in_flight, reused).await {
+                        Ok(keep) => return keep,
+                        Err(Failure::Abort) => return false,
+                        Err(Failure::Answer(e)) => {
+                            if let Some(kind) = e.upstream_kind() {
+                                ex.service.stats.metrics.upstream_error(kind);
+                            }
+                            return self.fail(&ex, e).await;
+                        }
+                        Err(Failure::Retry { error, unsent }) => (error, unsent),
+                    },
+                    Err(e) => (e, true),
+                };
+                tracing::debug!(service = %ex.service.name, instance = %inst.id, error = %error, reused, "attempt failed");
+                let kind = error.upstream_kind().unwrap_or(ErrorKind::Reset);
+                let failed = Failed {
+                    kind,
+                    reused,
+                    unsent,
+                    replayable: ex.replayable,
+                    tries,
+                };
+                last = error;
+                match proxy.after_failure(&ex.service, failed) {
+                    Next::FreshConnection => continue,
+                    Next::OtherInstance => continue 'instances,
+                    Next::Answer => break 'instances,
                 }
-            }
-            if tries <= up.retries {
-                up.retried.increment(1);
             }
         }
         self.fail(&ex, last).await
@@ -441,23 +450,30 @@ impl Conn<'_> {
     async fn fail(&mut self, ex: &Exchange, e: ProxyError) -> bool {
         tracing::debug!(service = %ex.service.name, error = %e, "no backend answer");
         let close = !ex.keep_alive || !ex.body.is_done();
-        self.answer_error(e, Some(&ex.service), close).await
+        self.answer_error(e, Some(&ex.service), close, ex.start, &ex.request_id)
+            .await
     }
 
-    /// Answers `error` locally, counting it for `service`; closes after it when told to or
-    /// when shutting down. False when the connection closes.
+    /// Answers `error` locally and closes the request for `service`; closes the connection
+    /// after it when told to or when shutting down. False when the connection closes.
     async fn answer_error(
         &mut self,
         error: ProxyError,
         service: Option<&Service>,
         close: bool,
+        start: std::time::Instant,
+        request_id: &RequestId,
     ) -> bool {
         let (status, text) = error.answer();
-        if let Some(s) = service {
-            s.stats.count(status.as_u16());
-        }
         let close = close || self.closing();
-        self.answer_raw(status, text, close).await
+        let keep = self.answer_raw(status, text, close, Some(request_id)).await;
+        self.proxy.finish(&Finished {
+            service,
+            status: status.as_u16(),
+            start,
+            upstream: None,
+        });
+        keep
     }
 
     /// One exchange on one backend connection. `Ok(keep)` when the response was relayed.
@@ -485,7 +501,10 @@ impl Conn<'_> {
             Some(Ok(())) => {}
             Some(Err(e)) => {
                 self.wbuf.truncate(head_len);
-                return Err(Failure::Retry(ProxyError::Upstream(e.to_string())));
+                return Err(Failure::Retry {
+                    error: ProxyError::Upstream(e.to_string()),
+                    unsent: true,
+                });
             }
             None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
         }
@@ -498,6 +517,7 @@ impl Conn<'_> {
         // Whether any response byte went to the client: until then a broken request body
         // can still be answered with a 400. (An atomic only so the future stays Send.)
         let sent = AtomicBool::new(false);
+        let mut tally = Tally::default();
         let (result, uploaded) = if body.is_done() {
             let r = respond(
                 &mut self.client,
@@ -510,6 +530,7 @@ impl Conn<'_> {
                 replayable,
                 closing,
                 &sent,
+                &mut tally,
             )
             .await;
             (r, true)
@@ -535,6 +556,7 @@ impl Conn<'_> {
                 false,
                 closing,
                 &sent,
+                &mut tally,
             ));
             let mut uploaded = false;
             let r = loop {
@@ -544,11 +566,11 @@ impl Conn<'_> {
                     u = &mut upload, if !uploaded => match u {
                         Ok(()) => uploaded = true,
                         Err(UploadError::Framing(_)) if !sent.load(Ordering::Relaxed) => {
-                            tracing::debug!(peer = %self.peer, "malformed request body");
+                            tracing::debug!(peer = %self.info.peer, "malformed request body");
                             break Err(Failure::Answer(ProxyError::BadBody));
                         }
                         Err(e) => {
-                            tracing::debug!(peer = %self.peer, error = %e, "request body broke off");
+                            tracing::debug!(peer = %self.info.peer, error = %e, "request body broke off");
                             break Err(Failure::Abort);
                         }
                     },
@@ -556,9 +578,17 @@ impl Conn<'_> {
             };
             (r, uploaded)
         };
-        let relayed = result?;
-        let status = relayed.status;
-        ex.service.stats.count(status);
+        let relayed = match result {
+            Ok(r) => r,
+            Err(Failure::Abort) => {
+                // Cut off: the status that went out, or 499 (as nginx) if none did.
+                let status = if tally.status == 0 { 499 } else { tally.status };
+                self.finish(ex, status, tally.upstream);
+                return Err(Failure::Abort);
+            }
+            Err(e) => return Err(e),
+        };
+        self.finish(ex, relayed.status, tally.upstream);
         match relayed.end {
             End::Upgraded(leftover) => {
                 self.tunnel(backend, leftover).await;
@@ -579,6 +609,16 @@ impl Conn<'_> {
                 Ok(relayed.keep_client && !self.closing())
             }
         }
+    }
+
+    /// Closes a relayed request in the core.
+    fn finish(&self, ex: &Exchange, status: u16, upstream: Option<Duration>) {
+        self.proxy.finish(&Finished {
+            service: Some(&ex.service),
+            status,
+            start: ex.start,
+            upstream,
+        });
     }
 
     /// Joins client and backend after a 101 until either side closes.
@@ -616,6 +656,14 @@ fn timed<T>(r: Option<std::io::Result<T>>) -> Result<T, Failure> {
         Some(Ok(v)) => Ok(v),
         _ => Err(Failure::Abort),
     }
+}
+
+/// What a response got to before it ended or broke: its status once its head went to the
+/// client, and the time from routing to its head.
+#[derive(Debug, Default)]
+struct Tally {
+    status: u16,
+    upstream: Option<Duration>,
 }
 
 /// A relayed response.
@@ -695,6 +743,7 @@ async fn respond<C, B>(
     replayable: bool,
     closing: bool,
     sent: &AtomicBool,
+    tally: &mut Tally,
 ) -> Result<Relayed, Failure>
 where
     C: AsyncWrite + Unpin,
@@ -719,7 +768,13 @@ where
                     let close =
                         !ex.keep_alive || closing || h.body == Framing::UntilClose || dechunk;
                     wbuf.clear();
-                    h.write_client(wbuf, close && !interim, ex.http10 && !close, dechunk);
+                    let how = ClientHead {
+                        close: close && !interim,
+                        keep_alive_10: ex.http10 && !close,
+                        dechunk,
+                        request_id: ex.request_id.as_bytes(),
+                    };
+                    h.write_client(wbuf, &how);
                     Some((
                         h.len,
                         h.status,
@@ -745,9 +800,10 @@ where
             match read {
                 None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
                 Some(Ok(0)) | Some(Err(_)) if !received && replayable => {
-                    return Err(Failure::Retry(ProxyError::Upstream(
-                        "connection closed before response".into(),
-                    )))
+                    return Err(Failure::Retry {
+                        error: ProxyError::Upstream("connection closed before response".into()),
+                        unsent: false,
+                    })
                 }
                 Some(Ok(0)) => {
                     return Err(Failure::Answer(ProxyError::Upstream(
@@ -769,6 +825,7 @@ where
             bbuf.drain(..len);
             continue;
         }
+        tally.upstream = Some(ex.start.elapsed());
         if status == 101 {
             if !ex.upgrade {
                 return Err(Failure::Answer(ProxyError::Upstream(
@@ -776,6 +833,7 @@ where
                 )));
             }
             sent.store(true, Ordering::Relaxed);
+            tally.status = status;
             timed(timer.within(timeout, client.write_all(wbuf)).await)?;
             return Ok(Relayed {
                 status,
@@ -797,6 +855,7 @@ where
         // From here each read and write may stall at most `timeout` (as nginx's
         // proxy_read_timeout and send_timeout); a stalled body is cut off.
         sent.store(true, Ordering::Relaxed);
+        tally.status = status;
         timed(timer.within(timeout, client.write_all(wbuf)).await)?;
         while !body.is_done() {
             bbuf.clear();
