@@ -130,6 +130,11 @@ pub struct Proxy {
     requests: metrics::Counter,
     no_route: metrics::Counter,
     upgraded: metrics::Gauge,
+    /// `proxy.header_timeout`. On HTTP/2: how long a connection may have no open stream,
+    /// the handshake included, before it is closed.
+    pub(crate) header_timeout: std::time::Duration,
+    /// `proxy.h2_max_concurrent_streams`, advertised in our HTTP/2 SETTINGS.
+    pub(crate) h2_max_concurrent_streams: u32,
 }
 
 impl Proxy {
@@ -143,6 +148,8 @@ impl Proxy {
             requests: metrics::counter!("consul_router_requests_total"),
             no_route: metrics::counter!("consul_router_no_route_total"),
             upgraded: metrics::gauge!("consul_router_upgraded_connections"),
+            header_timeout: cfg.proxy.header_timeout,
+            h2_max_concurrent_streams: cfg.proxy.h2_max_concurrent_streams,
         }
     }
 
