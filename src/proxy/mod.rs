@@ -231,7 +231,8 @@ impl Proxy {
         }
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
-        response.map(|b| Either::Left(UpstreamBody::new(b, Some(sender), in_flight)))
+        let stall = self.upstream.response_timeout;
+        response.map(|b| Either::Left(UpstreamBody::new(b, Some(sender), in_flight, stall)))
     }
 }
 
