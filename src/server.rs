@@ -6,12 +6,14 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use hyper::body::{Body, Incoming};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::server::conn::http2;
 use hyper::service::service_fn;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -20,6 +22,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::proxy::h1::Ended;
 use crate::proxy::Proxy;
@@ -90,14 +93,16 @@ pub async fn serve_proxy(
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
+    let h2 = Arc::new(h2_builder(&proxy));
     let mut conns = tokio::task::JoinSet::new();
     while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
         let proxy = proxy.clone();
+        let h2 = h2.clone();
         let stop = shutdown.clone();
         while conns.try_join_next().is_some() {}
         conns.spawn(async move {
             if let Ended::Http2(stream, read) = proxy.serve_h1(stream, peer, stop.clone()).await {
-                serve_h2(Prefixed::new(read, stream), proxy, peer, stop).await;
+                serve_h2(Prefixed::new(read, stream), proxy, &h2, peer, stop).await;
             }
         });
     }
@@ -114,21 +119,65 @@ pub async fn serve_proxy(
     conns.abort_all();
 }
 
-/// One HTTP/2 connection through hyper, closed gracefully on shutdown.
+/// How long an HTTP/2 connection that is closing, with no stream open, may take to finish
+/// its GOAWAY exchange before it is dropped. A peer that never completed the handshake or
+/// never answers the GOAWAY's ping would otherwise keep it.
+const H2_CLOSE_WAIT: Duration = Duration::from_secs(1);
+/// Keep-alive pings: one after this long without a frame from the peer, and the
+/// connection (open streams included) is closed if the peer does not answer within as long.
+/// This finds dead peers that hold streams open.
+const H2_PING: Duration = Duration::from_secs(20);
+/// Streams the peer may open and reset before we accept them (rapid reset,
+/// CVE-2023-44487); beyond that the connection gets a GOAWAY. h2's default, made explicit.
+const H2_MAX_PENDING_ACCEPT_RESETS: usize = 20;
+/// Streams we may reset for the peer's stream errors before the connection gets a GOAWAY,
+/// so invalid frames can't make us reset streams forever. hyper's default, made explicit.
+const H2_MAX_LOCAL_ERROR_RESETS: usize = 1024;
+/// The largest header list (HPACK-decoded) a request may carry: hyper's default, and
+/// nginx's for HTTP/2. Each of up to `h2_max_concurrent_streams` streams may hold one.
+const H2_MAX_HEADER_LIST: u32 = 16 * 1024;
+
+/// The HTTP/2 server settings shared by every connection.
+fn h2_builder(proxy: &Proxy) -> http2::Builder<TokioExecutor> {
+    let mut b = http2::Builder::new(TokioExecutor::new());
+    b.timer(TokioTimer::new())
+        .max_concurrent_streams(proxy.h2_max_concurrent_streams)
+        .keep_alive_interval(H2_PING)
+        .keep_alive_timeout(H2_PING)
+        .max_pending_accept_reset_streams(H2_MAX_PENDING_ACCEPT_RESETS)
+        .max_local_error_reset_streams(H2_MAX_LOCAL_ERROR_RESETS)
+        .max_header_list_size(H2_MAX_HEADER_LIST);
+    b
+}
+
+/// One HTTP/2 connection through hyper. It is closed (GOAWAY, then dropped if it has not
+/// finished within [`H2_CLOSE_WAIT`]) on shutdown, or once no stream has been open for
+/// `proxy.header_timeout`, which also bounds the handshake.
 async fn serve_h2(
     io: Prefixed,
     proxy: Arc<Proxy>,
+    builder: &http2::Builder<TokioExecutor>,
     peer: SocketAddr,
     mut stop: watch::Receiver<bool>,
 ) {
+    let idle_limit = proxy.header_timeout;
+    let streams = Arc::new(Streams::new());
     let conn = Arc::new(crate::proxy::core::ClientConn::new(&proxy, peer));
-    let svc = service_fn(move |req| {
-        let proxy = proxy.clone();
-        let conn = conn.clone();
-        async move { Ok::<_, Infallible>(proxy.handle(req, &conn).await) }
-    });
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder.timer(TokioTimer::new());
+    let svc = {
+        let streams = streams.clone();
+        service_fn(move |req| {
+            let open = streams.enter();
+            let proxy = proxy.clone();
+            let conn = conn.clone();
+            async move {
+                let resp = proxy.handle(req, &conn).await;
+                Ok::<_, Infallible>(resp.map(|inner| Counted {
+                    inner,
+                    open: Some(open),
+                }))
+            }
+        })
+    };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     let mut conn = std::pin::pin!(conn);
     tokio::select! {
@@ -138,10 +187,114 @@ async fn serve_h2(
             }
             return;
         }
-        _ = stopped(&mut stop) => conn.as_mut().graceful_shutdown(),
+        _ = stopped(&mut stop) => {}
+        _ = streams.idle_for(idle_limit) => {
+            tracing::debug!(%peer, "h2 connection without open streams for {idle_limit:?}; closing");
+        }
     }
-    if let Err(e) = conn.await {
-        tracing::debug!(%peer, error = %e, "h2 connection ended with error");
+    conn.as_mut().graceful_shutdown();
+    // Streams still open may finish (on shutdown, within the server's grace period).
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(%peer, error = %e, "h2 connection ended with error");
+            }
+        }
+        _ = streams.idle_for(H2_CLOSE_WAIT) => {
+            tracing::debug!(%peer, "h2 connection still open after GOAWAY; dropping it");
+        }
+    }
+}
+
+/// The open streams of one HTTP/2 connection and when the last one ended. hyper runs each
+/// stream in its own task, so this is shared and atomic.
+struct Streams {
+    open: AtomicUsize,
+    /// When a stream last ended, in nanoseconds after `start`.
+    last_end: AtomicU64,
+    start: Instant,
+}
+
+impl Streams {
+    fn new() -> Self {
+        Streams {
+            open: AtomicUsize::new(0),
+            last_end: AtomicU64::new(0),
+            start: Instant::now(),
+        }
+    }
+
+    /// Counts a stream as open until the guard is dropped.
+    fn enter(self: &Arc<Self>) -> OpenStream {
+        self.open.fetch_add(1, Ordering::Relaxed);
+        OpenStream(self.clone())
+    }
+
+    /// Resolves once no stream has been open for `limit`, counting from the call at the
+    /// earliest. One timer, moved only when it fires early.
+    async fn idle_for(&self, limit: Duration) {
+        let from = Instant::now();
+        let sleep = tokio::time::sleep_until(from + limit);
+        let mut sleep = std::pin::pin!(sleep);
+        loop {
+            sleep.as_mut().await;
+            let now = Instant::now();
+            let due = if self.open.load(Ordering::Acquire) == 0 {
+                let last_end =
+                    self.start + Duration::from_nanos(self.last_end.load(Ordering::Relaxed));
+                last_end.max(from) + limit
+            } else {
+                now + limit
+            };
+            if due <= now {
+                return;
+            }
+            sleep.as_mut().reset(due);
+        }
+    }
+}
+
+/// One open stream of a [`Streams`].
+struct OpenStream(Arc<Streams>);
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        let s = &self.0;
+        let at = u64::try_from(s.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        s.last_end.fetch_max(at, Ordering::Relaxed);
+        // Release: whoever sees the count fall sees `last_end` too.
+        s.open.fetch_sub(1, Ordering::Release);
+    }
+}
+
+/// A response body that keeps its stream counted as open until it ends or is dropped.
+struct Counted<B> {
+    inner: B,
+    open: Option<OpenStream>,
+}
+
+impl<B: Body + Unpin> Body for Counted<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if let Poll::Ready(None | Some(Err(_))) = polled {
+            this.open = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
     }
 }
 

@@ -154,6 +154,11 @@ pub struct Proxy {
     conns: std::sync::atomic::AtomicU64,
     /// This process's request ID prefix.
     salt: u32,
+    /// `proxy.header_timeout`. On HTTP/2: how long a connection may have no open stream,
+    /// the handshake included, before it is closed.
+    pub(crate) header_timeout: std::time::Duration,
+    /// `proxy.h2_max_concurrent_streams`, advertised in our HTTP/2 SETTINGS.
+    pub(crate) h2_max_concurrent_streams: u32,
 }
 
 impl Proxy {
@@ -169,6 +174,8 @@ impl Proxy {
             unknown: crate::metrics::ServiceMetrics::new("unknown"),
             conns: std::sync::atomic::AtomicU64::new(0),
             salt: fastrand::u32(..),
+            header_timeout: cfg.proxy.header_timeout,
+            h2_max_concurrent_streams: cfg.proxy.h2_max_concurrent_streams,
         }
     }
 
@@ -259,7 +266,8 @@ impl Proxy {
 
         headers::strip_hop_by_hop(response.headers_mut(), false);
         set_request_id(response.headers_mut(), &request_id);
-        response.map(|b| Either::Left(UpstreamBody::new(b, Some(sender), in_flight)))
+        let stall = self.upstream.response_timeout;
+        response.map(|b| Either::Left(UpstreamBody::new(b, Some(sender), in_flight, stall)))
     }
 
     /// A local answer on the HTTP/2 path, closed in the core like any request.

@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
-use hyper::body::Incoming;
 use hyper::client::conn::http1::SendRequest;
 
-/// A sender to a backend connection, ready for a request.
-pub type Sender = SendRequest<Incoming>;
+use super::body::RequestBody;
+
+/// A sender to a backend connection (HTTP/2 path), ready for a request.
+pub type Sender = SendRequest<RequestBody>;
 
 /// A backend connection that can wait in an [`IdlePool`].
 pub trait Pooled {

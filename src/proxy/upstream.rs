@@ -13,7 +13,7 @@ use crate::balance::Exclude;
 use crate::config::ProxyConfig;
 use crate::routing::{Instance, Service};
 
-use super::body::InFlight;
+use super::body::{InFlight, RequestBody, Stall};
 use super::pool::Sender;
 use super::ProxyError;
 
@@ -44,7 +44,7 @@ pub struct Answer {
 enum Attempt {
     Done(Answer),
     /// Nothing reached the backend: the request is handed back for another instance.
-    Unsent(Request<Incoming>, ProxyError),
+    Unsent(Request<RequestBody>, ProxyError),
     Failed(ProxyError),
 }
 
@@ -61,13 +61,15 @@ impl Upstream {
     }
 
     /// Sends `req` to an instance of `svc` picked for `key`; on a connect failure or a reset
-    /// before sending, tries up to `retries` other instances.
+    /// before sending, tries up to `retries` other instances. The request body is failed,
+    /// and its backend connection closed, if the client stalls it for `response_timeout`.
     pub async fn send(
         &self,
         svc: &Service,
         key: u64,
-        mut req: Request<Incoming>,
+        req: Request<Incoming>,
     ) -> Result<Answer, ProxyError> {
+        let mut req = req.map(|b| Stall::new(b, self.response_timeout));
         let mut exclude = Exclude::default();
         let mut last = ProxyError::NoHealthyInstance;
         for _ in 0..=self.retries {
@@ -89,7 +91,7 @@ impl Upstream {
         Err(last)
     }
 
-    async fn attempt(&self, inst: &Instance, req: Request<Incoming>) -> Attempt {
+    async fn attempt(&self, inst: &Instance, req: Request<RequestBody>) -> Attempt {
         let in_flight = InFlight::new(inst.state.clone());
         let mut req = req;
         // Idle connections first; one that died while idle hands the request back.
@@ -136,7 +138,7 @@ impl Upstream {
     async fn exchange(
         &self,
         mut sender: Sender,
-        req: Request<Incoming>,
+        req: Request<RequestBody>,
     ) -> Result<(Response<Incoming>, Sender), Attempt> {
         match tokio::time::timeout(self.response_timeout, sender.try_send_request(req)).await {
             Err(_) => Err(Attempt::Failed(ProxyError::ResponseTimeout)),

@@ -37,8 +37,6 @@ use crate::balance::Exclude;
 use crate::routing::Service;
 use crate::upstream::ErrorKind;
 
-/// How long a client may take to send a request head, and stay idle between requests.
-const HEADER_TIMEOUT: Duration = Duration::from_secs(30);
 /// Client read buffer to start with; it grows for larger heads, up to [`head::MAX_HEAD`].
 const CLIENT_BUF: usize = 4 * 1024;
 /// Backend read buffer to start with; it grows once to [`BODY_BUF`] for a body that does
@@ -165,8 +163,9 @@ impl Conn<'_> {
                 if let Some(step) = self.prepare(first) {
                     break step;
                 }
-                let due = *deadline
-                    .get_or_insert_with(|| Instant::from_std(self.idle_since) + HEADER_TIMEOUT);
+                let due = *deadline.get_or_insert_with(|| {
+                    Instant::from_std(self.idle_since) + self.proxy.header_timeout
+                });
                 if !self.read_head_bytes(due).await {
                     return None;
                 }
@@ -361,7 +360,8 @@ impl Conn<'_> {
             request_id.map(RequestId::as_bytes),
         );
         let write = self.client.write_all(&self.wbuf);
-        if !matches!(self.timer.within(HEADER_TIMEOUT, write).await, Some(Ok(()))) {
+        let limit = self.proxy.header_timeout;
+        if !matches!(self.timer.within(limit, write).await, Some(Ok(()))) {
             return false;
         }
         self.idle_since = std::time::Instant::now();
