@@ -106,10 +106,6 @@ fn describe() {
         "consul_router_retries_total",
         "Requests sent again to another instance or connection."
     );
-    metrics::describe_counter!(
-        "consul_router_upstream_retries_total",
-        "Requests retried on another instance after a connect failure."
-    );
     metrics::describe_gauge!("consul_router_services", "Services in the routing table.");
     metrics::describe_counter!(
         "consul_router_consul_requests_total",

@@ -230,13 +230,10 @@ impl Proxy {
             return self.local_answer(e, Some(&service), routed.start, &request_id);
         }
 
-        let answer = match self.upstream.send(&service, routed.key, req).await {
+        let answer = match self.upstream.send(self, &service, routed.key, req).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(service = %service.name, error = %e, "no backend answer");
-                if let Some(kind) = e.upstream_kind() {
-                    service.stats.metrics.upstream_error(kind);
-                }
                 return self.local_answer(e, Some(&service), routed.start, &request_id);
             }
         };

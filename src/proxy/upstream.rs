@@ -14,8 +14,10 @@ use crate::config::ProxyConfig;
 use crate::routing::{Instance, Service};
 
 use super::body::{InFlight, RequestBody, Stall};
+use super::core::{Failed, Next};
 use super::pool::Sender;
-use super::ProxyError;
+use super::{Proxy, ProxyError};
+use crate::upstream::ErrorKind;
 
 /// Longest wait for a pooled connection to finish its previous exchange.
 const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
@@ -27,7 +29,6 @@ pub struct Upstream {
     pub(crate) response_timeout: Duration,
     pub(crate) idle_timeout: Duration,
     pub(crate) retries: u32,
-    pub(crate) retried: metrics::Counter,
 }
 
 /// A backend's answer with what the response body needs to keep.
@@ -56,15 +57,16 @@ impl Upstream {
             response_timeout: cfg.response_timeout,
             idle_timeout: cfg.idle_timeout,
             retries: cfg.retries,
-            retried: metrics::counter!("consul_router_upstream_retries_total"),
         }
     }
 
-    /// Sends `req` to an instance of `svc` picked for `key`; on a connect failure or a reset
-    /// before sending, tries up to `retries` other instances. The request body is failed,
-    /// and its backend connection closed, if the client stalls it for `response_timeout`.
+    /// Sends `req` to an instance of `svc` picked for `key`; after a failure, the core's
+    /// retry rule (`Proxy::after_failure`) says whether another instance is tried. The
+    /// request body is failed, and its backend connection closed, if the client stalls it
+    /// for `response_timeout`. Every failure is counted for the service.
     pub async fn send(
         &self,
+        core: &Proxy,
         svc: &Service,
         key: u64,
         req: Request<Incoming>,
@@ -72,19 +74,32 @@ impl Upstream {
         let mut req = req.map(|b| Stall::new(b, self.response_timeout));
         let mut exclude = Exclude::default();
         let mut last = ProxyError::NoHealthyInstance;
-        for _ in 0..=self.retries {
-            let Some((pos, inst)) = svc.pick(key, exclude) else {
-                break;
-            };
+        let mut tries = 0;
+        while let Some((pos, inst)) = svc.pick(key, exclude) {
             exclude.add(pos);
+            tries += 1;
             match self.attempt(inst, req).await {
                 Attempt::Done(answer) => return Ok(answer),
-                Attempt::Failed(e) => return Err(e),
+                Attempt::Failed(e) => {
+                    if let Some(kind) = e.upstream_kind() {
+                        svc.stats.metrics.upstream_error(kind);
+                    }
+                    return Err(e);
+                }
                 Attempt::Unsent(r, e) => {
-                    tracing::debug!(service = %svc.name, instance = %inst.id, error = %e, "retrying on another instance");
-                    self.retried.increment(1);
+                    tracing::debug!(service = %svc.name, instance = %inst.id, error = %e, "attempt failed before sending");
+                    let failed = Failed {
+                        kind: e.upstream_kind().unwrap_or(ErrorKind::Reset),
+                        reused: false,
+                        unsent: true,
+                        replayable: false,
+                        tries,
+                    };
                     req = r;
                     last = e;
+                    if core.after_failure(svc, failed) != Next::OtherInstance {
+                        break;
+                    }
                 }
             }
         }
