@@ -3,6 +3,8 @@
 //! See ARCHITECTURE.md for the watch design and its cost at 2,000 services.
 
 mod client;
+mod model;
+mod schedule;
 mod supervise;
 pub mod types;
 mod watch;
