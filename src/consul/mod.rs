@@ -6,6 +6,7 @@ mod client;
 mod model;
 mod schedule;
 mod supervise;
+mod table_metrics;
 pub mod types;
 mod watch;
 

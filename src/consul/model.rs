@@ -9,6 +9,9 @@ use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use crate::routing::{CatalogTags, InstanceSpec};
 
@@ -54,11 +57,13 @@ pub(crate) struct Model {
     pending: BTreeSet<String>,
     /// Fingerprints of each service's (and node's) checks from `/v1/health/state/any`.
     fingerprints: HashMap<String, u64>,
+    /// The last answer from Consul; the start until there is one.
+    answered: Instant,
 }
 
 impl Model {
     /// An empty model that gives at most `max_watches` services their own long-poll.
-    pub(crate) fn new(max_watches: usize) -> Self {
+    pub(crate) fn new(max_watches: usize, now: Instant) -> Self {
         Model {
             max_watches,
             catalog: None,
@@ -66,12 +71,23 @@ impl Model {
             watched: BTreeSet::new(),
             pending: BTreeSet::new(),
             fingerprints: HashMap::new(),
+            answered: now,
         }
     }
 
     /// Services that should have their own long-poll, sorted.
     pub(crate) fn watched(&self) -> &BTreeSet<String> {
         &self.watched
+    }
+
+    /// Consul answered (any endpoint): the table is current as of `now`.
+    pub(crate) fn answered(&mut self, now: Instant) {
+        self.answered = now;
+    }
+
+    /// Time since Consul last answered (since the start, if it never did).
+    pub(crate) fn answer_age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.answered)
     }
 
     /// A new answer from `/v1/catalog/services`. Services it no longer lists leave; listed
@@ -362,7 +378,7 @@ mod tests {
     }
 
     fn model(max_watches: usize) -> Model {
-        Model::new(max_watches)
+        Model::new(max_watches, Instant::now())
     }
 
     fn watched(m: &Model) -> Vec<&str> {
@@ -559,5 +575,19 @@ mod tests {
         let mut all = model(3);
         let _ = all.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
         assert_eq!(all.sweep(), Outcome::default(), "nothing is cold");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_answer_age_counts_from_the_last_answer() {
+        let mut m = model(1);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            m.answer_age(Instant::now()),
+            Duration::from_secs(3),
+            "no answer yet"
+        );
+        m.answered(Instant::now());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(m.answer_age(Instant::now()), Duration::from_millis(1500));
     }
 }

@@ -29,12 +29,15 @@ use super::client::ConsulClient;
 use super::model::{Model, Outcome};
 use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
+use super::table_metrics::TableMetrics;
 use super::types::{Check, HealthEntry};
 
 /// Cold services re-read at once.
 const READ_CONCURRENCY: usize = 4;
 /// How often the watched set is re-chosen by traffic.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
+/// How often the table's age is reported between answers.
+const AGE_EVERY: Duration = Duration::from_secs(1);
 
 type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -100,7 +103,7 @@ impl Discovery {
             me: me.clone(),
             client,
             state: Mutex::new(Shared {
-                model: Model::new(cfg.max_watches),
+                model: Model::new(cfg.max_watches, Instant::now()),
                 watches: HashMap::new(),
             }),
             cfg,
@@ -121,6 +124,7 @@ impl Discovery {
             self.supervised("sweep", |d| Box::pin(d.sweep_loop())),
             self.supervised("reconcile", |d| Box::pin(d.reconcile_loop())),
             self.supervised("rebuild", |d| Box::pin(d.rebuild_loop())),
+            self.supervised("table-age", |d| Box::pin(d.age_loop())),
         ];
         DiscoveryHandle {
             discovery: self.clone(),
@@ -199,6 +203,7 @@ impl Discovery {
     fn apply_catalog(&self, new: CatalogTags) {
         let table = self.routes.load();
         let mut st = self.lock();
+        st.model.answered(Instant::now());
         let out = st.model.apply_catalog(
             new,
             |name| self.build.is_excluded(name),
@@ -209,12 +214,14 @@ impl Discovery {
 
     fn apply_service(&self, name: &str, entries: &[HealthEntry], from_watch: bool) {
         let mut st = self.lock();
+        st.model.answered(Instant::now());
         let out = st.model.apply_service(name, entries, from_watch);
         self.act(st, out);
     }
 
     fn apply_checks(&self, checks: &[Check]) {
         let mut st = self.lock();
+        st.model.answered(Instant::now());
         let out = st.model.apply_checks(checks);
         self.act(st, out);
     }
@@ -365,10 +372,22 @@ impl Discovery {
         }
     }
 
+    /// Keeps `consul_router_routing_table_age_seconds` current: the time since Consul last
+    /// answered any of discovery's queries, to within [`AGE_EVERY`].
+    async fn age_loop(self: Arc<Self>) {
+        let gauge = metrics::gauge!("consul_router_routing_table_age_seconds");
+        loop {
+            let age = self.lock().model.answer_age(Instant::now());
+            gauge.set(age.as_secs_f64());
+            tokio::time::sleep(AGE_EVERY).await;
+        }
+    }
+
     /// Coalesces changes and publishes tables.
     async fn rebuild_loop(self: Arc<Self>) {
         let mut reg = StateRegistry::default();
         let mut schedule = Rebuilds::new(self.cfg.coalesce);
+        let mut metrics = TableMetrics::new();
         loop {
             let change = self.changed.notified();
             match schedule.wake_at() {
@@ -406,9 +425,8 @@ impl Discovery {
             let table = build(&snapshot, &catalog_tags, &self.build, &mut reg);
             let built = t0.elapsed();
             let (generation, routed) = (table.generation, table.services.len());
+            metrics.published(&table, built);
             self.routes.store(table);
-            metrics::histogram!("consul_router_table_build_seconds").record(built);
-            metrics::gauge!("consul_router_services").set(routed as f64);
             if first {
                 tracing::info!(services = snapshot.len(), routed, "routing table is live");
             }
@@ -513,10 +531,27 @@ mod tests {
         serde_json::from_value(serde_json::Value::Array(v)).expect("entries")
     }
 
+    /// The value of the first series of `name` whose labels include every one of `labels`.
+    fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter(|l| l[name.len()..].starts_with([' ', '{']))
+            .find(|l| labels.iter().all(|want| l.contains(want)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    // The recorder is process-wide: the service names are this test's own.
     #[tokio::test(start_paused = true)]
-    async fn changes_are_coalesced_into_tables() {
+    async fn changes_are_coalesced_into_tables_and_counted() {
+        let prometheus = crate::metrics::handle();
+        let updates = |text: &str| {
+            sample(text, "consul_router_routing_table_updates_total", &[]).unwrap_or(0.0)
+        };
+        let before = updates(&prometheus.render());
         let d = discovery(crate::config::Expose::All);
         let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+        let _age = AbortOnDrop(tokio::spawn(d.clone().age_loop()).abort_handle());
         let ms = Duration::from_millis;
         let (a, b) = ("coalesce-test-a", "coalesce-test-b");
 
@@ -556,10 +591,46 @@ mod tests {
             "the last state won"
         );
 
-        // b leaves Consul.
+        let text = prometheus.render();
+        assert!(updates(&text) >= before + 2.0, "{text}");
+        let instances = |svc: &str, state: &str| {
+            let (svc, state) = (format!("service=\"{svc}\""), format!("state=\"{state}\""));
+            sample(&text, "consul_router_instances", &[&svc, &state])
+        };
+        // Weight 0, a warning (not routed here) and a critical are not routable.
+        for (state, n) in [
+            ("passing", 2.0),
+            ("warning", 1.0),
+            ("critical", 1.0),
+            ("not_routable", 3.0),
+        ] {
+            assert_eq!(instances(a, state), Some(n), "{state}\n{text}");
+        }
+        assert_eq!(instances(b, "critical"), Some(1.0));
+        assert_eq!(instances(b, "not_routable"), Some(1.0));
+
+        // b leaves Consul: its gauges read 0.
         d.apply_catalog([(a.to_owned(), vec![])].into());
         tokio::time::sleep(ms(150)).await;
         assert_eq!(d.routes.load().generation, 3);
         assert!(!d.routes.load().services.contains_key(b));
+        let text = prometheus.render();
+        let gone = |state: &str| {
+            let (svc, state) = (format!("service=\"{b}\""), format!("state=\"{state}\""));
+            sample(&text, "consul_router_instances", &[&svc, &state])
+        };
+        for state in ["passing", "warning", "critical", "not_routable"] {
+            assert_eq!(gone(state), Some(0.0), "{state}");
+        }
+
+        // Consul goes quiet: the table's age grows, and an answer brings it back to 0.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let age = |text: &str| sample(text, "consul_router_routing_table_age_seconds", &[]);
+        let quiet = age(&prometheus.render()).expect("age");
+        assert!((4.0..=5.2).contains(&quiet), "{quiet}");
+        d.apply_service(a, &entries(a, &a_entries), true);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let fresh = age(&prometheus.render()).expect("age");
+        assert!(fresh <= 1.1, "{fresh}");
     }
 }
