@@ -120,6 +120,19 @@ fn describe() {
         metrics::Unit::Seconds,
         "Time to build one routing table."
     );
+    metrics::describe_gauge!(
+        "consul_router_routing_table_age_seconds",
+        metrics::Unit::Seconds,
+        "Time since Consul last answered one of discovery's queries (since the start, if it never did)."
+    );
+    metrics::describe_counter!(
+        "consul_router_routing_table_updates_total",
+        "Routing tables published."
+    );
+    metrics::describe_gauge!(
+        "consul_router_instances",
+        "Instances per routed service by state: passing, warning, critical, and not_routable (weight 0, warning while warnings are not routed, or critical). 0 once the service leaves the table."
+    );
 }
 
 /// Runs the recorder's periodic upkeep (histogram buckets) forever.

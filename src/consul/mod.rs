@@ -3,7 +3,10 @@
 //! See ARCHITECTURE.md for the watch design and its cost at 2,000 services.
 
 mod client;
+mod model;
+mod schedule;
 mod supervise;
+mod table_metrics;
 pub mod types;
 mod watch;
 

@@ -1,4 +1,5 @@
-//! Discovery: watches Consul with blocking queries and rebuilds the routing table on change.
+//! Discovery's I/O: the loops that query Consul, feed the [`Model`] and act on what it
+//! decides, and the rebuilder that publishes tables.
 //!
 //! Connections to Consul stay bounded whatever the number of services:
 //! - one long-poll on `/v1/catalog/services` (the set of services and their tags);
@@ -9,34 +10,34 @@
 //!   whose diff names the cold services whose checks changed (membership included), plus a
 //!   slow sweep for Meta-only changes; both re-read just those services, four at a time.
 //!
-//! Every change lands in one shared model; the rebuilder waits a short window so a burst
-//! becomes one rebuild, builds the table and swaps it in. Errors never remove anything: the
-//! model keeps the last good answer until Consul gives a new one.
+//! The rules (what to keep, watch, read, and when to query or publish) live in `model.rs` and
+//! `schedule.rs`; this file only performs them.
 
-use std::collections::hash_map::DefaultHasher;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::hash::{Hash, Hasher};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use crate::config::ConsulConfig;
-use crate::routing::{build, BuildOptions, CatalogTags, InstanceSpec, Routes, StateRegistry};
+use crate::routing::{build, BuildOptions, CatalogTags, Routes, RoutingTable, StateRegistry};
 
 use super::client::ConsulClient;
+use super::model::{Model, Outcome};
+use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
+use super::table_metrics::TableMetrics;
 use super::types::{Check, HealthEntry};
 
-/// Least time between two queries of one loop, so a hot key cannot spin a watcher.
-const MIN_QUERY_GAP: Duration = Duration::from_millis(50);
 /// Cold services re-read at once.
 const READ_CONCURRENCY: usize = 4;
 /// How often the watched set is re-chosen by traffic.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
-/// Longest wait for every service's first read before the table goes live anyway.
-const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// How often the table's age is reported between answers.
+const AGE_EVERY: Duration = Duration::from_secs(1);
 
 type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -49,42 +50,21 @@ pub struct Discovery {
     build: BuildOptions,
     routes: Arc<Routes>,
     me: Weak<Discovery>,
-    state: Mutex<Model>,
+    state: Mutex<Shared>,
     /// Wakes the rebuilder.
     changed: Notify,
     /// Wakes the reader of cold services.
     reads: Notify,
     /// Set on shutdown: no new watch may start.
-    stopped: std::sync::atomic::AtomicBool,
+    stopped: AtomicBool,
 }
 
-#[derive(Debug, Default)]
-struct Model {
-    /// `/v1/catalog/services` without excluded names; `None` until its first answer. Shared
-    /// with the rebuilder, whose build reads its tags.
-    catalog: Option<Arc<CatalogTags>>,
-    /// Instances per service, as last read.
-    instances: BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
-    /// Services with their own long-poll.
+/// What the loops share, under one lock.
+#[derive(Debug)]
+struct Shared {
+    model: Model,
+    /// The long-poll of each service in `model.watched()`.
     watches: HashMap<String, AbortOnDrop>,
-    /// Cold services waiting to be re-read.
-    pending: BTreeSet<String>,
-    /// Fingerprints of each service's (and node's) checks from `/v1/health/state/any`.
-    fingerprints: HashMap<String, u64>,
-}
-
-impl Model {
-    /// The instances the build reads. Every listed service goes in: one not read yet is known,
-    /// with no instance (503), never unknown (404), unless the catalog's tags hide it.
-    fn build_input(&self, catalog: &CatalogTags) -> BTreeMap<Arc<str>, Arc<[InstanceSpec]>> {
-        let mut snapshot = self.instances.clone();
-        for name in catalog.keys() {
-            if !snapshot.contains_key(name.as_str()) {
-                snapshot.insert(Arc::from(name.as_str()), Arc::from(Vec::new()));
-            }
-        }
-        snapshot
-    }
 }
 
 /// Keeps discovery running; dropping it stops every task and watch.
@@ -106,9 +86,7 @@ impl Drop for DiscoveryHandle {
         self._tasks.clear();
         // Under the lock, so a reconcile running now cannot start new watches after this.
         let mut st = self.discovery.lock();
-        self.discovery
-            .stopped
-            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.discovery.stopped.store(true, Ordering::SeqCst);
         st.watches.clear();
     }
 }
@@ -124,13 +102,16 @@ impl Discovery {
         Arc::new_cyclic(|me| Discovery {
             me: me.clone(),
             client,
+            state: Mutex::new(Shared {
+                model: Model::new(cfg.max_watches, Instant::now()),
+                watches: HashMap::new(),
+            }),
             cfg,
             build,
             routes,
-            state: Mutex::new(Model::default()),
             changed: Notify::new(),
             reads: Notify::new(),
-            stopped: std::sync::atomic::AtomicBool::new(false),
+            stopped: AtomicBool::new(false),
         })
     }
 
@@ -143,6 +124,7 @@ impl Discovery {
             self.supervised("sweep", |d| Box::pin(d.sweep_loop())),
             self.supervised("reconcile", |d| Box::pin(d.reconcile_loop())),
             self.supervised("rebuild", |d| Box::pin(d.rebuild_loop())),
+            self.supervised("table-age", |d| Box::pin(d.age_loop())),
         ];
         DiscoveryHandle {
             discovery: self.clone(),
@@ -171,130 +153,37 @@ impl Discovery {
         v
     }
 
-    fn lock(&self) -> MutexGuard<'_, Model> {
+    fn lock(&self) -> MutexGuard<'_, Shared> {
         // A panic while holding the lock leaves a consistent-enough model: keep serving.
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn catalog_loop(self: Arc<Self>) {
-        let mut index = 0;
-        // The index of the catalog last applied; kept apart from the blocking index, which
-        // resets to 0, so a rewind is always noticed.
-        let mut applied = 0;
-        let mut backoff = Backoff::default();
-        let mut last = Instant::now() - MIN_QUERY_GAP;
-        loop {
-            pace(&mut last).await;
-            match self.client.catalog_services(index, self.cfg.wait).await {
-                Ok(r) if r.index == 0 => {
-                    tracing::warn!("catalog answer without X-Consul-Index; retrying later");
-                    backoff.wait().await;
-                }
-                Ok(mut r) => {
-                    backoff.reset();
-                    if r.index < applied {
-                        // A rewound index: a restarted cluster, or a stale server far behind.
-                        // Only the leader's answer may replace what we have.
-                        match self.client.catalog_services_consistent().await {
-                            Ok(confirmed) => r = confirmed,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "cannot confirm a rewound catalog; keeping the last table");
-                                backoff.wait().await;
-                                continue;
-                            }
-                        }
-                    }
-                    index = next_index(index, r.index);
-                    applied = r.index;
-                    self.apply_catalog(r.value);
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "catalog watch failed; keeping the last routing table");
-                    backoff.wait().await;
-                }
-            }
+    /// Performs what the model decided, then releases the lock before waking anyone.
+    fn act(&self, mut st: MutexGuard<'_, Shared>, out: Outcome) {
+        if out.watches {
+            self.sync_watches(&mut st);
         }
-    }
-
-    fn apply_catalog(&self, mut new: CatalogTags) {
-        // Excluded services are never routed: never watched or read either.
-        new.retain(|name, _| !self.build.is_excluded(name));
-        let mut removed = false;
-        let mut queued = false;
-        {
-            let mut st = self.lock();
-            let before = st.instances.len();
-            st.instances.retain(|name, _| new.contains_key(&**name));
-            removed = removed || st.instances.len() != before;
-            st.watches.retain(|name, _| new.contains_key(name));
-            st.pending.retain(|name| new.contains_key(name));
-            for (name, tags) in &new {
-                let changed = st.catalog.as_ref().and_then(|c| c.get(name)) != Some(tags);
-                if changed && !st.watches.contains_key(name) {
-                    queued |= st.pending.insert(name.clone());
-                }
-            }
-            st.catalog = Some(Arc::new(new));
-        }
-        self.reconcile();
-        if removed {
+        drop(st);
+        if out.rebuild {
             self.changed.notify_one();
         }
-        if queued {
+        if out.read {
             self.reads.notify_one();
         }
-        // The first answer must reach the rebuilder even for an empty catalog.
-        self.changed.notify_one();
     }
 
-    /// Chooses the watched set: all services up to `max_watches`, else the most recently used.
-    fn reconcile(&self) {
-        let table = self.routes.load();
-        let mut st = self.lock();
+    /// Starts and stops long-polls to match the model's watched set.
+    fn sync_watches(&self, st: &mut Shared) {
         // Checked under the lock: shutdown sets it under the same lock.
-        if self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.stopped.load(Ordering::SeqCst) {
             return;
         }
-        let Some(catalog) = &st.catalog else {
-            return;
-        };
-        let desired: HashSet<String> = if catalog.len() <= self.cfg.max_watches {
-            catalog.keys().cloned().collect()
-        } else {
-            let mut by_use: Vec<(u64, &String)> = catalog
-                .keys()
-                .map(|n| {
-                    let used = table
-                        .services
-                        .get(n.as_str())
-                        .map_or(0, |s| s.stats.last_used());
-                    (used, n)
-                })
-                .collect();
-            by_use.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
-            by_use
-                .into_iter()
-                .take(self.cfg.max_watches)
-                .map(|(_, n)| n.clone())
-                .collect()
-        };
-        let demoted: Vec<String> = st
-            .watches
-            .keys()
-            .filter(|n| !desired.contains(*n))
-            .cloned()
-            .collect();
-        let requeued = !demoted.is_empty();
-        for name in demoted {
-            // It may have missed a change while its watch backed off: read it once more.
-            st.watches.remove(&name);
-            st.pending.insert(name);
-        }
-        for name in desired {
-            if st.watches.contains_key(&name) {
+        let Shared { model, watches } = st;
+        watches.retain(|name, _| model.watched().contains(name));
+        for name in model.watched() {
+            if watches.contains_key(name) {
                 continue;
             }
-            st.pending.remove(&name);
             // Watches hold the discovery weakly: the handle owns it.
             let me = self.me.clone();
             let n = name.clone();
@@ -307,37 +196,96 @@ impl Discovery {
                     }
                 }
             });
-            st.watches.insert(name, guard);
+            watches.insert(name.clone(), guard);
         }
-        drop(st);
-        if requeued {
-            self.reads.notify_one();
+    }
+
+    fn apply_catalog(&self, new: CatalogTags) {
+        let table = self.routes.load();
+        let mut st = self.lock();
+        st.model.answered(Instant::now());
+        let out = st.model.apply_catalog(
+            new,
+            |name| self.build.is_excluded(name),
+            |name| last_used(&table, name),
+        );
+        self.act(st, out);
+    }
+
+    fn apply_service(&self, name: &str, entries: &[HealthEntry], from_watch: bool) {
+        let mut st = self.lock();
+        st.model.answered(Instant::now());
+        let out = st.model.apply_service(name, entries, from_watch);
+        self.act(st, out);
+    }
+
+    fn apply_checks(&self, checks: &[Check]) {
+        let mut st = self.lock();
+        st.model.answered(Instant::now());
+        let out = st.model.apply_checks(checks);
+        self.act(st, out);
+    }
+
+    /// Chooses the watched set again by recent traffic.
+    fn reconcile(&self) {
+        let table = self.routes.load();
+        let mut st = self.lock();
+        let out = st.model.choose_watched(|name| last_used(&table, name));
+        self.act(st, out);
+    }
+
+    async fn catalog_loop(self: Arc<Self>) {
+        let mut cat = CatalogPoll::default();
+        loop {
+            start_at(&mut cat.poll).await;
+            let r = self
+                .client
+                .catalog_services(cat.poll.index(), self.cfg.wait)
+                .await;
+            match r {
+                Ok(r) => match cat.judge(Instant::now(), r.index) {
+                    CatalogStep::Apply => self.apply_catalog(r.value),
+                    CatalogStep::NoIndex => {
+                        tracing::warn!("catalog answer without X-Consul-Index; retrying later");
+                    }
+                    // A rewound index: a restarted cluster, or a stale server far behind.
+                    CatalogStep::Confirm => match self.client.catalog_services_consistent().await {
+                        Ok(confirmed) => {
+                            cat.confirmed(confirmed.index);
+                            self.apply_catalog(confirmed.value);
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot confirm a rewound catalog; keeping the last table");
+                            cat.poll.failed(Instant::now());
+                        }
+                    },
+                },
+                Err(e) => {
+                    tracing::warn!(error = %e, "catalog watch failed; keeping the last routing table");
+                    cat.poll.failed(Instant::now());
+                }
+            }
         }
     }
 
     async fn service_loop(self: Arc<Self>, name: String) {
-        let mut index = 0;
-        let mut backoff = Backoff::default();
-        let mut last = Instant::now() - MIN_QUERY_GAP;
-        while !self.stopped.load(std::sync::atomic::Ordering::SeqCst) {
-            pace(&mut last).await;
-            match self
+        let mut poll = Poll::default();
+        while !self.stopped.load(Ordering::SeqCst) {
+            start_at(&mut poll).await;
+            let r = self
                 .client
-                .health_service(&name, index, self.cfg.wait)
-                .await
-            {
-                Ok(r) if r.index == 0 => {
-                    tracing::warn!(service = %name, "answer without X-Consul-Index; retrying later");
-                    backoff.wait().await;
-                }
-                Ok(r) => {
-                    backoff.reset();
-                    index = next_index(index, r.index);
+                .health_service(&name, poll.index(), self.cfg.wait)
+                .await;
+            match r {
+                Ok(r) if poll.answered(Instant::now(), r.index) => {
                     self.apply_service(&name, &r.value, true);
+                }
+                Ok(_) => {
+                    tracing::warn!(service = %name, "answer without X-Consul-Index; retrying later");
                 }
                 Err(e) => {
                     tracing::warn!(service = %name, error = %e, "service watch failed; keeping its last instances");
-                    backoff.wait().await;
+                    poll.failed(Instant::now());
                 }
             }
         }
@@ -345,48 +293,11 @@ impl Discovery {
         std::future::pending::<()>().await;
     }
 
-    /// Stores a service's instances. `from_watch` is false for plain reads, which must not
-    /// overwrite what a watch (always newer) has stored.
-    fn apply_service(&self, name: &str, entries: &[HealthEntry], from_watch: bool) {
-        let mut specs: Vec<InstanceSpec> = entries
-            .iter()
-            .filter(|e| e.service.service == name)
-            .map(HealthEntry::to_spec)
-            .collect();
-        specs.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut st = self.lock();
-        // A late answer for a service that has left the catalog must not bring it back.
-        if !st.catalog.as_ref().is_some_and(|c| c.contains_key(name)) {
-            return;
-        }
-        if !from_watch && st.watches.contains_key(name) {
-            return;
-        }
-        if st.instances.get(name).is_some_and(|old| **old == *specs) {
-            return;
-        }
-        st.instances.insert(Arc::from(name), Arc::from(specs));
-        drop(st);
-        self.changed.notify_one();
-    }
-
     /// Re-reads queued cold services, a few at a time.
     async fn reader_loop(self: Arc<Self>) {
         let mut backoff = Backoff::default();
         loop {
-            let batch: Vec<String> = {
-                let mut st = self.lock();
-                let mut batch = Vec::new();
-                while batch.len() < READ_CONCURRENCY {
-                    let Some(name) = st.pending.pop_first() else {
-                        break;
-                    };
-                    if !st.watches.contains_key(&name) {
-                        batch.push(name);
-                    }
-                }
-                batch
-            };
+            let batch = self.lock().model.take_reads(READ_CONCURRENCY);
             if batch.is_empty() {
                 self.reads.notified().await;
                 continue;
@@ -406,7 +317,7 @@ impl Discovery {
                     Ok(r) => self.apply_service(&name, &r.value, false),
                     Err(e) => {
                         tracing::warn!(service = %name, error = %e, "service read failed; will retry");
-                        self.lock().pending.insert(name);
+                        self.lock().model.read_failed(name);
                         failed = true;
                     }
                 }
@@ -421,74 +332,26 @@ impl Discovery {
 
     /// Watches every check while some services are cold; queues those whose checks changed.
     async fn health_loop(self: Arc<Self>) {
-        let mut index = 0;
-        let mut backoff = Backoff::default();
-        let mut last = Instant::now() - MIN_QUERY_GAP;
+        let mut poll = Poll::default();
         loop {
-            if !self.has_cold() {
-                index = 0;
+            if !self.lock().model.has_cold() {
+                poll.forget_index();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             }
-            pace(&mut last).await;
-            match self.client.health_state_any(index, self.cfg.wait).await {
-                Ok(r) if r.index == 0 => {
-                    tracing::warn!("health answer without X-Consul-Index; retrying later");
-                    backoff.wait().await;
-                }
-                Ok(r) => {
-                    backoff.reset();
-                    index = next_index(index, r.index);
-                    self.apply_checks(&r.value);
-                }
+            start_at(&mut poll).await;
+            match self
+                .client
+                .health_state_any(poll.index(), self.cfg.wait)
+                .await
+            {
+                Ok(r) if poll.answered(Instant::now(), r.index) => self.apply_checks(&r.value),
+                Ok(_) => tracing::warn!("health answer without X-Consul-Index; retrying later"),
                 Err(e) => {
                     tracing::warn!(error = %e, "health watch failed; keeping the last routing table");
-                    backoff.wait().await;
+                    poll.failed(Instant::now());
                 }
             }
-        }
-    }
-
-    fn has_cold(&self) -> bool {
-        let st = self.lock();
-        st.catalog
-            .as_ref()
-            .is_some_and(|c| c.len() > st.watches.len())
-    }
-
-    fn apply_checks(&self, checks: &[Check]) {
-        let fresh = fingerprints(checks);
-        let mut queued = false;
-        let mut st = self.lock();
-        let changed: Vec<&String> = fresh
-            .iter()
-            .filter(|(k, v)| st.fingerprints.get(*k) != Some(v))
-            .map(|(k, _)| k)
-            .chain(st.fingerprints.keys().filter(|k| !fresh.contains_key(*k)))
-            .collect();
-        let mut wanted: BTreeSet<String> = BTreeSet::new();
-        for key in changed {
-            if let Some(node) = key.strip_prefix("node:") {
-                // A node check changes the health of every service on that node.
-                for (svc, specs) in &st.instances {
-                    if specs.iter().any(|s| s.node == node) {
-                        wanted.insert(svc.to_string());
-                    }
-                }
-            } else if let Some(svc) = key.strip_prefix("service:") {
-                wanted.insert(svc.to_owned());
-            }
-        }
-        for svc in wanted {
-            let known = st.catalog.as_ref().is_some_and(|c| c.contains_key(&svc));
-            if known && !st.watches.contains_key(&svc) {
-                queued |= st.pending.insert(svc);
-            }
-        }
-        st.fingerprints = fresh;
-        drop(st);
-        if queued {
-            self.reads.notify_one();
         }
     }
 
@@ -496,22 +359,9 @@ impl Discovery {
     async fn sweep_loop(self: Arc<Self>) {
         loop {
             tokio::time::sleep(self.cfg.sweep_interval).await;
-            let queued = {
-                let mut st = self.lock();
-                let cold: Vec<String> = st
-                    .catalog
-                    .iter()
-                    .flat_map(|c| c.keys())
-                    .filter(|n| !st.watches.contains_key(*n))
-                    .cloned()
-                    .collect();
-                let any = !cold.is_empty();
-                st.pending.extend(cold);
-                any
-            };
-            if queued {
-                self.reads.notify_one();
-            }
+            let mut st = self.lock();
+            let out = st.model.sweep();
+            self.act(st, out);
         }
     }
 
@@ -522,47 +372,62 @@ impl Discovery {
         }
     }
 
+    /// Keeps `consul_router_routing_table_age_seconds` current: the time since Consul last
+    /// answered any of discovery's queries, to within [`AGE_EVERY`].
+    async fn age_loop(self: Arc<Self>) {
+        let gauge = metrics::gauge!("consul_router_routing_table_age_seconds");
+        loop {
+            let age = self.lock().model.answer_age(Instant::now());
+            gauge.set(age.as_secs_f64());
+            tokio::time::sleep(AGE_EVERY).await;
+        }
+    }
+
     /// Coalesces changes and publishes tables.
     async fn rebuild_loop(self: Arc<Self>) {
         let mut reg = StateRegistry::default();
-        let mut first_catalog: Option<Instant> = None;
-        let mut live = false;
+        let mut schedule = Rebuilds::new(self.cfg.coalesce);
+        let mut metrics = TableMetrics::new();
         loop {
-            if live {
-                self.changed.notified().await;
-            } else {
-                // Until the first table is live, look again every 200 ms for completeness.
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(200), self.changed.notified()).await;
-            }
-            tokio::time::sleep(self.cfg.coalesce).await;
-            let (snapshot, catalog_tags) = {
-                let st = self.lock();
-                let Some(catalog) = st.catalog.clone() else {
-                    continue;
-                };
-                let since = *first_catalog.get_or_insert_with(Instant::now);
-                let complete = catalog
-                    .keys()
-                    .all(|k| st.instances.contains_key(k.as_str()));
-                if !live && !complete {
-                    if since.elapsed() < READY_DEADLINE {
+            let change = self.changed.notified();
+            match schedule.wake_at() {
+                Some(at) => tokio::select! {
+                    () = change => {
+                        schedule.changed(Instant::now());
                         continue;
                     }
-                    tracing::warn!(
-                        "some services could not be read yet; they answer 503 until they are"
-                    );
+                    () = tokio::time::sleep_until(at) => {}
+                },
+                None => {
+                    change.await;
+                    schedule.changed(Instant::now());
+                    continue;
                 }
-                (st.build_input(&catalog), catalog)
+            }
+            let (snapshot, catalog_tags, first) = {
+                let st = self.lock();
+                match schedule.decide(Instant::now(), st.model.complete()) {
+                    Publish::Wait => continue,
+                    Publish::Now { first, incomplete } => {
+                        if incomplete && first {
+                            tracing::warn!(
+                                "some services could not be read yet; they answer 503 until they are"
+                            );
+                        }
+                        let Some((snapshot, tags)) = st.model.build_input() else {
+                            continue;
+                        };
+                        (snapshot, tags, first)
+                    }
+                }
             };
-            let t0 = Instant::now();
+            let t0 = std::time::Instant::now();
             let table = build(&snapshot, &catalog_tags, &self.build, &mut reg);
-            let generation = table.generation;
-            let routed = table.services.len();
+            let built = t0.elapsed();
+            let (generation, routed) = (table.generation, table.services.len());
+            metrics.published(&table, built);
             self.routes.store(table);
-            metrics::histogram!("consul_router_table_build_seconds").record(t0.elapsed());
-            metrics::gauge!("consul_router_services").set(routed as f64);
-            if !live {
+            if first {
                 tracing::info!(services = snapshot.len(), routed, "routing table is live");
             }
             tracing::debug!(
@@ -571,96 +436,26 @@ impl Discovery {
                 routed,
                 "routing table rebuilt"
             );
-            live = true;
         }
     }
 }
 
-/// Waits so that query starts are at least [`MIN_QUERY_GAP`] apart.
-async fn pace(last: &mut Instant) {
-    let next = *last + MIN_QUERY_GAP;
-    tokio::time::sleep_until(next.into()).await;
-    *last = Instant::now();
+/// When the service was last used, from the live table (0: never, or not in it).
+fn last_used(table: &RoutingTable, name: &str) -> u64 {
+    table.services.get(name).map_or(0, |s| s.stats.last_used())
 }
 
-/// Consul's rules for the next blocking index: reset to 0 when it goes backwards (a new
-/// leader or a restored snapshot), and never block on 0.
-pub(crate) fn next_index(prev: u64, got: u64) -> u64 {
-    let got = got.max(1);
-    if got < prev {
-        0
-    } else {
-        got
+/// Waits until `poll` may start its next query, and marks it started.
+async fn start_at(poll: &mut Poll) {
+    if let Some(at) = poll.next_start() {
+        tokio::time::sleep_until(at).await;
     }
-}
-
-/// One fingerprint per service (`service:<name>`) and per node's own checks (`node:<name>`).
-fn fingerprints(checks: &[Check]) -> HashMap<String, u64> {
-    let mut groups: HashMap<String, Vec<(&str, &str, &str)>> = HashMap::new();
-    for c in checks {
-        let key = if c.service_name.is_empty() {
-            format!("node:{}", c.node)
-        } else {
-            format!("service:{}", c.service_name)
-        };
-        groups
-            .entry(key)
-            .or_default()
-            .push((&c.service_id, &c.check_id, &c.status));
-    }
-    groups
-        .into_iter()
-        .map(|(k, mut v)| {
-            v.sort_unstable();
-            let mut h = DefaultHasher::new();
-            v.hash(&mut h);
-            (k, h.finish())
-        })
-        .collect()
+    poll.started(Instant::now());
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn index_rules() {
-        assert_eq!(next_index(0, 0), 1, "never block on 0");
-        assert_eq!(next_index(10, 12), 12);
-        assert_eq!(next_index(10, 10), 10);
-        assert_eq!(next_index(10, 3), 0, "backwards resets");
-    }
-
-    fn check(node: &str, svc: &str, id: &str, status: &str) -> Check {
-        Check {
-            node: node.into(),
-            check_id: id.into(),
-            status: status.into(),
-            service_id: if svc.is_empty() {
-                String::new()
-            } else {
-                format!("{svc}-1")
-            },
-            service_name: svc.into(),
-        }
-    }
-
-    #[test]
-    fn fingerprints_move_only_for_the_changed_service() {
-        let a = fingerprints(&[
-            check("n1", "", "serfHealth", "passing"),
-            check("n1", "chat", "c1", "passing"),
-            check("n1", "mail", "m1", "passing"),
-        ]);
-        let b = fingerprints(&[
-            check("n1", "", "serfHealth", "passing"),
-            check("n1", "chat", "c1", "critical"),
-            check("n1", "mail", "m1", "passing"),
-        ]);
-        assert_ne!(a["service:chat"], b["service:chat"]);
-        assert_eq!(a["service:mail"], b["service:mail"]);
-        assert_eq!(a["node:n1"], b["node:n1"]);
-    }
 
     fn discovery(expose: crate::config::Expose) -> Arc<Discovery> {
         let cfg = crate::config::Config::default();
@@ -702,15 +497,13 @@ mod tests {
             let d = discovery(expose);
             d.apply_catalog(listing());
             let st = d.lock();
-            let pending: Vec<&str> = st.pending.iter().map(String::as_str).collect();
             assert_eq!(
-                pending,
+                st.model.pending(),
                 ["hidden", "plain", "shown"],
                 "excluded names are not read"
             );
-            let catalog = st.catalog.clone().expect("catalog");
             // The first table, before any service was read.
-            let snapshot = st.build_input(&catalog);
+            let (snapshot, catalog) = st.model.build_input().expect("catalog");
             drop(st);
             let table = build(&snapshot, &catalog, &d.build, &mut StateRegistry::default());
             let mut routed: Vec<&str> = table.services.keys().map(|k| &**k).collect();
@@ -719,5 +512,125 @@ mod tests {
             // Exposed but not read yet: known, with no instance (503).
             assert_eq!(table.services["shown"].routable, 0);
         }
+    }
+
+    /// `/v1/health/service/<svc>` entries: `(id, status, passing weight)` on one node.
+    fn entries(svc: &str, instances: &[(&str, &str, u32)]) -> Vec<HealthEntry> {
+        let v: Vec<serde_json::Value> = instances
+            .iter()
+            .map(|(id, status, weight)| {
+                serde_json::json!({
+                    "Node": {"Node": "n1", "Address": "10.0.0.1"},
+                    "Service": {"ID": id, "Service": svc, "Port": 80,
+                                "Weights": {"Passing": weight, "Warning": 1}},
+                    "Checks": [{"Node": "n1", "CheckID": format!("c-{id}"), "Status": status,
+                                "ServiceID": id, "ServiceName": svc}]
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::Value::Array(v)).expect("entries")
+    }
+
+    /// The value of the first series of `name` whose labels include every one of `labels`.
+    fn sample(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
+        text.lines()
+            .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+            .filter(|l| l[name.len()..].starts_with([' ', '{']))
+            .find(|l| labels.iter().all(|want| l.contains(want)))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+    }
+
+    // The recorder is process-wide: the service names are this test's own.
+    #[tokio::test(start_paused = true)]
+    async fn changes_are_coalesced_into_tables_and_counted() {
+        let prometheus = crate::metrics::handle();
+        let updates = |text: &str| {
+            sample(text, "consul_router_routing_table_updates_total", &[]).unwrap_or(0.0)
+        };
+        let before = updates(&prometheus.render());
+        let d = discovery(crate::config::Expose::All);
+        let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+        let _age = AbortOnDrop(tokio::spawn(d.clone().age_loop()).abort_handle());
+        let ms = Duration::from_millis;
+        let (a, b) = ("coalesce-test-a", "coalesce-test-b");
+
+        let catalog: CatalogTags = [(a.to_owned(), vec![]), (b.to_owned(), vec![])].into();
+        d.apply_catalog(catalog);
+        tokio::time::sleep(ms(60)).await;
+        let a_entries = [
+            ("a1", "passing", 1),
+            ("a2", "passing", 0),
+            ("a3", "warning", 1),
+            ("a4", "critical", 1),
+        ];
+        d.apply_service(a, &entries(a, &a_entries), true);
+        d.apply_service(b, &entries(b, &[("b1", "passing", 1)]), true);
+        tokio::time::sleep(ms(30)).await;
+        assert!(!d.routes.load().ready, "not before the window ends");
+        // One table for the catalog and both reads, 100 ms after the first change.
+        tokio::time::sleep(ms(20)).await;
+        let t = d.routes.load_full();
+        assert!(t.ready);
+        assert_eq!(t.generation, 1);
+        assert_eq!(t.services[a].routable, 1);
+
+        // A flapping check: five changes in 80 ms become one table.
+        for i in 0..5 {
+            let status = if i % 2 == 0 { "critical" } else { "passing" };
+            d.apply_service(b, &entries(b, &[("b1", status, 1)]), true);
+            tokio::time::sleep(ms(20)).await;
+        }
+        tokio::time::sleep(ms(30)).await;
+        assert_eq!(d.routes.load().generation, 2);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(d.routes.load().generation, 2, "nothing more to publish");
+        assert_eq!(
+            d.routes.load().services[b].routable,
+            0,
+            "the last state won"
+        );
+
+        let text = prometheus.render();
+        assert!(updates(&text) >= before + 2.0, "{text}");
+        let instances = |svc: &str, state: &str| {
+            let (svc, state) = (format!("service=\"{svc}\""), format!("state=\"{state}\""));
+            sample(&text, "consul_router_instances", &[&svc, &state])
+        };
+        // Weight 0, a warning (not routed here) and a critical are not routable.
+        for (state, n) in [
+            ("passing", 2.0),
+            ("warning", 1.0),
+            ("critical", 1.0),
+            ("not_routable", 3.0),
+        ] {
+            assert_eq!(instances(a, state), Some(n), "{state}\n{text}");
+        }
+        assert_eq!(instances(b, "critical"), Some(1.0));
+        assert_eq!(instances(b, "not_routable"), Some(1.0));
+
+        // b leaves Consul: its gauges read 0.
+        d.apply_catalog([(a.to_owned(), vec![])].into());
+        tokio::time::sleep(ms(150)).await;
+        assert_eq!(d.routes.load().generation, 3);
+        assert!(!d.routes.load().services.contains_key(b));
+        let text = prometheus.render();
+        let gone = |state: &str| {
+            let (svc, state) = (format!("service=\"{b}\""), format!("state=\"{state}\""));
+            sample(&text, "consul_router_instances", &[&svc, &state])
+        };
+        for state in ["passing", "warning", "critical", "not_routable"] {
+            assert_eq!(gone(state), Some(0.0), "{state}");
+        }
+
+        // Consul goes quiet: the table's age grows, and an answer brings it back to 0.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let age = |text: &str| sample(text, "consul_router_routing_table_age_seconds", &[]);
+        let quiet = age(&prometheus.render()).expect("age");
+        assert!((4.0..=5.2).contains(&quiet), "{quiet}");
+        d.apply_service(a, &entries(a, &a_entries), true);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let fresh = age(&prometheus.render()).expect("age");
+        assert!(fresh <= 1.1, "{fresh}");
     }
 }

@@ -1,0 +1,593 @@
+//! Discovery's state and decisions, without I/O: the last good answers from Consul, which
+//! services get their own long-poll, which cold services to re-read, and what the next table
+//! is built from.
+//!
+//! The loops in `watch.rs` feed it answers and act on what it returns ([`Outcome`]). Errors
+//! never reach it: it keeps the last good answer until Consul gives a new one.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::routing::{CatalogTags, InstanceSpec};
+
+use super::types::{Check, HealthEntry};
+
+/// What the loops must do after a change to the model.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[must_use]
+pub(crate) struct Outcome {
+    /// Rebuild the table.
+    pub(crate) rebuild: bool,
+    /// Cold services were queued: wake the reader.
+    pub(crate) read: bool,
+    /// The watched set changed: start and stop long-polls to match [`Model::watched`].
+    pub(crate) watches: bool,
+}
+
+impl Outcome {
+    fn merge(self, other: Outcome) -> Outcome {
+        Outcome {
+            rebuild: self.rebuild || other.rebuild,
+            read: self.read || other.read,
+            watches: self.watches || other.watches,
+        }
+    }
+}
+
+/// What the build reads: each listed service's instances, and the service list's tags.
+pub(crate) type BuildInput = (BTreeMap<Arc<str>, Arc<[InstanceSpec]>>, Arc<CatalogTags>);
+
+/// Everything discovery knows, and the rules for changing it.
+#[derive(Debug)]
+pub(crate) struct Model {
+    max_watches: usize,
+    /// `/v1/catalog/services` without excluded names; `None` until its first answer. Shared
+    /// with the rebuilder, whose build reads its tags.
+    catalog: Option<Arc<CatalogTags>>,
+    /// Instances per service, as last read.
+    instances: BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
+    /// Services that should have their own long-poll.
+    watched: BTreeSet<String>,
+    /// Cold services waiting to be re-read.
+    pending: BTreeSet<String>,
+    /// Fingerprints of each service's (and node's) checks from `/v1/health/state/any`.
+    fingerprints: HashMap<String, u64>,
+    /// The last answer from Consul; the start until there is one.
+    answered: Instant,
+}
+
+impl Model {
+    /// An empty model that gives at most `max_watches` services their own long-poll.
+    pub(crate) fn new(max_watches: usize, now: Instant) -> Self {
+        Model {
+            max_watches,
+            catalog: None,
+            instances: BTreeMap::new(),
+            watched: BTreeSet::new(),
+            pending: BTreeSet::new(),
+            fingerprints: HashMap::new(),
+            answered: now,
+        }
+    }
+
+    /// Services that should have their own long-poll, sorted.
+    pub(crate) fn watched(&self) -> &BTreeSet<String> {
+        &self.watched
+    }
+
+    /// Consul answered (any endpoint): the table is current as of `now`.
+    pub(crate) fn answered(&mut self, now: Instant) {
+        self.answered = now;
+    }
+
+    /// Time since Consul last answered (since the start, if it never did).
+    pub(crate) fn answer_age(&self, now: Instant) -> Duration {
+        now.saturating_duration_since(self.answered)
+    }
+
+    /// A new answer from `/v1/catalog/services`. Services it no longer lists leave; listed
+    /// ones whose tags changed are queued for a read unless watched; `excluded` names are
+    /// dropped as they arrive, so they are never watched or read. Then the watched set is
+    /// chosen again with `last_used` (see [`Model::choose_watched`]).
+    pub(crate) fn apply_catalog(
+        &mut self,
+        mut new: CatalogTags,
+        excluded: impl Fn(&str) -> bool,
+        last_used: impl Fn(&str) -> u64,
+    ) -> Outcome {
+        new.retain(|name, _| !excluded(name));
+        self.instances.retain(|name, _| new.contains_key(&**name));
+        let before = self.watched.len();
+        self.watched.retain(|name| new.contains_key(name));
+        self.pending.retain(|name| new.contains_key(name));
+        let mut out = Outcome {
+            // The first answer must reach the rebuilder even for an empty catalog.
+            rebuild: true,
+            read: false,
+            watches: self.watched.len() != before,
+        };
+        for (name, tags) in &new {
+            let changed = self.catalog.as_ref().and_then(|c| c.get(name)) != Some(tags);
+            if changed && !self.watched.contains(name) {
+                out.read |= self.pending.insert(name.clone());
+            }
+        }
+        self.catalog = Some(Arc::new(new));
+        let mut out = out.merge(self.choose_watched(last_used));
+        // Queued services that just got a watch need no read.
+        out.read &= !self.pending.is_empty();
+        out
+    }
+
+    /// Chooses the watched set: every service up to `max_watches`, else those with the
+    /// highest `last_used` (ties by name). A service that loses its watch is queued for one
+    /// more read: it may have missed a change while its watch backed off.
+    pub(crate) fn choose_watched(&mut self, last_used: impl Fn(&str) -> u64) -> Outcome {
+        let Some(catalog) = &self.catalog else {
+            return Outcome::default();
+        };
+        let desired: BTreeSet<&String> = if catalog.len() <= self.max_watches {
+            catalog.keys().collect()
+        } else {
+            let mut by_use: Vec<(u64, &String)> =
+                catalog.keys().map(|n| (last_used(n), n)).collect();
+            by_use.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(b.1)));
+            by_use
+                .into_iter()
+                .take(self.max_watches)
+                .map(|(_, n)| n)
+                .collect()
+        };
+        let mut out = Outcome::default();
+        let demoted: Vec<String> = self
+            .watched
+            .iter()
+            .filter(|n| !desired.contains(n))
+            .cloned()
+            .collect();
+        for name in demoted {
+            self.watched.remove(&name);
+            self.pending.insert(name);
+            out.read = true;
+            out.watches = true;
+        }
+        for name in desired {
+            if self.watched.insert(name.clone()) {
+                self.pending.remove(name);
+                out.watches = true;
+            }
+        }
+        out
+    }
+
+    /// A service's instances as `/v1/health/service/<name>` returned them. `from_watch` is
+    /// false for plain reads, which must not overwrite what a watch (always newer) stored.
+    pub(crate) fn apply_service(
+        &mut self,
+        name: &str,
+        entries: &[HealthEntry],
+        from_watch: bool,
+    ) -> Outcome {
+        let mut specs: Vec<InstanceSpec> = entries
+            .iter()
+            .filter(|e| e.service.service == name)
+            .map(HealthEntry::to_spec)
+            .collect();
+        specs.sort_by(|a, b| a.id.cmp(&b.id));
+        // A late answer for a service that has left the catalog must not bring it back.
+        if !self.catalog.as_ref().is_some_and(|c| c.contains_key(name)) {
+            return Outcome::default();
+        }
+        if !from_watch && self.watched.contains(name) {
+            return Outcome::default();
+        }
+        if self.instances.get(name).is_some_and(|old| **old == *specs) {
+            return Outcome::default();
+        }
+        self.instances.insert(Arc::from(name), Arc::from(specs));
+        Outcome {
+            rebuild: true,
+            ..Outcome::default()
+        }
+    }
+
+    /// Takes up to `max` queued cold services to read now.
+    pub(crate) fn take_reads(&mut self, max: usize) -> Vec<String> {
+        let mut batch = Vec::new();
+        while batch.len() < max {
+            let Some(name) = self.pending.pop_first() else {
+                break;
+            };
+            if !self.watched.contains(&name) {
+                batch.push(name);
+            }
+        }
+        batch
+    }
+
+    /// A read failed: queue it again.
+    pub(crate) fn read_failed(&mut self, name: String) {
+        self.pending.insert(name);
+    }
+
+    /// Whether some listed service has no long-poll (then the health feed runs).
+    pub(crate) fn has_cold(&self) -> bool {
+        self.catalog
+            .as_ref()
+            .is_some_and(|c| c.len() > self.watched.len())
+    }
+
+    /// A new answer from `/v1/health/state/any`. Its diff against the last one queues the
+    /// cold services whose checks changed, and for a node check, the cold services with an
+    /// instance on that node.
+    pub(crate) fn apply_checks(&mut self, checks: &[Check]) -> Outcome {
+        let fresh = fingerprints(checks);
+        let changed = fresh
+            .iter()
+            .filter(|(k, v)| self.fingerprints.get(*k) != Some(v))
+            .map(|(k, _)| k)
+            .chain(self.fingerprints.keys().filter(|k| !fresh.contains_key(*k)));
+        let mut wanted: BTreeSet<String> = BTreeSet::new();
+        for key in changed {
+            if let Some(node) = key.strip_prefix("node:") {
+                // A node check changes the health of every service on that node.
+                for (svc, specs) in &self.instances {
+                    if specs.iter().any(|s| s.node == node) {
+                        wanted.insert(svc.to_string());
+                    }
+                }
+            } else if let Some(svc) = key.strip_prefix("service:") {
+                wanted.insert(svc.to_owned());
+            }
+        }
+        let mut out = Outcome::default();
+        for svc in wanted {
+            let known = self.catalog.as_ref().is_some_and(|c| c.contains_key(&svc));
+            if known && !self.watched.contains(&svc) {
+                out.read |= self.pending.insert(svc);
+            }
+        }
+        self.fingerprints = fresh;
+        out
+    }
+
+    /// The sweep: queues every cold service, since Meta-only changes show in no global feed.
+    pub(crate) fn sweep(&mut self) -> Outcome {
+        let cold: Vec<String> = self
+            .catalog
+            .iter()
+            .flat_map(|c| c.keys())
+            .filter(|n| !self.watched.contains(*n))
+            .cloned()
+            .collect();
+        let read = !cold.is_empty();
+        self.pending.extend(cold);
+        Outcome {
+            read,
+            ..Outcome::default()
+        }
+    }
+
+    /// `None` before the first catalog; else whether every listed service has been read.
+    pub(crate) fn complete(&self) -> Option<bool> {
+        let catalog = self.catalog.as_ref()?;
+        Some(
+            catalog
+                .keys()
+                .all(|k| self.instances.contains_key(k.as_str())),
+        )
+    }
+
+    /// What the next table is built from; `None` before the first catalog. Every listed
+    /// service goes in: one not read yet is known, with no instance (503), never unknown
+    /// (404), unless the catalog's tags hide it.
+    pub(crate) fn build_input(&self) -> Option<BuildInput> {
+        let catalog = self.catalog.clone()?;
+        let mut snapshot = self.instances.clone();
+        for name in catalog.keys() {
+            if !snapshot.contains_key(name.as_str()) {
+                snapshot.insert(Arc::from(name.as_str()), Arc::from(Vec::new()));
+            }
+        }
+        Some((snapshot, catalog))
+    }
+
+    /// Cold services queued for a read, in order (for tests).
+    #[cfg(test)]
+    pub(crate) fn pending(&self) -> Vec<&str> {
+        self.pending.iter().map(String::as_str).collect()
+    }
+}
+
+/// One fingerprint per service (`service:<name>`) and per node's own checks (`node:<name>`).
+fn fingerprints(checks: &[Check]) -> HashMap<String, u64> {
+    let mut groups: HashMap<String, Vec<(&str, &str, &str)>> = HashMap::new();
+    for c in checks {
+        let key = if c.service_name.is_empty() {
+            format!("node:{}", c.node)
+        } else {
+            format!("service:{}", c.service_name)
+        };
+        groups
+            .entry(key)
+            .or_default()
+            .push((&c.service_id, &c.check_id, &c.status));
+    }
+    groups
+        .into_iter()
+        .map(|(k, mut v)| {
+            v.sort_unstable();
+            let mut h = DefaultHasher::new();
+            v.hash(&mut h);
+            (k, h.finish())
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::routing::Health;
+
+    fn check(node: &str, svc: &str, id: &str, status: &str) -> Check {
+        Check {
+            node: node.into(),
+            check_id: id.into(),
+            status: status.into(),
+            service_id: if svc.is_empty() {
+                String::new()
+            } else {
+                format!("{svc}-1")
+            },
+            service_name: svc.into(),
+        }
+    }
+
+    /// `/v1/health/service/<svc>` entries: one instance per `(id, node, status)`.
+    fn entries(svc: &str, instances: &[(&str, &str, &str)]) -> Vec<HealthEntry> {
+        let v: Vec<serde_json::Value> = instances
+            .iter()
+            .map(|(id, node, status)| {
+                serde_json::json!({
+                    "Node": {"Node": node, "Address": "10.0.0.1"},
+                    "Service": {"ID": id, "Service": svc, "Port": 80},
+                    "Checks": [{"Node": node, "CheckID": format!("c-{id}"), "Status": status,
+                                "ServiceID": id, "ServiceName": svc}]
+                })
+            })
+            .collect();
+        serde_json::from_value(serde_json::Value::Array(v)).expect("entries")
+    }
+
+    fn catalog(names: &[&str]) -> CatalogTags {
+        names.iter().map(|n| (n.to_string(), Vec::new())).collect()
+    }
+
+    fn never(_: &str) -> u64 {
+        0
+    }
+
+    fn nothing_excluded(_: &str) -> bool {
+        false
+    }
+
+    fn model(max_watches: usize) -> Model {
+        Model::new(max_watches, Instant::now())
+    }
+
+    fn watched(m: &Model) -> Vec<&str> {
+        m.watched().iter().map(String::as_str).collect()
+    }
+
+    #[test]
+    fn fingerprints_move_only_for_the_changed_service() {
+        let a = fingerprints(&[
+            check("n1", "", "serfHealth", "passing"),
+            check("n1", "chat", "c1", "passing"),
+            check("n1", "mail", "m1", "passing"),
+        ]);
+        let b = fingerprints(&[
+            check("n1", "", "serfHealth", "passing"),
+            check("n1", "chat", "c1", "critical"),
+            check("n1", "mail", "m1", "passing"),
+        ]);
+        assert_ne!(a["service:chat"], b["service:chat"]);
+        assert_eq!(a["service:mail"], b["service:mail"]);
+        assert_eq!(a["node:n1"], b["node:n1"]);
+    }
+
+    #[test]
+    fn every_service_is_watched_while_there_are_few() {
+        let mut m = model(4);
+        let out = m.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
+        assert!(out.rebuild && out.watches);
+        assert!(!out.read, "watched services need no plain read");
+        assert_eq!(watched(&m), ["a", "b", "c"]);
+        assert!(!m.has_cold());
+        assert_eq!(m.complete(), Some(false), "listed, not read yet");
+        // The first table before any read: every listed service, with no instance.
+        let (input, _) = m.build_input().expect("catalog");
+        assert!(input.values().all(|specs| specs.is_empty()));
+        assert_eq!(input.len(), 3);
+    }
+
+    #[test]
+    fn nothing_to_build_before_the_catalog() {
+        let mut m = model(4);
+        assert_eq!(m.complete(), None);
+        assert!(m.build_input().is_none());
+        // A service answer racing the first catalog is not kept.
+        assert_eq!(
+            m.apply_service("a", &entries("a", &[("a1", "n1", "passing")]), true),
+            Outcome::default()
+        );
+        // An empty catalog still makes a (ready, empty) table.
+        let out = m.apply_catalog(CatalogTags::new(), nothing_excluded, never);
+        assert!(out.rebuild);
+        assert_eq!(m.complete(), Some(true));
+    }
+
+    #[test]
+    fn beyond_max_watches_the_most_recently_used_are_watched() {
+        let mut m = model(2);
+        let used: HashMap<&str, u64> = [("a", 5), ("b", 0), ("c", 9), ("d", 5)].into();
+        let last_used = |n: &str| used.get(n).copied().unwrap_or(0);
+        let out = m.apply_catalog(catalog(&["a", "b", "c", "d"]), nothing_excluded, last_used);
+        assert!(out.read && out.watches);
+        // c, then a before d by name.
+        assert_eq!(watched(&m), ["a", "c"]);
+        assert_eq!(m.pending(), ["b", "d"], "cold services are read once");
+        assert!(m.has_cold());
+
+        // Traffic moves to b: at the next choice it takes a's watch, and a is read once more.
+        let used: HashMap<&str, u64> = [("a", 5), ("b", 12), ("c", 9)].into();
+        m.take_reads(4);
+        let out = m.choose_watched(|n| used.get(n).copied().unwrap_or(0));
+        assert!(out.watches && out.read);
+        assert_eq!(watched(&m), ["b", "c"]);
+        assert_eq!(m.pending(), ["a"]);
+        // Nothing moved: nothing to do.
+        assert_eq!(
+            m.choose_watched(|n| used.get(n).copied().unwrap_or(0)),
+            Outcome::default()
+        );
+    }
+
+    #[test]
+    fn the_catalog_decides_membership_and_exclusions() {
+        let mut m = model(0);
+        let excluded = |n: &str| n.eq_ignore_ascii_case("consul");
+        let out = m.apply_catalog(catalog(&["Consul", "a", "b"]), excluded, never);
+        assert!(out.read && !out.watches);
+        assert_eq!(m.pending(), ["a", "b"], "excluded names are never read");
+        assert_eq!(m.take_reads(4), ["a", "b"]);
+        assert_eq!(m.complete(), Some(false));
+        for svc in ["a", "b"] {
+            let got = m.apply_service(svc, &entries(svc, &[("x", "n1", "passing")]), false);
+            assert!(got.rebuild);
+        }
+        assert_eq!(m.complete(), Some(true));
+
+        // Same tags again: nothing to read.
+        let out = m.apply_catalog(catalog(&["Consul", "a", "b"]), excluded, never);
+        assert!(!out.read);
+        // b leaves: its instances go, and a late answer for it does not bring it back.
+        let mut tags = catalog(&["a"]);
+        tags.insert("a".into(), vec!["router.expose=true".into()]);
+        let out = m.apply_catalog(tags, excluded, never);
+        assert!(out.rebuild && out.read, "a's tags changed: read it");
+        assert_eq!(m.pending(), ["a"]);
+        let late = m.apply_service("b", &entries("b", &[("y", "n1", "passing")]), false);
+        assert_eq!(late, Outcome::default());
+        let (input, tags) = m.build_input().expect("catalog");
+        assert_eq!(input.keys().map(|k| &**k).collect::<Vec<_>>(), ["a"]);
+        assert_eq!(tags["a"], ["router.expose=true"]);
+    }
+
+    #[test]
+    fn plain_reads_never_overwrite_a_watch_and_equal_answers_change_nothing() {
+        let mut m = model(1);
+        let _ = m.apply_catalog(catalog(&["a"]), nothing_excluded, never);
+        let fresh = entries("a", &[("a1", "n1", "critical")]);
+        assert!(m.apply_service("a", &fresh, true).rebuild);
+        let old = entries("a", &[("a1", "n1", "passing")]);
+        assert_eq!(m.apply_service("a", &old, false), Outcome::default());
+        assert_eq!(m.apply_service("a", &fresh, true), Outcome::default());
+        let (input, _) = m.build_input().expect("catalog");
+        assert_eq!(input["a"][0].health, Health::Critical);
+        // Entries for another service (a prefix match, say) are not this one's.
+        let other = entries("ab", &[("ab1", "n1", "passing")]);
+        assert!(m.apply_service("a", &other, true).rebuild);
+        assert!(m.build_input().expect("catalog").0["a"].is_empty());
+    }
+
+    #[test]
+    fn reads_go_in_batches_and_failures_are_queued_again() {
+        let mut m = model(0);
+        let names: Vec<String> = (0..6).map(|i| format!("s{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let _ = m.apply_catalog(catalog(&names), nothing_excluded, never);
+        assert_eq!(m.take_reads(4), ["s0", "s1", "s2", "s3"]);
+        m.read_failed("s1".into());
+        assert_eq!(m.take_reads(4), ["s1", "s4", "s5"]);
+        assert!(m.take_reads(4).is_empty());
+    }
+
+    #[test]
+    fn the_health_feed_queues_only_changed_cold_services() {
+        let mut m = model(1);
+        let used = |n: &str| u64::from(n == "w");
+        let _ = m.apply_catalog(catalog(&["w", "x", "y", "z"]), nothing_excluded, used);
+        assert_eq!(watched(&m), ["w"]);
+        m.take_reads(4);
+        let _ = m.apply_service("y", &entries("y", &[("y1", "n2", "passing")]), false);
+        let base = vec![
+            check("n1", "", "serfHealth", "passing"),
+            check("n2", "", "serfHealth", "passing"),
+            check("n1", "w", "w1", "passing"),
+            check("n1", "x", "x1", "passing"),
+            check("n2", "y", "y1", "passing"),
+        ];
+        // The first feed: everything is new, and every cold service it names is read.
+        assert!(m.apply_checks(&base).read);
+        assert_eq!(m.pending(), ["x", "y"], "w is watched; z has no check");
+        m.take_reads(4);
+        assert_eq!(m.apply_checks(&base), Outcome::default(), "no change");
+
+        // x's check flips; w's too, but w has its own watch.
+        let mut flipped = base.clone();
+        flipped[2].status = "critical".into();
+        flipped[3].status = "critical".into();
+        assert!(m.apply_checks(&flipped).read);
+        assert_eq!(m.pending(), ["x"]);
+        m.take_reads(4);
+
+        // z gets an instance with a check (membership); x's check leaves.
+        let mut joined = flipped.clone();
+        joined.remove(3);
+        joined.push(check("n1", "z", "z1", "passing"));
+        assert!(m.apply_checks(&joined).read);
+        assert_eq!(m.pending(), ["x", "z"]);
+        m.take_reads(4);
+
+        // Node n2 fails: y has an instance there.
+        let mut node = joined.clone();
+        node[1].status = "critical".into();
+        assert!(m.apply_checks(&node).read);
+        assert_eq!(m.pending(), ["y"]);
+    }
+
+    #[test]
+    fn the_sweep_queues_every_cold_service() {
+        let mut m = model(1);
+        assert_eq!(m.sweep(), Outcome::default(), "nothing before the catalog");
+        let used = |n: &str| u64::from(n == "b");
+        let _ = m.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, used);
+        m.take_reads(4);
+        assert!(m.sweep().read);
+        assert_eq!(m.pending(), ["a", "c"]);
+        let mut all = model(3);
+        let _ = all.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
+        assert_eq!(all.sweep(), Outcome::default(), "nothing is cold");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_answer_age_counts_from_the_last_answer() {
+        let mut m = model(1);
+        tokio::time::advance(Duration::from_secs(3)).await;
+        assert_eq!(
+            m.answer_age(Instant::now()),
+            Duration::from_secs(3),
+            "no answer yet"
+        );
+        m.answered(Instant::now());
+        tokio::time::advance(Duration::from_millis(1500)).await;
+        assert_eq!(m.answer_age(Instant::now()), Duration::from_millis(1500));
+    }
+}
