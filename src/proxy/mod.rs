@@ -12,7 +12,6 @@ pub mod body;
 pub mod core;
 pub mod h1;
 pub mod headers;
-pub mod pool;
 pub mod upstream;
 
 use std::sync::Arc;
@@ -69,6 +68,15 @@ pub enum ProxyError {
     /// The backend's response could not be parsed or framed.
     #[error("bad response from backend: {0}")]
     BadResponse(String),
+}
+
+impl From<crate::upstream::ConnectError> for ProxyError {
+    fn from(e: crate::upstream::ConnectError) -> Self {
+        match e {
+            crate::upstream::ConnectError::Failed(e) => ProxyError::Connect(e.to_string()),
+            crate::upstream::ConnectError::Timeout => ProxyError::ConnectTimeout,
+        }
+    }
 }
 
 impl ProxyError {

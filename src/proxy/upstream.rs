@@ -7,17 +7,15 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpStream;
 
 use crate::balance::Exclude;
 use crate::config::ProxyConfig;
 use crate::routing::{Instance, Service};
 
-use super::body::{InFlight, RequestBody, Stall};
 use super::core::{Failed, Next};
-use super::pool::Sender;
 use super::{Proxy, ProxyError};
 use crate::upstream::ErrorKind;
+use crate::upstream::{connect_tcp, InFlight, RequestBody, Sender, Stall};
 
 /// Longest wait for a pooled connection to finish its previous exchange.
 const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
@@ -171,7 +169,8 @@ impl Upstream {
     }
 
     async fn connect(&self, inst: &Instance) -> Result<Sender, ProxyError> {
-        let stream = connect_tcp(inst, self.connect_timeout).await?;
+        let stream =
+            connect_tcp(inst.socket, &inst.address, inst.port, self.connect_timeout).await?;
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake(TokioIo::new(stream))
             .await
@@ -184,21 +183,4 @@ impl Upstream {
         });
         Ok(sender)
     }
-}
-
-/// Opens a TCP connection to `inst` within `timeout`, with Nagle off.
-pub async fn connect_tcp(inst: &Instance, timeout: Duration) -> Result<TcpStream, ProxyError> {
-    let connecting = async {
-        match inst.socket {
-            Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect((&*inst.address, inst.port)).await,
-        }
-    };
-    let stream = match tokio::time::timeout(timeout, connecting).await {
-        Err(_) => return Err(ProxyError::ConnectTimeout),
-        Ok(Err(e)) => return Err(ProxyError::Connect(e.to_string())),
-        Ok(Ok(s)) => s,
-    };
-    let _ = stream.set_nodelay(true);
-    Ok(stream)
 }

@@ -11,8 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::{Candidate, Exclude, Picker, Strategy};
-use crate::proxy::h1::BackendConn;
-use crate::proxy::pool::{IdlePool, Sender};
+pub use crate::upstream::InstanceState;
 
 /// An instance's health as Consul reports it (worst of its checks and its node's checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -58,28 +57,6 @@ pub struct InstanceSpec {
     pub weight_warning: u32,
     /// Aggregated health.
     pub health: Health,
-}
-
-/// Per-instance state that outlives table rebuilds: in-flight count and idle connections.
-#[derive(Debug)]
-pub struct InstanceState {
-    /// Requests in flight to this instance from this router.
-    pub in_flight: AtomicU64,
-    /// Idle keep-alive connections of the HTTP/1 fast path.
-    pub idle: IdlePool<BackendConn>,
-    /// Idle hyper client connections, for requests that came over HTTP/2.
-    pub idle_hyper: IdlePool<Sender>,
-}
-
-impl InstanceState {
-    /// Fresh state keeping at most `max_idle` idle connections.
-    pub fn new(max_idle: usize) -> Self {
-        InstanceState {
-            in_flight: AtomicU64::new(0),
-            idle: IdlePool::new(max_idle),
-            idle_hyper: IdlePool::new(max_idle),
-        }
-    }
 }
 
 /// Per-service state that outlives rebuilds: when it last carried traffic, and its counters.

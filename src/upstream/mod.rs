@@ -1,4 +1,62 @@
-//! The backends' side, below routing: what can go wrong talking to an instance.
+//! The backends' side, below routing: per-instance state that outlives routing tables
+//! (in-flight count, idle connections), connecting, and what can go wrong talking to an
+//! instance. Routing builds on this; the proxy uses both.
+
+mod conn;
+mod pool;
+mod stall;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+pub use conn::{connect_tcp, BackendConn, ConnectError, Sender};
+pub use pool::{IdlePool, Pooled};
+pub use stall::{BoxError, RequestBody, Stall, Stalled};
+
+/// Per-instance state that outlives table rebuilds: in-flight count and idle connections.
+#[derive(Debug)]
+pub struct InstanceState {
+    /// Requests in flight to this instance from this router.
+    pub in_flight: AtomicU64,
+    /// Idle keep-alive connections of the HTTP/1 fast path.
+    pub idle: IdlePool<BackendConn>,
+    /// Idle hyper client connections, for requests that came over HTTP/2.
+    pub idle_hyper: IdlePool<Sender>,
+}
+
+impl InstanceState {
+    /// Fresh state keeping at most `max_idle` idle connections.
+    pub fn new(max_idle: usize) -> Self {
+        InstanceState {
+            in_flight: AtomicU64::new(0),
+            idle: IdlePool::new(max_idle),
+            idle_hyper: IdlePool::new(max_idle),
+        }
+    }
+}
+
+/// Counts one request in flight to an instance until dropped.
+#[derive(Debug)]
+pub struct InFlight(Arc<InstanceState>);
+
+impl InFlight {
+    /// Starts counting.
+    pub fn new(state: Arc<InstanceState>) -> Self {
+        state.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(state)
+    }
+
+    /// The instance's state.
+    pub fn state(&self) -> &Arc<InstanceState> {
+        &self.0
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
 
 /// Why an exchange with a backend failed, as counted in
 /// `consul_router_upstream_errors_total{kind}`.

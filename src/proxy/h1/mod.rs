@@ -5,7 +5,6 @@
 //! write on each socket. Connections that open with the HTTP/2 preface are handed back for
 //! hyper to serve.
 
-mod backend;
 pub mod framing;
 pub mod head;
 
@@ -23,19 +22,16 @@ use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::{Instant, Sleep};
 
-pub use backend::BackendConn;
 use framing::{Framing, FramingError};
 use head::{
     parse_request, parse_response, slots, write_local, ClientHead, Forwarding, HeadError, PeerText,
 };
 
-use super::body::InFlight;
 use super::core::{ClientConn, Failed, Finished, Next, Refused, RequestId};
-use super::upstream::connect_tcp;
 use super::{Proxy, ProxyError};
 use crate::balance::Exclude;
 use crate::routing::Service;
-use crate::upstream::ErrorKind;
+use crate::upstream::{connect_tcp, BackendConn, ErrorKind, InFlight};
 
 /// Client read buffer to start with; it grows for larger heads, up to [`head::MAX_HEAD`].
 const CLIENT_BUF: usize = 4 * 1024;
@@ -408,9 +404,10 @@ impl Conn<'_> {
                 let reused = pooled.is_some();
                 let attempt = match pooled.take() {
                     Some(b) => Ok(b),
-                    None => connect_tcp(inst, up.connect_timeout)
+                    None => connect_tcp(inst.socket, &inst.address, inst.port, up.connect_timeout)
                         .await
-                        .map(|stream| BackendConn { stream }),
+                        .map(|stream| BackendConn { stream })
+                        .map_err(ProxyError::from),
                 };
                 let (error, unsent) = match attempt {
                     Ok(backend) => match self.exchange(&ex, backend, &in_flight, reused).await {

@@ -5,23 +5,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
-use hyper::client::conn::http1::SendRequest;
-
-use super::body::RequestBody;
-
-/// A sender to a backend connection (HTTP/2 path), ready for a request.
-pub type Sender = SendRequest<RequestBody>;
 
 /// A backend connection that can wait in an [`IdlePool`].
 pub trait Pooled {
     /// Whether the backend has not closed it (as far as is known without blocking).
     fn is_open(&self) -> bool;
-}
-
-impl Pooled for Sender {
-    fn is_open(&self) -> bool {
-        !self.is_closed()
-    }
 }
 
 struct Idle<C> {
