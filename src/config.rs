@@ -11,6 +11,7 @@ use std::time::Duration;
 use ipnet::IpNet;
 use serde::Deserialize;
 
+use crate::access_log;
 use crate::balance::Strategy;
 
 /// Why a configuration was refused. Every variant names the key at fault.
@@ -75,6 +76,12 @@ pub struct FileConfig {
     pub expose: Option<String>,
     /// Which header names with underscores are dropped: `lookalikes` or `all`.
     pub underscore_headers: Option<String>,
+    /// Access log format: `off`, `text` or `json`.
+    pub access_log: Option<String>,
+    /// Access log file; empty means standard output.
+    pub access_log_file: Option<String>,
+    /// Format of the router's own logs: `text` or `json`.
+    pub log_format: Option<String>,
     /// Consul settings.
     #[serde(default)]
     pub consul: FileConsul,
@@ -144,6 +151,12 @@ pub struct Overrides {
     pub strategy: Option<String>,
     /// `--workers`
     pub workers: Option<usize>,
+    /// `--access-log`
+    pub access_log: Option<String>,
+    /// `--access-log-file` (empty means standard output)
+    pub access_log_file: Option<String>,
+    /// `--log-format`
+    pub log_format: Option<String>,
     /// `CONSUL_HTTP_ADDR`, used when neither flag nor file sets the address.
     pub env_consul_addr: Option<String>,
     /// `CONSUL_HTTP_TOKEN`, used when the file sets no token.
@@ -175,6 +188,12 @@ pub struct Config {
     pub expose: Expose,
     /// Which header names with underscores are dropped.
     pub underscore_headers: UnderscoreHeaders,
+    /// Access log format (`Off`: none).
+    pub access_log: access_log::Format,
+    /// Access log file; `None` is standard output.
+    pub access_log_file: Option<PathBuf>,
+    /// Format of the router's own (`tracing`) logs.
+    pub log_format: LogFormat,
     /// Consul settings.
     pub consul: ConsulConfig,
     /// Proxy settings.
@@ -243,6 +262,16 @@ pub enum UnderscoreHeaders {
     Lookalikes,
     /// Every name with an underscore, as nginx's `underscores_in_headers off`.
     All,
+}
+
+/// The format of the router's own logs (`log_format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// Services excluded when the file names none: Consul itself and the usual internal tools.
@@ -432,6 +461,26 @@ impl Config {
                 ))
             }
         };
+        let access_log = match o.access_log.as_deref().or(file.access_log.as_deref()) {
+            None => access_log::Format::Off,
+            Some(s) => s.parse().map_err(|e: String| invalid("access_log", e))?,
+        };
+        let access_log_file = o
+            .access_log_file
+            .as_deref()
+            .or(file.access_log_file.as_deref())
+            .filter(|f| !f.is_empty())
+            .map(PathBuf::from);
+        let log_format = match o.log_format.as_deref().or(file.log_format.as_deref()) {
+            None | Some("text") => LogFormat::Text,
+            Some("json") => LogFormat::Json,
+            Some(other) => {
+                return Err(invalid(
+                    "log_format",
+                    format!("{other:?} is not \"text\" or \"json\""),
+                ))
+            }
+        };
         if proxy.connect_timeout.is_zero() {
             return Err(invalid("proxy.connect_timeout", "must be above zero"));
         }
@@ -454,6 +503,9 @@ impl Config {
             exclude_services,
             expose,
             underscore_headers,
+            access_log,
+            access_log_file,
+            log_format,
             consul,
             proxy,
         })
@@ -584,6 +636,8 @@ mod tests {
             ("expose = \"some\"", "expose"),
             ("underscore_headers = \"keep\"", "underscore_headers"),
             ("exclude_services = [\"\"]", "exclude_services"),
+            ("access_log = \"combined\"", "access_log"),
+            ("log_format = \"logfmt\"", "log_format"),
         ] {
             let e = parse(text).unwrap_err().to_string();
             assert!(e.starts_with(key), "{text}: {e}");
@@ -605,6 +659,47 @@ mod tests {
         assert_eq!(c.domains, vec!["app.example.net"]);
         assert_eq!(c.consul.address.to_string(), "http://consul.local:8500/");
         assert_eq!(c.consul.token.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn access_log_keys() {
+        let c = Config::default();
+        assert_eq!(c.access_log, access_log::Format::Off);
+        assert_eq!(c.access_log_file, None);
+        assert_eq!(c.log_format, LogFormat::Text);
+        let c = parse(
+            "access_log = \"json\"\naccess_log_file = \"/var/log/cr.log\"\nlog_format = \"json\"",
+        )
+        .unwrap();
+        assert_eq!(c.access_log, access_log::Format::Json);
+        assert_eq!(c.access_log_file, Some(PathBuf::from("/var/log/cr.log")));
+        assert_eq!(c.log_format, LogFormat::Json);
+        // Flags win; an empty file flag means standard output.
+        let file = Config::parse_file(
+            "access_log = \"json\"\naccess_log_file = \"/var/log/cr.log\"",
+            Path::new("t"),
+        )
+        .unwrap();
+        let o = Overrides {
+            access_log: Some("text".into()),
+            access_log_file: Some(String::new()),
+            log_format: Some("json".into()),
+            ..Default::default()
+        };
+        let c = Config::from_file(file, &o).unwrap();
+        assert_eq!(c.access_log, access_log::Format::Text);
+        assert_eq!(c.access_log_file, None);
+        assert_eq!(c.log_format, LogFormat::Json);
+        let e = Config::from_file(
+            FileConfig::default(),
+            &Overrides {
+                access_log: Some("yes".into()),
+                ..Default::default()
+            },
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("access_log: \"yes\" is not"), "{e}");
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! [`start`] binds the listeners, starts discovery and returns a [`Running`] router; the
 //! binary (`main.rs`) adds the command line, logging and signals around it.
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod config;
@@ -22,6 +23,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::consul::{AbortOnDrop, ConsulClient, ConsulError, Discovery, DiscoveryHandle};
 use crate::routing::{BuildOptions, Routes};
@@ -40,6 +42,14 @@ pub enum StartError {
     /// The Consul client could not be set up.
     #[error(transparent)]
     Consul(#[from] ConsulError),
+    /// The access log file could not be opened (a configuration error: exit status 2).
+    #[error("access_log_file: cannot open {}: {source}", path.display())]
+    AccessLog {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// A started router. Dropping it stops discovery; call [`Running::shutdown`] to drain.
@@ -55,6 +65,7 @@ pub struct Running {
     proxy_task: JoinHandle<()>,
     admin_task: JoinHandle<()>,
     discovery: DiscoveryHandle,
+    access_log: AccessLog,
     _upkeep: AbortOnDrop,
     _reaper: AbortOnDrop,
 }
@@ -67,6 +78,14 @@ impl Running {
         let _ = self.proxy_task.await;
         let _ = self.admin_task.await;
         drop(self.discovery);
+        // Write out the access log's queue; bounded, in case its output is stuck.
+        let log = self.access_log.clone();
+        let _ = tokio::task::spawn_blocking(move || log.close(Duration::from_secs(5))).await;
+    }
+
+    /// The access log; clone it to log from elsewhere, or call `reopen` on SIGUSR1.
+    pub fn access_log(&self) -> &AccessLog {
+        &self.access_log
     }
 
     /// Long-polls currently open to Consul for single services.
@@ -96,7 +115,15 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let proxy_addr = local(&proxy_listener, cfg.listen)?;
     let admin_addr = local(&admin_listener, cfg.admin_listen)?;
 
+    // After the recorder is installed, so the access log's drop counter is a live one.
     let prometheus = metrics::handle();
+    let access_log =
+        AccessLog::open(cfg.access_log, cfg.access_log_file.as_deref()).map_err(|source| {
+            StartError::AccessLog {
+                path: cfg.access_log_file.clone().unwrap_or_default(),
+                source,
+            }
+        })?;
     let routes = Arc::new(Routes::new());
     let client = ConsulClient::new(&cfg.consul)?;
     let build = BuildOptions {
@@ -137,6 +164,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         proxy_task,
         admin_task,
         discovery,
+        access_log,
         _upkeep: AbortOnDrop(upkeep.abort_handle()),
         _reaper: AbortOnDrop(reaper.abort_handle()),
     })

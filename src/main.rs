@@ -5,7 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use consul_router::config::{Config, Overrides};
+use consul_router::access_log::{self, AccessLog};
+use consul_router::config::{Config, LogFormat, Overrides};
+use consul_router::StartError;
+use tokio::signal::unix::{signal, SignalKind};
 
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -35,6 +38,15 @@ struct Cli {
     /// Runtime worker threads [default: all cores].
     #[arg(long, value_name = "N")]
     workers: Option<usize>,
+    /// Access log: off, text (nginx combined plus fields) or json [default: off].
+    #[arg(long, value_name = "FORMAT")]
+    access_log: Option<String>,
+    /// Write the access log to FILE, reopened on SIGUSR1 [default: standard output].
+    #[arg(long, value_name = "FILE")]
+    access_log_file: Option<String>,
+    /// Format of the router's own logs: text or json [default: text].
+    #[arg(long, value_name = "FORMAT")]
+    log_format: Option<String>,
     /// Check the configuration and exit.
     #[arg(long)]
     check_config: bool,
@@ -50,6 +62,9 @@ fn main() -> ExitCode {
         domains: cli.domains,
         strategy: cli.strategy,
         workers: cli.workers,
+        access_log: cli.access_log,
+        access_log_file: cli.access_log_file,
+        log_format: cli.log_format,
         env_consul_addr: env("CONSUL_HTTP_ADDR"),
         env_consul_token: env("CONSUL_HTTP_TOKEN"),
     };
@@ -61,21 +76,64 @@ fn main() -> ExitCode {
         }
     };
     if cli.check_config {
+        if let (access_log::Format::Text | access_log::Format::Json, Some(path)) =
+            (config.access_log, &config.access_log_file)
+        {
+            if let Err(e) = access_log::check_file(path) {
+                eprintln!(
+                    "consul-router: configuration error: access_log_file: cannot open {}: {e}",
+                    path.display()
+                );
+                return ExitCode::from(2);
+            }
+        }
         println!("configuration OK");
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+    init_tracing(&config);
     match run(config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
+            // An access log file that cannot be opened is a configuration error.
+            if let Some(e @ StartError::AccessLog { .. }) = e.downcast_ref::<StartError>() {
+                eprintln!("consul-router: configuration error: {e}");
+                return ExitCode::from(2);
+            }
             eprintln!("consul-router: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether the access log takes standard output: then the router's own logs and its start
+/// line go to standard error, so that standard output holds access lines only.
+fn access_log_on_stdout(config: &Config) -> bool {
+    config.access_log != access_log::Format::Off && config.access_log_file.is_none()
+}
+
+/// The start line goes to standard error when standard output holds only access lines or
+/// only JSON logs.
+fn banner_on_stderr(config: &Config) -> bool {
+    access_log_on_stdout(config) || config.log_format == LogFormat::Json
+}
+
+fn init_tracing(config: &Config) {
+    use tracing_subscriber::fmt::writer::BoxMakeWriter;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let writer = if access_log_on_stdout(config) {
+        BoxMakeWriter::new(std::io::stderr)
+    } else {
+        BoxMakeWriter::new(std::io::stdout)
+    };
+    let fmt = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match config.log_format {
+        LogFormat::Text => fmt.init(),
+        // One object per line: timestamp, level, target, the event's fields (message
+        // included) at the top level, and the spans it is in.
+        LogFormat::Json => fmt.json().flatten_event(true).init(),
     }
 }
 
@@ -94,24 +152,55 @@ fn run(config: Config) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the runtime")?;
+    let to_stderr = banner_on_stderr(&config);
     rt.block_on(async {
+        // Before start: from the moment the log file exists, SIGUSR1 reopens it rather than
+        // killing the process.
+        let mut signals = Signals::new()?;
         let running = consul_router::start(config).await?;
-        println!(
+        let banner = format!(
             "consul-router: proxy on http://{}, admin on http://{}",
             running.proxy_addr, running.admin_addr
         );
-        wait_for_signal().await?;
+        if to_stderr {
+            eprintln!("{banner}");
+        } else {
+            println!("{banner}");
+        }
+        signals.wait_for_stop(running.access_log()).await;
         tracing::info!("shutting down: draining in-flight requests");
         running.shutdown().await;
         Ok(())
     })
 }
 
-async fn wait_for_signal() -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r?,
+/// The signals the binary handles: SIGTERM and SIGINT stop it, SIGUSR1 reopens the access
+/// log file (for logrotate).
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+    usr1: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        let listen = |kind| signal(kind).context("cannot listen for signals");
+        Ok(Signals {
+            term: listen(SignalKind::terminate())?,
+            int: listen(SignalKind::interrupt())?,
+            usr1: listen(SignalKind::user_defined1())?,
+        })
     }
-    Ok(())
+
+    /// Waits for SIGTERM or SIGINT, reopening the access log on each SIGUSR1 meanwhile.
+    async fn wait_for_stop(&mut self, log: &AccessLog) {
+        loop {
+            tokio::select! {
+                _ = self.term.recv() => return,
+                _ = self.int.recv() => return,
+                // The writer logs the reopen (or why it failed).
+                _ = self.usr1.recv() => log.reopen(),
+            }
+        }
+    }
 }
