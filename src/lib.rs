@@ -137,7 +137,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let discovery = Discovery::new(client, cfg.consul.clone(), build, routes.clone()).spawn();
 
     let (stop, stopped) = watch::channel(false);
-    let proxy = Arc::new(proxy::Proxy::new(&cfg, routes.clone()));
+    let proxy = Arc::new(proxy::Proxy::new(&cfg, routes.clone(), access_log.clone()));
     let grace = cfg.proxy.shutdown_grace;
     let proxy_task = tokio::spawn(server::serve_proxy(
         proxy_listener,

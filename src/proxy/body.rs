@@ -8,7 +8,58 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::routing::Service;
 use crate::upstream::{BoxError, InFlight, Sender, Stall};
+
+use super::core::{Finished, LogFields, RequestId};
+use super::Proxy;
+
+/// What closes an HTTP/2 request in the core once its response body has ended (or was
+/// dropped): so its duration, bytes and access log line cover the whole response, as on
+/// the HTTP/1 path.
+#[derive(Debug)]
+pub struct Closing {
+    /// The core.
+    pub proxy: Arc<Proxy>,
+    /// The service.
+    pub service: Arc<Service>,
+    /// The instance's Consul ID.
+    pub instance: Box<str>,
+    /// The status relayed.
+    pub status: u16,
+    /// When the request was routed.
+    pub start: Instant,
+    /// Time to the backend's response head.
+    pub upstream: std::time::Duration,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// The request's ID.
+    pub request_id: RequestId,
+    /// The access log's fields, when it is on.
+    pub log: Option<LogFields>,
+}
+
+impl Closing {
+    fn close(self, bytes_out: u64) {
+        self.proxy.finish(
+            &Finished {
+                service: Some(&self.service),
+                instance: &self.instance,
+                status: self.status,
+                start: Some(self.start),
+                upstream: Some(self.upstream),
+                retries: self.retries,
+                bytes_in: 0,
+                bytes_out,
+                request_id: self.request_id.as_bytes(),
+            },
+            self.log.as_ref(),
+        );
+    }
+}
 
 /// A backend's response body. When it has been read to the end, its connection goes back to
 /// the instance's idle pool; the in-flight count lasts as long as the body. A body that
@@ -18,6 +69,8 @@ pub struct UpstreamBody {
     inner: Stall<Incoming>,
     sender: Option<Sender>,
     in_flight: InFlight,
+    closing: Option<Box<Closing>>,
+    bytes: u64,
 }
 
 impl UpstreamBody {
@@ -28,11 +81,20 @@ impl UpstreamBody {
         sender: Option<Sender>,
         in_flight: InFlight,
         stall: Duration,
+        closing: Option<Box<Closing>>,
     ) -> Self {
         UpstreamBody {
             inner: Stall::new(inner, stall),
             sender,
             in_flight,
+            closing,
+            bytes: 0,
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(c) = self.closing.take() {
+            c.close(self.bytes);
         }
     }
 
@@ -57,9 +119,20 @@ impl Body for UpstreamBody {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => this.release(),
-            Poll::Ready(Some(Err(_))) => this.sender = None,
-            _ => {}
+            Poll::Ready(None) => {
+                this.release();
+                this.close();
+            }
+            Poll::Ready(Some(Err(_))) => {
+                this.sender = None;
+                this.close();
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    this.bytes += data.len() as u64;
+                }
+            }
+            Poll::Pending => {}
         }
         polled
     }
@@ -79,6 +152,8 @@ impl Drop for UpstreamBody {
         if self.inner.is_end_stream() {
             self.release();
         }
+        // A body dropped before its end (the client reset the stream) closes too.
+        self.close();
     }
 }
 

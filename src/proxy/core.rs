@@ -6,7 +6,9 @@
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::access_log::Record;
 
 use crate::balance::{hash_bytes, Strategy};
 use crate::routing::{normalize, HostError, Service, MAX_HOST};
@@ -16,27 +18,7 @@ use super::h1::head::PeerText;
 use super::headers;
 use super::{Proxy, ProxyError};
 
-/// The protocol a request came in with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    /// HTTP/1.0.
-    Http10,
-    /// HTTP/1.1.
-    Http11,
-    /// HTTP/2.
-    Http2,
-}
-
-impl Protocol {
-    /// As written in a request line and in the access log.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Protocol::Http10 => "HTTP/1.0",
-            Protocol::Http11 => "HTTP/1.1",
-            Protocol::Http2 => "HTTP/2.0",
-        }
-    }
-}
+pub use crate::access_log::Protocol;
 
 /// Facts about one client connection, fixed for its life.
 #[derive(Debug)]
@@ -201,16 +183,77 @@ pub struct Failed {
 }
 
 /// A finished request, for metrics and the access log.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Finished<'a> {
     /// The service, if the host named one.
     pub service: Option<&'a Service>,
-    /// The status the client got (0 if the connection broke before any).
+    /// The Consul ID of the instance that answered, if one did.
+    pub instance: &'a str,
+    /// The status the client got (499 if it went away before any).
     pub status: u16,
-    /// When the request was routed.
-    pub start: Instant,
-    /// Time from sending to the backend's response head, if one came.
+    /// When the request was routed (or its head read).
+    pub start: Option<Instant>,
+    /// Time from routing to the backend's response head, if one came.
     pub upstream: Option<Duration>,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// Request body bytes read from the client.
+    pub bytes_in: u64,
+    /// Response body bytes sent to the client.
+    pub bytes_out: u64,
+    /// The request's ID.
+    pub request_id: &'a [u8],
+}
+
+/// What the access log needs of a request's head, copied out of the read buffer (which the
+/// body may overwrite before the request ends) into one buffer the connection reuses.
+/// Filled only when the access log is on.
+#[derive(Debug)]
+pub struct LogFields {
+    buf: Vec<u8>,
+    /// Ends of method, path, host, referer and user agent in `buf`.
+    ends: [usize; 5],
+    /// When the head arrived.
+    pub time: SystemTime,
+    /// The client's address.
+    pub client: IpAddr,
+    /// The client's protocol.
+    pub protocol: Protocol,
+}
+
+impl Default for LogFields {
+    fn default() -> Self {
+        LogFields {
+            buf: Vec::new(),
+            ends: [0; 5],
+            time: SystemTime::UNIX_EPOCH,
+            client: IpAddr::from([0, 0, 0, 0]),
+            protocol: Protocol::Http11,
+        }
+    }
+}
+
+impl LogFields {
+    /// Copies a request's fields: method, path (as sent), host, `Referer`, `User-Agent`.
+    pub fn fill(&mut self, client: IpAddr, protocol: Protocol, parts: [&[u8]; 5]) {
+        self.time = SystemTime::now();
+        self.client = client;
+        self.protocol = protocol;
+        self.buf.clear();
+        for (end, part) in self.ends.iter_mut().zip(parts) {
+            self.buf.extend_from_slice(part);
+            *end = self.buf.len();
+        }
+    }
+
+    fn part(&self, i: usize) -> &[u8] {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        &self.buf[start..self.ends[i]]
+    }
+
+    fn text(&self, i: usize) -> &str {
+        std::str::from_utf8(self.part(i)).unwrap_or("")
+    }
 }
 
 impl Proxy {
@@ -297,14 +340,41 @@ impl Proxy {
         next
     }
 
+    /// Whether `finish` wants [`LogFields`] (the access log is on).
+    pub fn logs(&self) -> bool {
+        self.access_log.is_on()
+    }
+
     /// Closes a request: its status and durations go to the service's metrics (or to
-    /// `unknown` when no service took it).
-    pub fn finish(&self, done: &Finished<'_>) {
+    /// `unknown` when no service took it), and its line to the access log.
+    pub fn finish(&self, done: &Finished<'_>, log: Option<&LogFields>) {
         let metrics = done.service.map_or(&self.unknown, |s| &s.stats.metrics);
+        let duration = done.start.map_or(Duration::ZERO, |s| s.elapsed());
         metrics.count(done.status);
-        metrics.duration.record(done.start.elapsed());
+        metrics.duration.record(duration);
         if let Some(u) = done.upstream {
             metrics.upstream_duration.record(u);
+        }
+        if let Some(log) = log.filter(|_| self.access_log.is_on()) {
+            self.access_log.log(&Record {
+                time: log.time,
+                client: log.client,
+                host: log.text(2),
+                service: done.service.map_or("", |s| &s.name),
+                instance: done.instance,
+                method: log.text(0),
+                path: log.text(1),
+                protocol: log.protocol,
+                status: done.status,
+                bytes_in: done.bytes_in,
+                bytes_out: done.bytes_out,
+                duration,
+                upstream: done.upstream,
+                retries: done.retries,
+                request_id: done.request_id,
+                referer: log.part(3),
+                user_agent: log.part(4),
+            });
         }
     }
 }

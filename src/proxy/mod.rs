@@ -27,7 +27,7 @@ use ipnet::IpNet;
 use crate::config::{Config, UnderscoreHeaders};
 use crate::routing::{self, HostError, Routes};
 
-use self::core::{ClientConn, Finished, RequestId};
+use self::core::{ClientConn, Finished, LogFields, RequestId};
 
 pub use body::{ProxyBody, UpstreamBody};
 use upstream::Upstream;
@@ -162,6 +162,8 @@ pub struct Proxy {
     conns: std::sync::atomic::AtomicU64,
     /// This process's request ID prefix.
     salt: u32,
+    /// Where `finish` writes each request's line (off by default).
+    access_log: crate::access_log::AccessLog,
     /// `proxy.header_timeout`. On HTTP/2: how long a connection may have no open stream,
     /// the handshake included, before it is closed.
     pub(crate) header_timeout: std::time::Duration,
@@ -170,8 +172,12 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// A proxy reading `routes`.
-    pub fn new(cfg: &Config, routes: Arc<Routes>) -> Self {
+    /// A proxy reading `routes`, logging requests to `access_log`.
+    pub fn new(
+        cfg: &Config,
+        routes: Arc<Routes>,
+        access_log: crate::access_log::AccessLog,
+    ) -> Self {
         Proxy {
             routes,
             upstream: Upstream::new(&cfg.proxy),
@@ -182,6 +188,7 @@ impl Proxy {
             unknown: crate::metrics::ServiceMetrics::new("unknown"),
             conns: std::sync::atomic::AtomicU64::new(0),
             salt: fastrand::u32(..),
+            access_log,
             header_timeout: cfg.proxy.header_timeout,
             h2_max_concurrent_streams: cfg.proxy.h2_max_concurrent_streams,
         }
@@ -189,7 +196,7 @@ impl Proxy {
 
     /// Handles one request that arrived over HTTP/2 on connection `conn`.
     pub async fn handle(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<Incoming>,
         conn: &ClientConn,
     ) -> Response<ProxyBody> {
@@ -200,7 +207,8 @@ impl Proxy {
             .and_then(|v| RequestId::from_peer(v.as_bytes()))
             .unwrap_or_else(|| conn.next_request_id(self.salt));
         let start = std::time::Instant::now();
-        let routed = match request_host(&req) {
+        let host = request_host(&req);
+        let routed = match host {
             Ok(host) => {
                 let path = req
                     .uri()
@@ -215,15 +223,34 @@ impl Proxy {
             }
             Err(e) => Err(ProxyError::BadHost(e).into()),
         };
+        let log = self.logs().then(|| {
+            let client = routed.as_ref().map_or(conn.peer_ip, |r| r.client);
+            let field = |name| {
+                req.headers()
+                    .get(name)
+                    .map_or(&b""[..], HeaderValue::as_bytes)
+            };
+            let mut log = LogFields::default();
+            log.fill(
+                client,
+                core::Protocol::Http2,
+                [
+                    req.method().as_str().as_bytes(),
+                    req.uri()
+                        .path_and_query()
+                        .map_or(&b"/"[..], |pq| pq.as_str().as_bytes()),
+                    request_host(&req).ok().flatten().unwrap_or(b""),
+                    field(header::REFERER),
+                    field(header::USER_AGENT),
+                ],
+            );
+            log
+        });
         let routed = match routed {
             Ok(r) => r,
             Err(refused) => {
-                return self.local_answer(
-                    refused.error,
-                    refused.service.as_deref(),
-                    start,
-                    &request_id,
-                );
+                let service = refused.service.as_deref();
+                return self.local_answer(refused.error, service, start, &request_id, log);
             }
         };
         let service = routed.service;
@@ -235,20 +262,22 @@ impl Proxy {
             request_id: &request_id,
         };
         if let Err(e) = prepare_request(&mut req, &fwd) {
-            return self.local_answer(e, Some(&service), routed.start, &request_id);
+            return self.local_answer(e, Some(&service), routed.start, &request_id, log);
         }
 
         let answer = match self.upstream.send(self, &service, routed.key, req).await {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(service = %service.name, error = %e, "no backend answer");
-                return self.local_answer(e, Some(&service), routed.start, &request_id);
+                return self.local_answer(e, Some(&service), routed.start, &request_id, log);
             }
         };
         let upstream::Answer {
             mut response,
             sender,
             in_flight,
+            instance,
+            retries,
         } = answer;
         let upstream_time = routed.start.elapsed();
 
@@ -260,19 +289,31 @@ impl Proxy {
                 .metrics
                 .upstream_error(crate::upstream::ErrorKind::BadResponse);
             let e = ProxyError::BadResponse("unexpected 101".into());
-            return self.local_answer(e, Some(&service), routed.start, &request_id);
+            return self.local_answer(e, Some(&service), routed.start, &request_id, log);
         }
-        self.finish(&Finished {
-            service: Some(&service),
-            status: response.status().as_u16(),
-            start: routed.start,
-            upstream: Some(upstream_time),
-        });
-
         headers::strip_hop_by_hop(response.headers_mut(), false);
         set_request_id(response.headers_mut(), &request_id);
+        let closing = Box::new(body::Closing {
+            proxy: self.clone(),
+            status: response.status().as_u16(),
+            service,
+            instance,
+            start: routed.start,
+            upstream: upstream_time,
+            retries,
+            request_id,
+            log,
+        });
         let stall = self.upstream.response_timeout;
-        response.map(|b| Either::Left(UpstreamBody::new(b, Some(sender), in_flight, stall)))
+        response.map(|b| {
+            Either::Left(UpstreamBody::new(
+                b,
+                Some(sender),
+                in_flight,
+                stall,
+                Some(closing),
+            ))
+        })
     }
 
     /// A local answer on the HTTP/2 path, closed in the core like any request.
@@ -282,15 +323,22 @@ impl Proxy {
         service: Option<&routing::Service>,
         start: std::time::Instant,
         request_id: &RequestId,
+        log: Option<LogFields>,
     ) -> Response<ProxyBody> {
+        let (_, text) = error.answer();
         let mut resp = error.into_response();
         set_request_id(resp.headers_mut(), request_id);
-        self.finish(&Finished {
-            service,
-            status: resp.status().as_u16(),
-            start,
-            upstream: None,
-        });
+        self.finish(
+            &Finished {
+                service,
+                status: resp.status().as_u16(),
+                start: Some(start),
+                bytes_out: text.len() as u64,
+                request_id: request_id.as_bytes(),
+                ..Finished::default()
+            },
+            log.as_ref(),
+        );
         resp
     }
 }

@@ -38,6 +38,10 @@ pub struct Answer {
     pub sender: Sender,
     /// In-flight accounting for the chosen instance.
     pub in_flight: InFlight,
+    /// The instance's Consul ID.
+    pub instance: Box<str>,
+    /// Attempts after the first.
+    pub retries: u32,
 }
 
 enum Attempt {
@@ -77,7 +81,12 @@ impl Upstream {
             exclude.add(pos);
             tries += 1;
             match self.attempt(inst, req).await {
-                Attempt::Done(answer) => return Ok(answer),
+                Attempt::Done(answer) => {
+                    return Ok(Answer {
+                        retries: tries - 1,
+                        ..answer
+                    })
+                }
                 Attempt::Failed(e) => {
                     if let Some(kind) = e.upstream_kind() {
                         svc.stats.metrics.upstream_error(kind);
@@ -128,6 +137,8 @@ impl Upstream {
                         response,
                         sender,
                         in_flight,
+                        instance: inst.id.clone(),
+                        retries: 0,
                     })
                 }
                 Err(Attempt::Unsent(r, _)) => req = r,
@@ -143,6 +154,8 @@ impl Upstream {
                 response,
                 sender,
                 in_flight,
+                instance: inst.id.clone(),
+                retries: 0,
             }),
             Err(a) => a,
         }

@@ -427,6 +427,14 @@ impl RequestHead<'_, '_> {
         path.as_bytes()
     }
 
+    /// The first value of field `name` (lowercase), if any.
+    pub fn field(&self, name: &str) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value)
+    }
+
     /// The first `X-Request-Id` value, if any.
     pub fn request_id(&self) -> Option<&[u8]> {
         self.headers

@@ -28,7 +28,7 @@ use head::{parse_request, slots, write_local, Forwarding, HeadError, PeerText};
 use relay::{respond, upload, End, Tally, UploadError};
 use timer::Timer;
 
-use super::core::{ClientConn, Failed, Finished, Next, Refused, RequestId};
+use super::core::{ClientConn, Failed, Finished, LogFields, Next, Protocol, Refused, RequestId};
 use super::{Proxy, ProxyError};
 use crate::balance::Exclude;
 use crate::routing::Service;
@@ -106,6 +106,8 @@ struct Conn<'p> {
     proxy: &'p Proxy,
     client: TcpStream,
     info: ClientConn,
+    /// The access log's copy of the current request's fields (only when it is on).
+    log: LogFields,
     /// Bytes read from the client; `cbuf[cpos..]` are not consumed yet.
     cbuf: Vec<u8>,
     cpos: usize,
@@ -133,6 +135,7 @@ impl Proxy {
             proxy: self,
             client,
             info: ClientConn::new(self, peer),
+            log: LogFields::default(),
             cbuf: Vec::with_capacity(CLIENT_BUF),
             cpos: 0,
             bbuf: Vec::new(),
@@ -176,12 +179,17 @@ impl Conn<'_> {
                     let keep = self
                         .answer_raw(e.status(), short_text(e.status()), true, None)
                         .await;
-                    self.proxy.finish(&Finished {
-                        service: None,
+                    if self.proxy.logs() {
+                        self.log.fill(self.info.peer_ip, Protocol::Http11, [b""; 5]);
+                    }
+                    let done = Finished {
                         status: e.status().as_u16(),
-                        start,
-                        upstream: None,
-                    });
+                        start: Some(start),
+                        bytes_out: short_text(e.status()).len() as u64,
+                        ..Finished::default()
+                    };
+                    self.proxy
+                        .finish(&done, self.proxy.logs().then_some(&self.log));
                     keep
                 }
                 Step::Local {
@@ -243,6 +251,21 @@ impl Conn<'_> {
             }
         }
         let proxy = self.proxy;
+        if proxy.logs() {
+            let protocol = if head.http10 {
+                Protocol::Http10
+            } else {
+                Protocol::Http11
+            };
+            let parts = [
+                head.method.as_bytes(),
+                head.target.as_bytes(),
+                head.host.unwrap_or(b""),
+                head.field("referer").unwrap_or(b""),
+                head.field("user-agent").unwrap_or(b""),
+            ];
+            self.log.fill(self.info.peer_ip, protocol, parts);
+        }
         let has_body = !head.body.is_done();
         let request_id = match head.request_id().filter(|_| self.info.trusted) {
             Some(v) => RequestId::from_peer(v),
@@ -272,6 +295,7 @@ impl Conn<'_> {
                 });
             }
         };
+        self.log.client = routed.client;
         let client_text;
         let client = if routed.client == self.info.peer_ip {
             &self.info.peer_text
@@ -411,7 +435,10 @@ impl Conn<'_> {
                         .map_err(ProxyError::from),
                 };
                 let (error, unsent) = match attempt {
-                    Ok(backend) => match self.exchange(&ex, backend, &in_flight, reused).await {
+                    Ok(backend) => match self
+                        .exchange(&ex, backend, &in_flight, reused, (&inst.id, tries - 1))
+                        .await
+                    {
                         Ok(keep) => return keep,
                         Err(Failure::Abort) => return false,
                         Err(Failure::Answer(e)) => {
@@ -465,12 +492,16 @@ impl Conn<'_> {
         let (status, text) = error.answer();
         let close = close || self.closing();
         let keep = self.answer_raw(status, text, close, Some(request_id)).await;
-        self.proxy.finish(&Finished {
+        let done = Finished {
             service,
             status: status.as_u16(),
-            start,
-            upstream: None,
-        });
+            start: Some(start),
+            bytes_out: text.len() as u64,
+            request_id: request_id.as_bytes(),
+            ..Finished::default()
+        };
+        self.proxy
+            .finish(&done, self.proxy.logs().then_some(&self.log));
         keep
     }
 
@@ -481,6 +512,7 @@ impl Conn<'_> {
         mut backend: BackendConn,
         in_flight: &InFlight,
         reused: bool,
+        (instance, retries): (&str, u32),
     ) -> Result<bool, Failure> {
         // The head and whatever body bytes are already here go out in one write.
         let head_len = self.wbuf.len();
@@ -516,6 +548,7 @@ impl Conn<'_> {
         // can still be answered with a 400. (An atomic only so the future stays Send.)
         let sent = AtomicBool::new(false);
         let mut tally = Tally::default();
+        let mut bytes_in = n as u64;
         let (result, uploaded) = if body.is_done() {
             let r = respond(
                 &mut self.client,
@@ -542,6 +575,7 @@ impl Conn<'_> {
                 body,
                 &mut bw,
                 timeout,
+                &mut bytes_in,
             ));
             let mut respond = pin!(respond(
                 &mut cw,
@@ -581,12 +615,13 @@ impl Conn<'_> {
             Err(Failure::Abort) => {
                 // Cut off: the status that went out, or 499 (as nginx) if none did.
                 let status = if tally.status == 0 { 499 } else { tally.status };
-                self.finish(ex, status, tally.upstream);
+                tally.status = status;
+                self.finish(ex, &tally, (instance, retries), bytes_in);
                 return Err(Failure::Abort);
             }
             Err(e) => return Err(e),
         };
-        self.finish(ex, relayed.status, tally.upstream);
+        self.finish(ex, &tally, (instance, retries), bytes_in);
         match relayed.end {
             End::Upgraded(leftover) => {
                 self.tunnel(backend, leftover).await;
@@ -610,13 +645,27 @@ impl Conn<'_> {
     }
 
     /// Closes a relayed request in the core.
-    fn finish(&self, ex: &Exchange, status: u16, upstream: Option<Duration>) {
-        self.proxy.finish(&Finished {
-            service: Some(&ex.service),
-            status,
-            start: ex.start,
-            upstream,
-        });
+    fn finish(
+        &self,
+        ex: &Exchange,
+        tally: &Tally,
+        (instance, retries): (&str, u32),
+        bytes_in: u64,
+    ) {
+        self.proxy.finish(
+            &Finished {
+                service: Some(&ex.service),
+                instance,
+                status: tally.status,
+                start: Some(ex.start),
+                upstream: tally.upstream,
+                retries,
+                bytes_in,
+                bytes_out: tally.bytes_out,
+                request_id: ex.request_id.as_bytes(),
+            },
+            self.proxy.logs().then_some(&self.log),
+        );
     }
 
     /// Joins client and backend after a 101 until either side closes.

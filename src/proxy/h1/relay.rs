@@ -27,11 +27,12 @@ pub(super) fn timed<T>(r: Option<std::io::Result<T>>) -> Result<T, Failure> {
 pub(super) struct Tally {
     pub(super) status: u16,
     pub(super) upstream: Option<Duration>,
+    /// Response body bytes written to the client.
+    pub(super) bytes_out: u64,
 }
 
 /// A relayed response.
 pub(super) struct Relayed {
-    pub(super) status: u16,
     pub(super) keep_client: bool,
     pub(super) end: End,
 }
@@ -51,6 +52,7 @@ pub(super) async fn upload<R, W>(
     mut body: Framing,
     backend: &mut W,
     stall: Duration,
+    relayed: &mut u64,
 ) -> Result<(), UploadError>
 where
     R: AsyncRead + Unpin,
@@ -75,6 +77,7 @@ where
             .await
             .map_err(|_| UploadError::Stalled)??;
         *cpos += n;
+        *relayed += n as u64;
     }
     Ok(())
 }
@@ -151,7 +154,7 @@ where
                 Ok(None) => None,
                 Err(e) => {
                     tracing::debug!(error = %e, "bad response head from backend");
-                    return Err(Failure::Answer(ProxyError::Upstream(e.to_string())));
+                    return Err(Failure::Answer(ProxyError::BadResponse(e.to_string())));
                 }
             }
         };
@@ -191,7 +194,7 @@ where
         tally.upstream = Some(ex.start.elapsed());
         if status == 101 {
             if !ex.upgrade {
-                return Err(Failure::Answer(ProxyError::Upstream(
+                return Err(Failure::Answer(ProxyError::BadResponse(
                     "unexpected 101".into(),
                 )));
             }
@@ -199,7 +202,6 @@ where
             tally.status = status;
             timed(timer.within(timeout, client.write_all(wbuf)).await)?;
             return Ok(Relayed {
-                status,
                 keep_client: false,
                 end: End::Upgraded(bbuf[len..].to_vec()),
             });
@@ -207,14 +209,16 @@ where
         // Head plus the body bytes that came with it, in one write. A body we cannot follow
         // is never relayed: before the head went out that is a 502, after it a cut.
         let rest = &bbuf[len..];
+        let head_len = wbuf.len();
         let n = if dechunk {
             body.advance_payload(rest, wbuf)
         } else {
             body.advance(rest)
                 .inspect(|&n| wbuf.extend_from_slice(&rest[..n]))
         }
-        .map_err(|e| Failure::Answer(ProxyError::Upstream(e.to_string())))?;
+        .map_err(|e| Failure::Answer(ProxyError::BadResponse(e.to_string())))?;
         let mut leftover = rest.len() > n;
+        tally.bytes_out = (wbuf.len() - head_len) as u64;
         // From here each read and write may stall at most `timeout` (as nginx's
         // proxy_read_timeout and send_timeout); a stalled body is cut off.
         sent.store(true, Ordering::Relaxed);
@@ -244,9 +248,9 @@ where
                 &bbuf[..used]
             };
             timed(timer.within(timeout, client.write_all(out)).await)?;
+            tally.bytes_out += out.len() as u64;
         }
         return Ok(Relayed {
-            status,
             keep_client: !close,
             end: End::Complete {
                 backend_reusable: backend_keep && !leftover,
