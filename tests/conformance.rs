@@ -21,7 +21,7 @@ use tokio::time::Instant;
 /// The backend's usual answer.
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 /// Between two parts of a message sent "later".
-const LATER: Duration = Duration::from_millis(100);
+const LATER: Duration = Duration::from_millis(60);
 /// Longest wait for any answer.
 const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
@@ -474,14 +474,25 @@ fn parse_response(buf: &[u8], eof: bool) -> Result<Option<(Resp, usize)>, String
     }
 }
 
+/// How long to look for the close after the answers.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Wait {
+    /// Up to 2 s: the connection should close.
+    Close,
+    /// 150 ms: the connection should stay open.
+    Open,
+    /// Not at all.
+    No,
+}
+
 /// Sends `parts` (`pause` apart) on a fresh connection and reads until `want` final
-/// responses, EOF or a timeout; then waits for EOF (2 s if `close_expected`, else 150 ms).
+/// responses, EOF or a timeout; then looks for EOF as `wait` says.
 async fn talk<P: AsRef<[u8]>>(
     addr: SocketAddr,
     parts: &[P],
     pause: Duration,
     want: usize,
-    close_expected: bool,
+    wait: Wait,
 ) -> Answer {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     s.set_nodelay(true).unwrap();
@@ -528,8 +539,8 @@ async fn talk<P: AsRef<[u8]>>(
         }
     }
     let mut closed = eof;
-    if !closed {
-        let wait = if close_expected {
+    if !closed && wait != Wait::No {
+        let wait = if wait == Wait::Close {
             Duration::from_secs(2)
         } else {
             Duration::from_millis(150)
@@ -554,6 +565,29 @@ async fn talk<P: AsRef<[u8]>>(
         closed,
         garbage,
     }
+}
+
+/// Sends `req` on a fresh connection; reads at least `len` bytes (or until EOF or 5 s), then
+/// whatever else comes within 150 ms.
+async fn exactly(addr: SocketAddr, req: &[u8], len: usize) -> Vec<u8> {
+    let mut s = TcpStream::connect(addr).await.expect("connect");
+    s.write_all(req).await.expect("write");
+    let mut buf = Vec::new();
+    let deadline = Instant::now() + ANSWER_WITHIN;
+    while buf.len() < len {
+        match tokio::time::timeout_at(deadline, s.read_buf(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => {}
+            _ => return buf,
+        }
+    }
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(150), s.read_buf(&mut buf)).await
+    {
+        if n == 0 {
+            break;
+        }
+    }
+    buf
 }
 
 /// A local answer, exactly: `HTTP/1.1 <code> <reason>`, Content-Type, Content-Length,
@@ -610,7 +644,7 @@ async fn refused<P: AsRef<[u8]>>(
     status: u16,
 ) -> Result<(), String> {
     let mark = b.mark();
-    let a = talk(proxy, parts, LATER, 1, true).await;
+    let a = talk(proxy, parts, LATER, 1, Wait::Close).await;
     let seen = b.settled(mark).await;
     ensure!(
         seen.bytes.is_empty(),
@@ -637,7 +671,7 @@ async fn forwarded<P: AsRef<[u8]>>(
     want: &[u8],
 ) -> Result<(), String> {
     let mark = b.mark();
-    let a = talk(proxy, parts, pause, 1, false).await;
+    let a = talk(proxy, parts, pause, 1, Wait::No).await;
     let seen = b.since(mark);
     ensure!(
         seen.bytes == want,
@@ -1195,6 +1229,16 @@ async fn malformed_requests_are_refused_before_a_byte_reaches_a_backend() {
         format!("GET / HTTP/1.1\r\n{H}X-Big: {}\r\n\r\n", "a".repeat(70_000)).into_bytes(),
         431,
     );
+    add(
+        "no Host on HTTP/1.1",
+        b"GET / HTTP/1.1\r\nX-A: 1\r\n\r\n".to_vec(),
+        400,
+    );
+    add(
+        "an empty Host",
+        b"GET / HTTP/1.1\r\nHost: \r\n\r\n".to_vec(),
+        400,
+    );
 
     for (name, req, status) in &cases {
         report.check(name, refused(b, p, &[req], *status).await);
@@ -1259,7 +1303,7 @@ async fn valid_chunked_bodies_pass_verbatim_however_they_are_split() {
             &[&cat(&[CHUNKED_HEAD, body, next])],
             Duration::ZERO,
             2,
-            false,
+            Wait::Open,
         )
         .await;
         let seen = b.since(mark);
@@ -1436,6 +1480,18 @@ async fn malformed_chunked_bodies_sent_with_the_head_reach_no_backend() {
     report.finish();
 }
 
+/// The bad bodies also tried after a response has started.
+const STARTED: [&str; 8] = [
+    "two sizes",
+    "open quote",
+    "bare LF after the size",
+    "16 significant hex digits",
+    "data longer than its size",
+    "trailer: a request line",
+    "forbidden Content-Length",
+    "control byte in the value",
+];
+
 /// The head and the valid part, a pause, then the bad part: the backend gets at most the
 /// valid part (never a byte of the bad line) and its connection is closed; the client gets
 /// a 400 when no response had started, else a cut connection.
@@ -1454,7 +1510,7 @@ async fn malformed_chunked_bodies_arriving_later_are_cut_before_the_bad_line() {
         // No response yet: a 400.
         b.set(Script::answer(OK));
         let mark = b.mark();
-        let a = talk(p, &[&first, &second], LATER, 1, true).await;
+        let a = talk(p, &[&first, &second], LATER, 1, Wait::Close).await;
         let r = async {
             let seen = b.settled(mark).await;
             ensure!(
@@ -1471,12 +1527,15 @@ async fn malformed_chunked_bodies_arriving_later_are_cut_before_the_bad_line() {
         .await;
         report.check(&format!("{name} (no response yet)"), r);
 
-        // A response already started: the client connection is cut.
+        // A response already started: the client connection is cut (a few cases suffice).
+        if !STARTED.iter().any(|s| name.ends_with(s)) {
+            continue;
+        }
         b.set(Script::early(
             b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n",
         ));
         let mark = b.mark();
-        let a = talk(p, &[&first, &second], LATER, 1, true).await;
+        let a = talk(p, &[&first, &second], LATER, 1, Wait::Close).await;
         let r = async {
             let seen = b.settled(mark).await;
             ensure!(
@@ -1501,47 +1560,75 @@ async fn malformed_chunked_bodies_arriving_later_are_cut_before_the_bad_line() {
     report.finish();
 }
 
-/// A bad line split at every position: not one of its bytes reaches the backend, even when
-/// its first bytes could still have started a valid line.
+/// A bad line split at every position. Two checks per split: no byte from the first invalid
+/// one on reaches the backend ("no invalid byte"), and no byte of the bad line at all, even
+/// those that could still have started a valid line ("line held back"): the specification
+/// says the backend never gets a byte of the bad line, which a relay that validates byte by
+/// byte but forwards every read meets only for the first check.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_chunk_line_split_anywhere_never_reaches_the_backend() {
     let env = Env::start(&[UNTRUSTED]).await;
     let (b, p) = (&env.backend, env.proxy(0));
     let mut report = Report::new("bad lines split anywhere");
     let head = chunked_head_fwd();
-    let cases: [(&str, &[u8], &[u8]); 3] = [
-        ("two sizes", b"5\r\nhello\r\n", b"5 6\r\nhello\r\n0\r\n\r\n"),
+    // The valid part, the bad part, and where in the bad part the first invalid byte is.
+    let cases: [(&str, &[u8], &[u8], usize); 3] = [
+        (
+            "two sizes",
+            b"5\r\nhello\r\n",
+            b"5 6\r\nhello\r\n0\r\n\r\n",
+            2,
+        ),
         (
             "a request line as a trailer",
             b"5\r\nhello\r\n0\r\n",
             b"GET /admin?a:b HTTP/1.1\r\n\r\n",
+            3,
         ),
         (
             "a forbidden trailer",
             b"5\r\nhello\r\n0\r\n",
             b"Content-Length: 0\r\n\r\n",
+            14,
         ),
     ];
-    for (name, valid, bad) in cases {
+    for (name, valid, bad, invalid_at) in cases {
         let line_len = find(bad, b"\r\n").unwrap() + 2;
-        let allowed = cat(&[&head, valid]);
+        let held_back = cat(&[&head, valid]);
+        let no_invalid = cat(&[&head, valid, &bad[..invalid_at]]);
         for k in 1..line_len {
             let first = cat(&[CHUNKED_HEAD, valid, &bad[..k]]);
             let mark = b.mark();
-            let a = talk(p, &[&first, &bad[k..]], Duration::from_millis(60), 1, true).await;
-            let r = async {
-                let seen = b.settled(mark).await;
+            let a = talk(
+                p,
+                &[&first, &bad[k..]],
+                Duration::from_millis(60),
+                1,
+                Wait::Close,
+            )
+            .await;
+            let seen = b.settled(mark).await;
+            let case = format!("{name}, split after {}", esc(&bad[..k]));
+            let r = (|| -> Result<(), String> {
                 ensure!(
-                    allowed.starts_with(&seen.bytes),
+                    no_invalid.starts_with(&seen.bytes),
                     "backend received\n      {}\n    want a prefix of\n      {}",
                     esc(&seen.bytes),
-                    esc(&allowed)
+                    esc(&no_invalid)
                 );
-                check_local(a.first()?, 400, Some(true))?;
-                Ok::<(), String>(())
-            }
-            .await;
-            report.check(&format!("{name}, split after {}", esc(&bad[..k])), r);
+                check_local(a.first()?, 400, Some(true))
+            })();
+            report.check(&format!("{case}: no invalid byte"), r);
+            let r = if held_back.starts_with(&seen.bytes) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "backend received\n      {}\n    want a prefix of\n      {}",
+                    esc(&seen.bytes),
+                    esc(&held_back)
+                ))
+            };
+            report.check(&format!("{case}: line held back"), r);
         }
     }
     env.stop().await;
@@ -1572,7 +1659,7 @@ async fn responses_are_held_to_the_same_rules() {
         ),
     ] {
         b.set(Script::answer(resp));
-        let a = talk(p, &[GET_R], Duration::ZERO, 1, false).await;
+        let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
         let r = (|| -> Result<(), String> {
             let r = a.first()?;
             ensure!(
@@ -1596,7 +1683,7 @@ async fn responses_are_held_to_the_same_rules() {
         b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\n\r\n",
         body,
     ])));
-    let a = talk(p, &[GET_R], Duration::ZERO, 1, false).await;
+    let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
     let r = (|| -> Result<(), String> {
         let r = a.first()?;
         ensure!(r.status == 200, "client got {}", esc(&a.bytes));
@@ -1625,7 +1712,7 @@ async fn responses_are_held_to_the_same_rules() {
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
         RICH_BODY,
     ])));
-    let a = talk(p, &[GET_R], Duration::ZERO, 1, false).await;
+    let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
     let r = (|| -> Result<(), String> {
         let r = a.first()?;
         ensure!(
@@ -1636,6 +1723,61 @@ async fn responses_are_held_to_the_same_rules() {
         Ok(())
     })();
     report.check("extensions and trailers verbatim", r);
+
+    // Bytes past the end of a response are not relayed, and the connection they came on is
+    // not used again (the next answer would be the backend's leftover).
+    b.set(Script::answer(
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nevil",
+    ));
+    let a = talk(p, &[cat(&[GET_R, GET_R])], Duration::ZERO, 2, Wait::Open).await;
+    let r = (|| -> Result<(), String> {
+        ensure!(
+            find(&a.bytes, b"evil").is_none(),
+            "client got {}",
+            esc(&a.bytes)
+        );
+        ensure!(
+            a.responses.len() == 2
+                && a.responses
+                    .iter()
+                    .all(|r| r.status == 200 && r.body == b"ok"),
+            "client got {}",
+            esc(&a.bytes)
+        );
+        Ok(())
+    })();
+    report.check("bytes after a Content-Length body", r);
+    b.set(Script::answer(
+        b"HTTP/1.1 204 No Content\r\nContent-Length: 4\r\n\r\nevil",
+    ));
+    let a = talk(p, &[cat(&[GET_R, GET_R])], Duration::ZERO, 2, Wait::Open).await;
+    let r = (|| -> Result<(), String> {
+        ensure!(
+            find(&a.bytes, b"evil").is_none(),
+            "client got {}",
+            esc(&a.bytes)
+        );
+        ensure!(
+            a.responses.len() == 2 && a.responses.iter().all(|r| r.status == 204),
+            "client got {}",
+            esc(&a.bytes)
+        );
+        Ok(())
+    })();
+    report.check("a body on a 204", r);
+    b.set(Script::answer(OK));
+    let head_r: &[u8] = b"HEAD /r HTTP/1.1\r\nHost: raw.app.test\r\n\r\n";
+    let want: &[u8] =
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n";
+    let got = exactly(p, &cat(&[head_r, head_r]), want.len()).await;
+    report.check(
+        "a body on a response to HEAD",
+        if got == want {
+            Ok(())
+        } else {
+            Err(format!("client got {}, want {}", esc(&got), esc(want)))
+        },
+    );
 
     // Framing or syntax a backend must not send: 502.
     let mut bad_heads: Vec<(String, Vec<u8>)> = Vec::new();
@@ -1678,7 +1820,7 @@ async fn responses_are_held_to_the_same_rules() {
     ));
     for (name, resp) in &bad_heads {
         b.set(Script::closing(resp));
-        let a = talk(p, &[GET_R], Duration::ZERO, 1, false).await;
+        let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
         let r = (|| -> Result<(), String> {
             let r = a.first()?;
             check_local(r, 502, None)?;
@@ -1714,7 +1856,7 @@ async fn responses_are_held_to_the_same_rules() {
     for (name, bad) in bad {
         // With the head: nothing sent yet, so a 502.
         b.set(Script::closing(&cat(&[head, bad])));
-        let a = talk(p, &[GET_R], Duration::ZERO, 1, false).await;
+        let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
         let r = (|| -> Result<(), String> {
             ensure!(find(&a.bytes, bad).is_none(), "relayed: {}", esc(&a.bytes));
             let r = a.first()?;
@@ -1726,7 +1868,7 @@ async fn responses_are_held_to_the_same_rules() {
 
         // Later: the client connection is cut before the bad line.
         b.set(Script::later(&[&cat(&[head, valid]), bad]));
-        let a = talk(p, &[GET_R], Duration::ZERO, 1, true).await;
+        let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::Close).await;
         let r = (|| -> Result<(), String> {
             ensure!(a.closed, "client connection left open: {}", esc(&a.bytes));
             ensure!(find(&a.bytes, bad).is_none(), "relayed: {}", esc(&a.bytes));
@@ -1769,7 +1911,7 @@ async fn http10_clients_get_no_interim_and_no_chunked_responses() {
         &[b"GET / HTTP/1.0\r\nHost: raw.app.test\r\n\r\n"],
         Duration::ZERO,
         1,
-        true,
+        Wait::Close,
     )
     .await;
     let r = (|| -> Result<(), String> {
@@ -1793,7 +1935,7 @@ async fn http10_clients_get_no_interim_and_no_chunked_responses() {
         &[b"POST /up HTTP/1.0\r\nHost: raw.app.test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi"],
         Duration::ZERO,
         1,
-        true,
+        Wait::Close,
     )
     .await;
     let r = (|| -> Result<(), String> {
@@ -1808,7 +1950,7 @@ async fn http10_clients_get_no_interim_and_no_chunked_responses() {
     report.check("1.0 with Expect: 100 dropped", r);
 
     // Sanity: an HTTP/1.1 client does get them.
-    let a = talk(p, &[GET_R], Duration::ZERO, 1, false).await;
+    let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
     let statuses: Vec<u16> = a.responses.iter().map(|r| r.status).collect();
     report.check(
         "1.1: 100 and 103 relayed",
@@ -1831,7 +1973,7 @@ async fn http10_clients_get_no_interim_and_no_chunked_responses() {
         ),
     ] {
         b.set(Script::answer(chunked));
-        let a = talk(p, &[req], Duration::ZERO, 1, true).await;
+        let a = talk(p, &[req], Duration::ZERO, 1, Wait::Close).await;
         let r = (|| -> Result<(), String> {
             let r = a.first()?;
             ensure!(r.status == 200, "client got {}", esc(&a.bytes));
@@ -1903,7 +2045,7 @@ async fn pipelined_requests_after_local_answers() {
             &[&cat(&[first, to_raw, first, to_raw])],
             Duration::ZERO,
             4,
-            false,
+            Wait::Open,
         )
         .await;
         let seen = b.since(mark);
@@ -1949,7 +2091,7 @@ async fn pipelined_requests_after_local_answers() {
         &[&cat(&[cl.as_bytes(), body, to_raw])],
         Duration::ZERO,
         2,
-        false,
+        Wait::No,
     )
     .await;
     let seen = b.since(mark);
@@ -1984,7 +2126,7 @@ async fn pipelined_requests_after_local_answers() {
         ])],
         Duration::ZERO,
         2,
-        false,
+        Wait::No,
     )
     .await;
     let seen = b.since(mark);
