@@ -5,6 +5,10 @@
 //! one raw backend (a TCP listener that records every byte per connection and answers from
 //! a script) and one or more routers; every case opens a fresh client connection. All the
 //! cases of a table run, and the test then fails listing every case that did not hold.
+//!
+//! Request IDs are generated, so expected bytes say `X-Request-Id: *` where the router
+//! writes one (after `X-Real-IP` to a backend, after the other fields to a client, before
+//! `Connection`), and received bytes have their IDs masked the same way (`mask_ids`).
 
 mod common;
 
@@ -34,7 +38,7 @@ const UNDERSCORES: &str = "trusted_proxies = [\"10.9.9.9/32\"]\nunderscore_heade
 /// What an untrusted peer's request gets appended, for `Host: host`.
 fn tail(host: &str) -> String {
     format!(
-        "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: {host}\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\n\r\n"
+        "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: {host}\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n"
     )
 }
 
@@ -43,6 +47,28 @@ fn fwd(head: &str, body: &[u8]) -> Vec<u8> {
     let mut v = format!("{head}{}", tail("raw.app.test")).into_bytes();
     v.extend_from_slice(body);
     v
+}
+
+/// `bytes` with the value of every `X-Request-Id` line the router wrote (1 to 64 visible
+/// ASCII bytes) replaced by `*`: request IDs are generated, so expected bytes say `*`.
+fn mask_ids(bytes: &[u8]) -> Vec<u8> {
+    const NAME: &[u8] = b"\nX-Request-Id: ";
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(at) = find(&bytes[i..], NAME) {
+        let start = i + at + NAME.len();
+        out.extend_from_slice(&bytes[i..start]);
+        i = start;
+        if let Some(len) = find(&bytes[start..], b"\r\n") {
+            let value = &bytes[start..start + len];
+            if (1..=64).contains(&value.len()) && value.iter().all(u8::is_ascii_graphic) {
+                out.push(b'*');
+                i = start + len;
+            }
+        }
+    }
+    out.extend_from_slice(&bytes[i..]);
+    out
 }
 
 fn esc(b: &[u8]) -> String {
@@ -125,8 +151,10 @@ enum Event {
 /// What the backend received after a mark.
 #[derive(Debug)]
 struct Seen {
-    /// All bytes, in arrival order.
+    /// All bytes, in arrival order, request IDs masked (see [`mask_ids`]).
     bytes: Vec<u8>,
+    /// The same, unmasked.
+    raw: Vec<u8>,
     /// Per connection that received bytes: its id, bytes, and whether it saw EOF.
     conns: Vec<(usize, Vec<u8>, bool)>,
 }
@@ -174,6 +202,7 @@ impl RawBackend {
         let log = self.log.lock().unwrap();
         let mut seen = Seen {
             bytes: Vec::new(),
+            raw: Vec::new(),
             conns: Vec::new(),
         };
         for e in &log[mark..] {
@@ -196,6 +225,8 @@ impl RawBackend {
             }
         }
         seen.conns.retain(|c| !c.1.is_empty());
+        seen.raw = std::mem::take(&mut seen.bytes);
+        seen.bytes = mask_ids(&seen.raw);
         seen
     }
 
@@ -621,6 +652,17 @@ fn check_local(r: &Resp, status: u16, close: Option<bool>) -> Result<(), String>
     if status == 503 {
         want.push(("Retry-After".into(), "5".into()));
     }
+    // The request's ID, when it has one, comes before the connection field.
+    let mut got = got;
+    if let Some(at) = got.iter().position(|(k, _)| k == "X-Request-Id") {
+        let (_, id) = got.remove(at);
+        ensure!(
+            at == want.len()
+                && (1..=64).contains(&id.len())
+                && id.bytes().all(|b| b.is_ascii_graphic()),
+            "X-Request-Id {id:?} at {at} in the local answer's headers"
+        );
+    }
     let closing = ("Connection".to_string(), "close".to_string());
     let said_close = got.last() == Some(&closing);
     if close == Some(true) || (close.is_none() && said_close) {
@@ -831,6 +873,16 @@ async fn request_heads_reach_the_backend_exactly_as_specified() {
             fwd("POST /up HTTP/1.1\r\nHost: raw.app.test\r\nContent-Length: 5\r\n", b"0\r\n\r\n"),
         ),
         (
+            "Connection cannot drop Content-Length",
+            b"POST /up HTTP/1.1\r\nHost: raw.app.test\r\nConnection: content-length, x-a\r\nX-A: 1\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            fwd("POST /up HTTP/1.1\r\nHost: raw.app.test\r\nContent-Length: 5\r\n", b"hello"),
+        ),
+        (
+            "Connection cannot drop Transfer-Encoding",
+            b"POST /up HTTP/1.1\r\nHost: raw.app.test\r\nTransfer-Encoding: chunked\r\nConnection: Transfer-Encoding\r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
+            fwd("POST /up HTTP/1.1\r\nHost: raw.app.test\r\nTransfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
+        ),
+        (
             "Transfer-Encoding normalised (case, tab)",
             b"POST /up HTTP/1.1\r\nHost: raw.app.test\r\ntransfer-encoding:\tChunked \r\n\r\n5\r\nhello\r\n0\r\n\r\n".to_vec(),
             fwd("POST /up HTTP/1.1\r\nHost: raw.app.test\r\nTransfer-Encoding: chunked\r\n", b"5\r\nhello\r\n0\r\n\r\n"),
@@ -863,7 +915,7 @@ async fn request_heads_reach_the_backend_exactly_as_specified() {
         (
             "an upgrade keeps Upgrade and says Connection: upgrade last",
             b"GET /ws HTTP/1.1\r\nHost: raw.app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(),
-            b"GET /ws HTTP/1.1\r\nHost: raw.app.test\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nConnection: upgrade\r\n\r\n".to_vec(),
+            b"GET /ws HTTP/1.1\r\nHost: raw.app.test\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\nConnection: upgrade\r\n\r\n".to_vec(),
         ),
     ];
     for (name, req, want) in &untrusted {
@@ -877,27 +929,27 @@ async fn request_heads_reach_the_backend_exactly_as_specified() {
         (
             "a trusted peer's chain, host and proto kept; X-Real-IP from the chain",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1\r\nX-Forwarded-Host: public.example\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.7\r\nX-Real-IP: 6.6.6.6\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-Host: public.example\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.7\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1, 127.0.0.1\r\nX-Real-IP: 10.0.0.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-Host: public.example\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.7\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1, 127.0.0.1\r\nX-Real-IP: 10.0.0.1\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "trusted addresses at the right of the chain are skipped for X-Real-IP",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 203.0.113.7\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 203.0.113.7\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "an all-trusted chain: X-Real-IP is the peer",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.5\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.5, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.5, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "two X-Forwarded-For fields join in order",
             b"GET / HTTP/1.1\r\nX-Forwarded-For: 198.51.100.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 198.51.100.1, 198.51.100.2, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 198.51.100.1, 198.51.100.2, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.2\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "lookalikes are dropped even from a trusted peer",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\nX_Forwarded_Host: evil\r\nx_forwarded_proto: https\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n",
         ),
     ];
     for (name, req, want) in trusted {
@@ -918,6 +970,54 @@ async fn request_heads_reach_the_backend_exactly_as_specified() {
         )
         .await,
     );
+    // A client's X-Request-Id: replaced unless a trusted peer sent it; the client gets the ID
+    // the backend got, not the backend's own.
+    b.set(Script::answer(
+        b"HTTP/1.1 200 OK\r\nX-Request-Id: from-backend\r\nContent-Length: 2\r\n\r\nok",
+    ));
+    for (name, proxy, kept) in [
+        ("untrusted", env.proxy(0), false),
+        ("trusted", env.proxy(1), true),
+    ] {
+        let mark = b.mark();
+        let a = talk(
+            proxy,
+            &[b"GET / HTTP/1.1\r\nX-Request-Id: client-id-1\r\nHost: raw.app.test\r\n\r\n"],
+            Duration::ZERO,
+            1,
+            Wait::No,
+        )
+        .await;
+        let seen = b.since(mark);
+        let r = (|| -> Result<(), String> {
+            let tail_at = find(&seen.raw, b"X-Request-Id: ").ok_or("no X-Request-Id sent")?;
+            let id_line = &seen.raw[tail_at..];
+            let id = &id_line[14..find(id_line, b"\r\n").unwrap_or(id_line.len())];
+            ensure!(
+                seen.raw
+                    .starts_with(b"GET / HTTP/1.1\r\nHost: raw.app.test\r\n")
+                    && seen.raw.ends_with(b"\r\n\r\n")
+                    && find(&seen.raw[..tail_at], b"X-Request-Id").is_none(),
+                "backend received {}",
+                esc(&seen.raw)
+            );
+            ensure!(
+                (id == b"client-id-1") == kept,
+                "backend got X-Request-Id {} from a{} peer",
+                esc(id),
+                if kept { " trusted" } else { "n untrusted" }
+            );
+            let r = a.first()?;
+            ensure!(
+                r.all("x-request-id") == [String::from_utf8_lossy(id)],
+                "client got {}",
+                esc(&a.bytes)
+            );
+            Ok(())
+        })();
+        report.check(&format!("{name}: X-Request-Id"), r);
+    }
+
     env.stop().await;
     report.finish();
 }
@@ -1072,6 +1172,11 @@ async fn malformed_requests_are_refused_before_a_byte_reaches_a_backend() {
         400,
     );
     add(
+        "CL with space before the colon",
+        post("Content-Length : 5\r\n", "hello").into(),
+        400,
+    );
+    add(
         "TE with space before the colon",
         post("Transfer-Encoding : chunked\r\n", "0\r\n\r\n").into(),
         400,
@@ -1193,6 +1298,7 @@ async fn malformed_requests_are_refused_before_a_byte_reaches_a_backend() {
     add("a tab for a space", line("GET\t/ HTTP/1.1"), 400);
     add("a space before the method", line(" GET / HTTP/1.1"), 400);
     add("lowercase version", line("GET / http/1.1"), 400);
+    add("no version (HTTP/0.9)", b"GET /\r\n\r\n".to_vec(), 400);
     add("GET *", line("GET * HTTP/1.1"), 400);
     add("POST *", line("POST * HTTP/1.1"), 400);
     add("GET abc", line("GET abc HTTP/1.1"), 400);
@@ -1767,9 +1873,8 @@ async fn responses_are_held_to_the_same_rules() {
     report.check("a body on a 204", r);
     b.set(Script::answer(OK));
     let head_r: &[u8] = b"HEAD /r HTTP/1.1\r\nHost: raw.app.test\r\n\r\n";
-    let want: &[u8] =
-        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n";
-    let got = exactly(p, &cat(&[head_r, head_r]), want.len()).await;
+    let want: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: *\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Request-Id: *\r\n\r\n";
+    let got = mask_ids(&exactly(p, &cat(&[head_r, head_r]), want.len()).await);
     report.check(
         "a body on a response to HEAD",
         if got == want {

@@ -1138,3 +1138,81 @@ fn reference_head_parser_knows_the_examples() {
     );
     assert_eq!(head("OPTIONS * HTTP/1.1\r\n\r\n").map(|h| h.len), Ok(22));
 }
+
+/// The specification's examples through `parse_request` itself: the heads it must refuse
+/// (with their status) and the framing of those it must accept.
+#[test]
+fn parse_request_knows_the_examples() {
+    let refused: &[(&str, u16)] = &[
+        ("GET * HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET abc HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET host:80 HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET http:/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET ftp://h/x HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET /a#frag HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET http://user@h/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET http://@h/ HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost : a\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX: 1\r\n 2\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX: a\x7fb\r\n\r\n", 400),
+        ("GET / HTTP/1.1\r\nHost: a\r\nX@Y: 1\r\n\r\n", 400),
+        ("GET  / HTTP/1.1\r\nHost: a\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n", 501),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n", 501),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n", 501),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\x0b\r\n\r\n", 400),
+        ("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n", 400),
+        ("POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+    ];
+    let mut wrong = Vec::new();
+    for (head, status) in refused {
+        let got = parse(head.as_bytes());
+        if got != Parsed::Refused(*status) {
+            wrong.push(format!("{head:?}: {got:?}, want a {status}"));
+        }
+    }
+    let accepted: &[(&str, Body)] = &[
+        ("OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", Body::None),
+        ("GET http://a?q=1 HTTP/1.1\r\nHost: b\r\n\r\n", Body::None),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            Body::Length(5),
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\n",
+            Body::Length(5),
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 005\r\n\r\n",
+            Body::Length(5),
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding:\tchunked\r\n\r\n",
+            Body::Chunked,
+        ),
+        (
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked \r\n\r\n",
+            Body::Chunked,
+        ),
+    ];
+    for (head, body) in accepted {
+        let got = parse(head.as_bytes());
+        if got != Parsed::Head(head.len(), Some(*body)) {
+            wrong.push(format!("{head:?}: {got:?}, want {body:?}"));
+        }
+    }
+    assert!(wrong.is_empty(), "parse_request:\n  {}", wrong.join("\n  "));
+}
