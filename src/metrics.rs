@@ -78,6 +78,8 @@ pub fn handle() -> PrometheusHandle {
                 tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
             }
             describe();
+            metrics::gauge!("consul_router_build_info", "version" => env!("CARGO_PKG_VERSION"))
+                .set(1.0);
             handle
         })
         .clone()
@@ -110,6 +112,14 @@ fn describe() {
     metrics::describe_counter!(
         "consul_router_consul_requests_total",
         "Requests to Consul's HTTP API by endpoint and outcome."
+    );
+    metrics::describe_gauge!(
+        "consul_router_build_info",
+        "Always 1; the version in a label."
+    );
+    metrics::describe_gauge!(
+        "consul_router_open_connections",
+        "Open client connections by protocol (http1, http2)."
     );
     metrics::describe_gauge!(
         "consul_router_upgraded_connections",

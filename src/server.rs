@@ -101,7 +101,10 @@ pub async fn serve_proxy(
         let stop = shutdown.clone();
         while conns.try_join_next().is_some() {}
         conns.spawn(async move {
+            let open = Open::new(&proxy.open_connections[0]);
             if let Ended::Http2(stream, read) = proxy.serve_h1(stream, peer, stop.clone()).await {
+                drop(open);
+                let _open = Open::new(&proxy.open_connections[1]);
                 serve_h2(Prefixed::new(read, stream), proxy, &h2, peer, stop).await;
             }
         });
@@ -295,6 +298,22 @@ impl<B: Body + Unpin> Body for Counted<B> {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Counts one open client connection in a gauge while it lives.
+struct Open(metrics::Gauge);
+
+impl Open {
+    fn new(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
     }
 }
 

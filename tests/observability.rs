@@ -14,6 +14,10 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
+/// The `unknown` service's counters are shared by every router in the process: tests that
+/// make or count unknown-host answers take turns.
+static UNKNOWN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// The value of the sample `name{labels}` in Prometheus text (0 when absent). `labels` is
 /// the exact label text, e.g. `code="2xx",service="a"`, with labels in any order.
 fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -55,6 +59,7 @@ async fn wait_routable(router: &consul_router::Running, host: &str, want: Status
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_mix_exactly() {
+    let _turn = UNKNOWN.lock().await;
     let consul = ConsulAgent::start().await;
     let ok = Backend::start("ok").await;
     consul.register("obs-ok", "obs-ok-1", ok.port(), &[]).await;
@@ -204,6 +209,7 @@ async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<By
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_lines_and_request_ids_on_both_paths() {
+    let _turn = UNKNOWN.lock().await;
     let consul = ConsulAgent::start().await;
     let b = Backend::start("logged").await;
     consul.register("obs-log", "obs-log-1", b.port(), &[]).await;
@@ -244,7 +250,11 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
         .unwrap();
     let g = send(a, req).await;
     assert_eq!(g.headers["x-request-id"], "from-nginx-42");
-    assert!(g.body.contains("x-request-id: from-nginx-42\n"), "{}", g.body);
+    assert!(
+        g.body.contains("x-request-id: from-nginx-42\n"),
+        "{}",
+        g.body
+    );
 
     // HTTP/2: the same request gets the same treatment.
     let mut s = h2(a).await;
@@ -334,7 +344,9 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
 async fn untrusted_request_ids_are_replaced_and_text_lines_parse() {
     let consul = ConsulAgent::start().await;
     let b = Backend::start("plain").await;
-    consul.register("obs-text", "obs-text-1", b.port(), &[]).await;
+    consul
+        .register("obs-text", "obs-text-1", b.port(), &[])
+        .await;
     let dir = std::env::temp_dir().join(format!("cr-obs-text-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("access.log");
@@ -367,6 +379,9 @@ async fn untrusted_request_ids_are_replaced_and_text_lines_parse() {
     assert!(line.contains("\"POST /spoof HTTP/1.1\" 200 "), "{line}");
     assert!(line.contains("service=\"obs-text\""), "{line}");
     assert!(line.contains(&format!("rid=\"{id}\"")), "{line}");
-    assert!(line.contains("in=5") || line.contains("bytes_in=5"), "{line}");
+    assert!(
+        line.contains("in=5") || line.contains("bytes_in=5"),
+        "{line}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -180,7 +180,8 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 /// The client's address: from a trusted peer, the right-most `X-Forwarded-For` address that
-/// is not itself a trusted proxy; otherwise the peer.
+/// is not itself a trusted proxy (the left-most if all are, as nginx's `real_ip_recursive`);
+/// otherwise the peer.
 pub fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[IpNet]) -> IpAddr {
     let chain = headers
         .get_all(X_FORWARDED_FOR)

@@ -156,6 +156,8 @@ pub struct Proxy {
     /// Drop every request field name with `_` (else only the lookalikes).
     drop_underscores: bool,
     upgraded: metrics::Gauge,
+    /// `consul_router_open_connections{protocol}`: HTTP/1 and HTTP/2 client connections.
+    pub(crate) open_connections: [metrics::Gauge; 2],
     /// Metrics of requests no service took (`service="unknown"`).
     unknown: crate::metrics::ServiceMetrics,
     /// Client connections accepted, numbering them for request IDs.
@@ -185,6 +187,10 @@ impl Proxy {
             hash_query: cfg.hash_query,
             drop_underscores: cfg.underscore_headers == UnderscoreHeaders::All,
             upgraded: metrics::gauge!("consul_router_upgraded_connections"),
+            open_connections: [
+                metrics::gauge!("consul_router_open_connections", "protocol" => "http1"),
+                metrics::gauge!("consul_router_open_connections", "protocol" => "http2"),
+            ],
             unknown: crate::metrics::ServiceMetrics::new("unknown"),
             conns: std::sync::atomic::AtomicU64::new(0),
             salt: fastrand::u32(..),

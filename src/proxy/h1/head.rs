@@ -391,7 +391,8 @@ fn check_target<'b>(
     }
     let end = rest.find(['/', '?']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
-    if authority.is_empty() {
+    // No userinfo (`user@host`): RFC 9110 §4.2.4 forbids it in http(s) URIs.
+    if authority.is_empty() || authority.contains('@') {
         return Err(HeadError::Malformed);
     }
     Ok(Some((authority, path)))
@@ -810,6 +811,7 @@ mod tests {
             b"GET ftp://a/x HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET http:///x HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET /a#b HTTP/1.1\r\nHost: a\r\n\r\n",
+            b"GET http://user@a/ HTTP/1.1\r\nHost: a\r\n\r\n",
             b"GET /caf\xc3\xa9 HTTP/1.1\r\nHost: a\r\n\r\n",
         ] {
             assert_eq!(

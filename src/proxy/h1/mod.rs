@@ -284,9 +284,14 @@ impl Conn<'_> {
             Err(refused) => {
                 // A local answer consumes the head; with a body left unread, or a client
                 // that asked to close, the connection closes after it. Whatever follows a
-                // CONNECT head is tunnel bytes, not a request: close.
-                let close =
-                    has_body || !head.keep_alive || matches!(refused.error, ProxyError::Connect405);
+                // CONNECT head is tunnel bytes, not a request: close. A bad Host makes a
+                // malformed message: close, as for any 400.
+                let close = has_body
+                    || !head.keep_alive
+                    || matches!(
+                        refused.error,
+                        ProxyError::Connect405 | ProxyError::BadHost(_)
+                    );
                 return Some(Step::Local {
                     refused,
                     close,
