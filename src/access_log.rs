@@ -684,7 +684,8 @@ impl Stamp {
     }
 }
 
-fn push_u64(out: &mut Vec<u8>, mut n: u64) {
+/// Appends `n` in decimal, without allocating or formatting machinery.
+pub fn push_u64(out: &mut Vec<u8>, mut n: u64) {
     let mut digits = [0u8; 20];
     let mut i = digits.len();
     loop {

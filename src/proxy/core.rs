@@ -52,11 +52,12 @@ impl ClientConn {
     }
 
     /// A fresh request ID: the process's salt, this connection's number and the request's
-    /// place on it, in hex. Unique per process, short, and no syscall.
+    /// place on it, in hex (`5f3a9c01-1a-7`). Unique per process, short, and no syscall.
     pub fn next_request_id(&self, salt: u32) -> RequestId {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         let mut id = RequestId::default();
         id.push_hex(u64::from(salt), 8);
+        id.push(b'-');
         id.push_hex(self.id, 0);
         id.push(b'-');
         id.push_hex(seq, 0);
@@ -376,5 +377,94 @@ impl Proxy {
                 user_agent: log.part(4),
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::config::{Config, Expose};
+    use crate::routing::{build, BuildOptions, CatalogTags, Health, InstanceSpec, StateRegistry};
+
+    fn proxy_and_service() -> (Proxy, Arc<Service>) {
+        let spec = InstanceSpec {
+            id: "core-1".into(),
+            node: "n".into(),
+            address: "127.0.0.1".into(),
+            port: 1,
+            tags: vec![],
+            load: None,
+            weight_passing: 1,
+            weight_warning: 1,
+            health: Health::Passing,
+        };
+        let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> =
+            [(Arc::from("core-test"), Arc::from(vec![spec]))].into();
+        let opts = BuildOptions {
+            domains: vec!["app.test".into()],
+            default_strategy: Strategy::Random,
+            include_warning: false,
+            max_idle_per_instance: 1,
+            exclude_services: vec![],
+            expose: Expose::All,
+        };
+        let table = build(
+            &catalog,
+            &CatalogTags::new(),
+            &opts,
+            &mut StateRegistry::default(),
+        );
+        let service = table.services["core-test"].clone();
+        let cfg = Config::default();
+        let routes = Arc::new(crate::routing::Routes::new());
+        let proxy = Proxy::new(&cfg, routes, crate::access_log::AccessLog::off());
+        (proxy, service)
+    }
+
+    #[test]
+    fn the_retry_rule() {
+        let (proxy, svc) = proxy_and_service();
+        let f = |kind, reused, unsent, replayable, tries| Failed {
+            kind,
+            reused,
+            unsent,
+            replayable,
+            tries,
+        };
+        // retries = 2 by default: a refused connect goes elsewhere twice, then is answered.
+        let refused = |tries| f(ErrorKind::ConnectRefused, false, true, false, tries);
+        assert_eq!(proxy.after_failure(&svc, refused(1)), Next::OtherInstance);
+        assert_eq!(proxy.after_failure(&svc, refused(2)), Next::OtherInstance);
+        assert_eq!(proxy.after_failure(&svc, refused(3)), Next::Answer);
+        // A stale pooled connection: once more, fresh, if nothing was done or it can replay.
+        let stale = f(ErrorKind::Reset, true, false, true, 1);
+        assert_eq!(proxy.after_failure(&svc, stale), Next::FreshConnection);
+        let stale_post = f(ErrorKind::Reset, true, false, false, 1);
+        assert_eq!(proxy.after_failure(&svc, stale_post), Next::Answer);
+        // A reset on a fresh connection after the request went out, or a timeout: answered.
+        let reset = f(ErrorKind::Reset, false, false, true, 1);
+        assert_eq!(proxy.after_failure(&svc, reset), Next::Answer);
+        let slow = f(ErrorKind::ResponseTimeout, true, false, true, 1);
+        assert_eq!(proxy.after_failure(&svc, slow), Next::Answer);
+    }
+
+    #[test]
+    fn request_ids() {
+        let (proxy, _) = proxy_and_service();
+        let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
+        let conn = ClientConn::new(&proxy, peer);
+        let a = conn.next_request_id(0x5f3a_9c01);
+        let b = conn.next_request_id(0x5f3a_9c01);
+        assert!(a.as_str().starts_with("5f3a9c01-"), "{}", a.as_str());
+        assert!(a.as_str().ends_with("-0") && b.as_str().ends_with("-1"));
+        assert_ne!(a.as_str(), b.as_str());
+        let other = ClientConn::new(&proxy, peer).next_request_id(0x5f3a_9c01);
+        assert_ne!(a.as_str(), other.as_str());
+        assert_eq!(RequestId::from_peer(b" abc-1 ").unwrap().as_str(), "abc-1");
+        assert!(RequestId::from_peer(b"").is_none());
+        assert!(RequestId::from_peer(b"a b").is_none());
+        assert!(RequestId::from_peer(&[b'x'; 65]).is_none());
     }
 }

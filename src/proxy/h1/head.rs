@@ -9,6 +9,7 @@ use std::net::IpAddr;
 use http::StatusCode;
 
 use super::framing::Framing;
+use crate::access_log::push_u64;
 use crate::proxy::headers::{canonical, is_lookalike};
 
 /// Most header fields in one head (as hyper).
@@ -217,18 +218,7 @@ fn framing_field(out: &mut Vec<u8>, kind: Field, written: &mut bool, length: Opt
         (Field::TransferEncoding, _) => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         (_, Some(n)) => {
             out.extend_from_slice(b"Content-Length: ");
-            let mut digits = [0u8; 20];
-            let mut i = digits.len();
-            let mut n = n;
-            loop {
-                i -= 1;
-                digits[i] = b'0' + (n % 10) as u8;
-                n /= 10;
-                if n == 0 {
-                    break;
-                }
-            }
-            out.extend_from_slice(&digits[i..]);
+            push_u64(out, n);
             out.extend_from_slice(b"\r\n");
         }
         (_, None) => {}
