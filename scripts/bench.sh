@@ -11,6 +11,7 @@
 #   ROUNDS=3 DURATION=15 scripts/bench.sh
 #   SCENARIOS="small" scripts/bench.sh
 #   BENCH_RAW=1 scripts/bench.sh     # also print every round's figures
+#   ACCESS_LOG=json scripts/bench.sh # consul-router writes its access log (json|text) to a file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,7 +80,9 @@ taskset -c "$PROXY_CPU" haproxy -f "$work/haproxy.cfg" -db >"$work/logs/haproxy.
 start_consul "$CONSUL" "$LOAD_CPU"
 curl -fsS -X PUT "127.0.0.1:$CONSUL/v1/agent/service/register" \
   -d "{\"ID\":\"origin-1\",\"Name\":\"origin\",\"Address\":\"127.0.0.1\",\"Port\":$ORIGIN}" >/dev/null
-RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/consul-router --workers 1 \
+log_args=()
+[ -n "${ACCESS_LOG:-}" ] && log_args=(--access-log "$ACCESS_LOG" --access-log-file "$work/logs/access.log")
+RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/consul-router --workers 1 "${log_args[@]}" \
   --listen "127.0.0.1:$ROUTER" --admin-listen "127.0.0.1:$ADMIN" \
   --consul "http://127.0.0.1:$CONSUL" --domain bench.local >/dev/null 2>&1 & pids+=($!)
 router_pid=$!
@@ -140,6 +143,7 @@ done
 echo
 echo "consul-router benchmark: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'), ${ROUNDS}x${DURATION}s per proxy and scenario"
 echo "release binary: $(stat -c %s target/release/consul-router) bytes; router RSS now: $(awk '/VmRSS/ {print $2, $3}' /proc/$router_pid/status)"
+[ -n "${ACCESS_LOG:-}" ] && echo "access log ($ACCESS_LOG): $(wc -l < "$work/logs/access.log") lines written"
 awk -F'\t' '
   { k=$1 SUBSEP $3; rps[k]+=$4; p50[k]+=$5; p99[k]+=$6; cpu[k]+=$7; n[k]++; sc[$1]=1 }
   END {
