@@ -12,6 +12,8 @@
 #   SCENARIOS="small" scripts/bench.sh
 #   BENCH_RAW=1 scripts/bench.sh     # also print every round's figures
 #   ACCESS_LOG=json scripts/bench.sh # consul-router writes its access log (json|text) to a file
+#   BASELINE=/path/to/old/consul-router scripts/bench.sh
+#                                    # also runs an older build, interleaved, as "baseline"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -86,6 +88,16 @@ RUST_LOG=warn taskset -c "$PROXY_CPU" target/release/consul-router --workers 1 "
   --listen "127.0.0.1:$ROUTER" --admin-listen "127.0.0.1:$ADMIN" \
   --consul "http://127.0.0.1:$CONSUL" --domain bench.local >/dev/null 2>&1 & pids+=($!)
 router_pid=$!
+proxies="nginx haproxy consul-router"
+if [ -n "${BASELINE:-}" ]; then
+  BASE=$(free_port); BASE_ADMIN=$(free_port)
+  RUST_LOG=warn taskset -c "$PROXY_CPU" "$BASELINE" --workers 1 \
+    --listen "127.0.0.1:$BASE" --admin-listen "127.0.0.1:$BASE_ADMIN" \
+    --consul "http://127.0.0.1:$CONSUL" --domain bench.local >/dev/null 2>&1 & pids+=($!)
+  base_pid=$!
+  proxies="$proxies baseline"
+  for _ in $(seq 1 100); do curl -fsS "127.0.0.1:$BASE_ADMIN/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
+fi
 for _ in $(seq 1 100); do curl -fsS "127.0.0.1:$ADMIN/healthz" >/dev/null 2>&1 && break; sleep 0.1; done
 sleep 0.5
 
@@ -94,14 +106,15 @@ pid_of() {
     nginx) pgrep -P "$(cat "$work/proxy.pid")" | head -1 ;;
     haproxy) pgrep -f "haproxy -f $work/haproxy.cfg" | tail -1 ;;
     consul-router) echo "$router_pid" ;;
+    baseline) echo "$base_pid" ;;
   esac
 }
-port_of() { case "$1" in nginx) echo "$NGINX";; haproxy) echo "$HAPROXY";; consul-router) echo "$ROUTER";; esac; }
+port_of() { case "$1" in nginx) echo "$NGINX";; haproxy) echo "$HAPROXY";; consul-router) echo "$ROUTER";; baseline) echo "$BASE";; esac; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 hz=$(getconf CLK_TCK)
 
 # Sanity: every proxy answers.
-for p in nginx haproxy consul-router; do
+for p in $proxies; do
   for path in / /1k /64k; do
     curl -fsS -H 'Host: origin.bench.local' "127.0.0.1:$(port_of $p)$path" >/dev/null || { echo "bench: $p does not answer $path" >&2; cat "$work"/logs/* >&2; exit 1; }
   done
@@ -120,7 +133,7 @@ for scenario in $SCENARIOS; do
     *) echo "unknown scenario $scenario" >&2; exit 1 ;;
   esac
   for round in $(seq 1 "$ROUNDS"); do
-    for p in nginx haproxy consul-router; do
+    for p in $proxies; do
       pid=$(pid_of "$p"); before=$(cpu_ticks "$pid")
       out=$(taskset -c "$LOAD_CPU" wrk -t1 -c"$conns" -d"${DURATION}s" --latency \
         -H 'Host: origin.bench.local' "http://127.0.0.1:$(port_of "$p")$path" 2>&1)
@@ -144,13 +157,13 @@ echo
 echo "consul-router benchmark: $(nproc) cores, $(awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo | sed 's/^ //'), ${ROUNDS}x${DURATION}s per proxy and scenario"
 echo "release binary: $(stat -c %s target/release/consul-router) bytes; router RSS now: $(awk '/VmRSS/ {print $2, $3}' /proc/$router_pid/status)"
 [ -n "${ACCESS_LOG:-}" ] && echo "access log ($ACCESS_LOG): $(wc -l < "$work/logs/access.log") lines written"
-awk -F'\t' '
+awk -F'\t' -v proxies="$proxies" '
   { k=$1 SUBSEP $3; rps[k]+=$4; p50[k]+=$5; p99[k]+=$6; cpu[k]+=$7; n[k]++; sc[$1]=1 }
   END {
     printf "%-12s %-14s %10s %9s %9s %12s %9s %9s %9s\n", "scenario", "proxy", "req/s", "p50 us", "p99 us", "cpu us/req", "x nginx", "per core", "p99 x"
     split("small 1k 64k small-1000c", order, " ")
     for (i=1; i<=4; i++) { s=order[i]; if (!(s in sc)) continue
-      split("nginx haproxy consul-router", ps, " ")
+      np=split(proxies, ps, " ")
       base=s SUBSEP "nginx"
-      for (j=1; j<=3; j++) { k=s SUBSEP ps[j]
+      for (j=1; j<=np; j++) { k=s SUBSEP ps[j]
         printf "%-12s %-14s %10.0f %9.0f %9.0f %12.2f %9.2f %9.2f %9.2f\n", s, ps[j], rps[k]/n[k], p50[k]/n[k], p99[k]/n[k], cpu[k]/n[k], (rps[k]/n[k])/(rps[base]/n[base]), (cpu[base]/n[base])/(cpu[k]/n[k]), (p99[k]/n[k])/(p99[base]/n[base]) } } }' "$results"

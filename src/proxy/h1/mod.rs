@@ -25,7 +25,7 @@ use tokio::time::Instant;
 use framing::Framing;
 use head::{parse_request, slots, write_local, Forwarding, HeadError, PeerText};
 
-use relay::{respond, upload, End, Tally, UploadError};
+use relay::{respond, upload, write_pair, End, Tally, UploadError};
 use timer::Timer;
 
 use super::core::{ClientConn, Failed, Finished, LogFields, Next, Protocol, Refused, RequestId};
@@ -519,23 +519,18 @@ impl Conn<'_> {
         reused: bool,
         (instance, retries): (&str, u32),
     ) -> Result<bool, Failure> {
-        // The head and whatever body bytes are already here go out in one write.
-        let head_len = self.wbuf.len();
+        // The head and whatever body bytes are already here go out in one (vectored) write,
+        // the body straight from the read buffer. The head stays in `wbuf` for a retry.
         let mut body = ex.body;
         let avail = &self.cbuf[self.cpos..];
         let n = body
             .advance(avail)
             .map_err(|_| Failure::Answer(ProxyError::BadBody))?;
-        self.wbuf.extend_from_slice(&avail[..n]);
         let timeout = self.proxy.upstream.response_timeout;
-        match self
-            .timer
-            .within(timeout, backend.stream.write_all(&self.wbuf))
-            .await
-        {
+        let write = write_pair(&mut backend.stream, &self.wbuf, &avail[..n]);
+        match self.timer.within(timeout, write).await {
             Some(Ok(())) => {}
             Some(Err(e)) => {
-                self.wbuf.truncate(head_len);
                 return Err(Failure::Retry {
                     error: ProxyError::Upstream(e.to_string()),
                     unsent: true,
@@ -543,8 +538,6 @@ impl Conn<'_> {
             }
             None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
         }
-        // A retry resends the head alone: only requests without a body are retried.
-        self.wbuf.truncate(head_len);
         self.cpos += n;
 
         let closing = self.closing();

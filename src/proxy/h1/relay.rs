@@ -13,6 +13,33 @@ use super::timer::Timer;
 use super::{Exchange, Failure, BACKEND_BUF, BODY_BUF};
 use crate::proxy::ProxyError;
 
+/// Writes `a` then `b` with vectored writes: one system call for both in the usual case,
+/// and no copy of `b` into `a`'s buffer.
+pub(super) async fn write_pair<W: AsyncWrite + Unpin>(
+    w: &mut W,
+    mut a: &[u8],
+    mut b: &[u8],
+) -> std::io::Result<()> {
+    if b.is_empty() {
+        return w.write_all(a).await;
+    }
+    while !a.is_empty() {
+        let n = w
+            .write_vectored(&[std::io::IoSlice::new(a), std::io::IoSlice::new(b)])
+            .await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        if n < a.len() {
+            a = &a[n..];
+        } else {
+            b = &b[n - a.len()..];
+            a = &[];
+        }
+    }
+    w.write_all(b).await
+}
+
 /// A relay step's result: an I/O error or a timeout both cut the exchange off.
 pub(super) fn timed<T>(r: Option<std::io::Result<T>>) -> Result<T, Failure> {
     match r {
@@ -206,24 +233,29 @@ where
                 end: End::Upgraded(bbuf[len..].to_vec()),
             });
         }
-        // Head plus the body bytes that came with it, in one write. A body we cannot follow
-        // is never relayed: before the head went out that is a 502, after it a cut.
+        // Head plus the body bytes that came with it, in one vectored write: the body goes
+        // straight from the read buffer, never copied. A body we cannot follow is never
+        // relayed: before the head went out that is a 502, after it a cut.
         let rest = &bbuf[len..];
         let head_len = wbuf.len();
         let n = if dechunk {
             body.advance_payload(rest, wbuf)
         } else {
             body.advance(rest)
-                .inspect(|&n| wbuf.extend_from_slice(&rest[..n]))
         }
         .map_err(|e| Failure::Answer(ProxyError::BadResponse(e.to_string())))?;
         let mut leftover = rest.len() > n;
-        tally.bytes_out = (wbuf.len() - head_len) as u64;
+        let first_body: &[u8] = if dechunk { &[] } else { &rest[..n] };
+        tally.bytes_out = (wbuf.len() - head_len + first_body.len()) as u64;
         // From here each read and write may stall at most `timeout` (as nginx's
         // proxy_read_timeout and send_timeout); a stalled body is cut off.
         sent.store(true, Ordering::Relaxed);
         tally.status = status;
-        timed(timer.within(timeout, client.write_all(wbuf)).await)?;
+        timed(
+            timer
+                .within(timeout, write_pair(client, wbuf, first_body))
+                .await,
+        )?;
         while !body.is_done() {
             bbuf.clear();
             if bbuf.capacity() < BODY_BUF {
