@@ -2,8 +2,9 @@
 //! `nginx`, or $NGINX_BIN) in front of a real router, Consul agent and backends. Only the
 //! listen address, the router's address and nginx's own files (pid, logs, temp paths) are
 //! changed for the test. Checks the fields the backend gets (client address, proto, Host,
-//! nginx's request ID end to end), keep-alive to the router, streaming both ways, and
-//! WebSocket upgrades. A machine without nginx fails these tests, saying how to install it.
+//! nginx's request ID end to end), keep-alive to the router, streaming both ways (chunks
+//! passed on as they come, backpressure to the app, uploads unbuffered) and WebSocket
+//! upgrades. A machine without nginx fails these tests, saying how to install it.
 
 mod common;
 
