@@ -313,6 +313,8 @@ struct Stack {
 
 impl Stack {
     async fn start(toml: &str) -> Stack {
+        // Without nginx, fail before starting anything else.
+        nginx_bin();
         let consul = ConsulAgent::start().await;
         let web = Backend::start("web").await;
         let drip = Drip::start().await;
