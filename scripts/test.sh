@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Runs every test, installing what they need first: a real `consul` binary, built once from
-# the Go module proxy and cached (scripts/get-consul.sh). The tests start their own Consul
+# the Go module proxy and cached (scripts/get-consul.sh), and Debian's nginx. The tests start their own Consul
 # dev agents and backends on loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 command -v cargo >/dev/null || { echo "test.sh: Rust (cargo) is needed" >&2; exit 1; }
+# nginx (tests/nginx_front.rs runs the shipped site config in front of a router).
+if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq nginx-light; } >/dev/null 2>&1 || true
+fi
 CONSUL_BIN="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 export CONSUL_BIN
 echo "test.sh: using $("$CONSUL_BIN" version | head -1) at $CONSUL_BIN"
