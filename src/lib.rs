@@ -9,6 +9,7 @@ pub mod balance;
 pub mod config;
 pub mod consul;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod routing;
 pub mod server;
@@ -68,12 +69,15 @@ pub struct Running {
     access_log: AccessLog,
     _upkeep: AbortOnDrop,
     _reaper: AbortOnDrop,
+    notify_ready: AbortOnDrop,
 }
 
 impl Running {
     /// Stops accepting, lets in-flight requests finish (bounded by `proxy.shutdown_grace`),
     /// then stops discovery.
     pub async fn shutdown(self) {
+        // A router that stops before its first table never says READY=1.
+        drop(self.notify_ready);
         let _ = self.stop.send(true);
         let _ = self.proxy_task.await;
         let _ = self.admin_task.await;
@@ -154,6 +158,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     ));
     let upkeep = tokio::spawn(metrics::upkeep(prometheus));
     let reaper = tokio::spawn(reap_idle(routes.clone(), cfg.proxy.idle_timeout));
+    let notify_ready = tokio::spawn(notify_ready(routes.clone(), proxy_addr, admin_addr));
     tracing::info!(%proxy_addr, %admin_addr, consul = %cfg.consul.address, "consul-router started");
 
     Ok(Running {
@@ -167,7 +172,30 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         access_log,
         _upkeep: AbortOnDrop(upkeep.abort_handle()),
         _reaper: AbortOnDrop(reaper.abort_handle()),
+        notify_ready: AbortOnDrop(notify_ready.abort_handle()),
     })
+}
+
+/// Under systemd (`$NOTIFY_SOCKET` set), sends `READY=1` once the first routing table is
+/// live: when `/healthz` turns 200, not before.
+async fn notify_ready(routes: Arc<Routes>, proxy_addr: SocketAddr, admin_addr: SocketAddr) {
+    if !notify::enabled() {
+        return;
+    }
+    notify::status("waiting for the first routing table from Consul");
+    loop {
+        {
+            let table = routes.load();
+            if table.ready {
+                notify::ready(&format!(
+                    "routing table live ({} services at start); proxy on http://{proxy_addr}, admin on http://{admin_addr}",
+                    table.services.len()
+                ));
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// Closes idle backend connections past `idle_timeout`, even for instances no request uses.

@@ -169,6 +169,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         }
         signals.wait_for_stop(running.access_log()).await;
         tracing::info!("shutting down: draining in-flight requests");
+        consul_router::notify::stopping("draining in-flight requests");
         running.shutdown().await;
         Ok(())
     })

@@ -1,0 +1,287 @@
+//! systemd integration: the real binary under a `$NOTIFY_SOCKET` the test binds (READY=1 no
+//! sooner than `/healthz` says 200, STOPPING=1 on SIGTERM, exit 0), and the unit file
+//! through `systemd-analyze verify`.
+
+mod common;
+
+use std::io::BufRead as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+use tokio::net::UnixDatagram;
+
+/// A fresh directory for one test.
+fn temp_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("cr-systemd-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A router process, killed if the test fails before it exits.
+struct Router(Option<Child>);
+
+impl Router {
+    fn child(&mut self) -> &mut Child {
+        self.0.as_mut().expect("running")
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// The next notification, or `None` after `limit`.
+async fn next(sock: &UnixDatagram, limit: Duration) -> Option<String> {
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(limit, sock.recv(&mut buf))
+        .await
+        .ok()?
+        .expect("recv on the notify socket");
+    Some(String::from_utf8(buf[..n].to_vec()).expect("UTF-8 notification"))
+}
+
+/// Notifications until one has the assignment `line`; panics after `limit`.
+async fn until(sock: &UnixDatagram, line: &str, limit: Duration) -> (String, Vec<String>) {
+    let end = Instant::now() + limit;
+    let mut before = Vec::new();
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        let Some(msg) = next(sock, left).await else {
+            panic!("no {line} within {limit:?}; got {before:?}");
+        };
+        if msg.lines().any(|l| l == line) {
+            return (msg, before);
+        }
+        before.push(msg);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifies_ready_after_the_first_table_and_stopping_on_sigterm() {
+    // Consul is down when the router starts, so there is a stretch where it is not ready.
+    let mut consul = ConsulAgent::start().await;
+    consul.kill();
+
+    let dir = temp_dir("notify");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let mut router = Router(Some(
+        Command::new(env!("CARGO_BIN_EXE_consul-router"))
+            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(["--consul", &consul.addr(), "--domain", "app.test"])
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run consul-router"),
+    ));
+
+    // The start line names the admin address; keep reading so the pipe never fills.
+    let stdout = router.child().stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if let Some((_, admin)) = line.split_once("admin on http://") {
+                let _ = tx.send(admin.trim().to_owned());
+            }
+        }
+    });
+    let admin: std::net::SocketAddr =
+        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(15)))
+            .await
+            .unwrap()
+            .expect("the start line")
+            .parse()
+            .unwrap();
+
+    // Not ready while Consul is away: a status, no READY=1, and /healthz says 503.
+    let first = next(&sock, Duration::from_secs(10))
+        .await
+        .expect("a first notification");
+    assert!(first.starts_with("STATUS=waiting"), "{first:?}");
+    assert_eq!(
+        get_admin(admin, "/healthz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+    if let Some(msg) = next(&sock, Duration::from_secs(1)).await {
+        panic!("nothing more before Consul is back, got {msg:?}");
+    }
+    assert_eq!(
+        get_admin(admin, "/healthz").await.0,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
+
+    // Consul comes back: READY=1 once the table is live, and by then /healthz is 200.
+    consul.restart().await;
+    let (ready, before) = until(&sock, "READY=1", Duration::from_secs(45)).await;
+    assert_eq!(get_admin(admin, "/healthz").await.0, StatusCode::OK);
+    assert!(before.is_empty(), "{before:?}");
+    assert!(
+        ready
+            .lines()
+            .any(|l| l.starts_with("STATUS=routing table live")),
+        "{ready:?}"
+    );
+
+    // SIGTERM: STOPPING=1 as the drain starts, then exit status 0.
+    let pid = router.child().id().to_string();
+    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(killed.success());
+    let (stopping, before) = until(&sock, "STOPPING=1", Duration::from_secs(15)).await;
+    assert!(before.is_empty(), "{before:?}");
+    assert!(stopping.contains("STATUS=draining"), "{stopping:?}");
+    let end = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = router.child().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < end, "no exit within 15 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    router.0 = None;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // Nothing after STOPPING=1 (no late READY=1).
+    assert_eq!(next(&sock, Duration::from_millis(200)).await, None);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `systemd-analyze`: on PATH, else installed from Debian's `systemd` package when running
+/// as root; otherwise the test fails saying how to get it.
+fn systemd_analyze() -> PathBuf {
+    let found = |name: &str| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(p) = found("systemd-analyze") {
+        return p;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let how = "install it (Debian/Ubuntu: `apt-get install systemd`)";
+    assert!(
+        root,
+        "systemd-analyze is not installed and this test is not root: {how}"
+    );
+    assert!(
+        found("apt-get").is_some(),
+        "systemd-analyze is not installed and there is no apt-get: {how}"
+    );
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = ["install", "-y", "--no-install-recommends", "systemd"];
+    let installed = apt(&install) || (apt(&["update"]) && apt(&install));
+    assert!(
+        installed,
+        "systemd-analyze is not installed and `apt-get install systemd` failed: {how}"
+    );
+    found("systemd-analyze").expect("systemd-analyze after installing systemd")
+}
+
+/// `systemd-analyze verify` on `unit` (a file named `consul-router.service`): the exit
+/// status, and the output lines that name the file (its warnings, e.g. an unknown key,
+/// leave the exit status 0).
+fn verify(analyze: &Path, unit: &Path) -> (bool, Vec<String>) {
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(unit)
+        .current_dir(unit.parent().unwrap())
+        .output()
+        .expect("run systemd-analyze");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let about_ours = text
+        .lines()
+        .filter(|l| l.contains("consul-router"))
+        .map(str::to_owned)
+        .collect();
+    (out.status.success(), about_ours)
+}
+
+#[test]
+fn unit_file_passes_systemd_analyze_verify() {
+    let analyze = systemd_analyze();
+    let unit = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("systemd/consul-router.service"),
+    )
+    .unwrap();
+    for line in [
+        "Type=notify",
+        "ExecStartPre=/usr/local/bin/consul-router --config /etc/consul-router/consul-router.toml --check-config",
+        "ExecStart=/usr/local/bin/consul-router --config /etc/consul-router/consul-router.toml",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Restart=on-failure",
+        "DynamicUser=yes",
+        "NoNewPrivileges=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=",
+        "LimitNOFILE=65536",
+        "LogsDirectory=consul-router",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "missing {line:?}");
+    }
+    // Stopping outlasts the drain: proxy.shutdown_grace (30 s) plus the access log (5 s).
+    let stop: u64 = unit
+        .lines()
+        .find_map(|l| l.strip_prefix("TimeoutStopSec="))
+        .expect("TimeoutStopSec")
+        .parse()
+        .expect("TimeoutStopSec in seconds");
+    assert!(stop > 35, "TimeoutStopSec={stop}");
+
+    // verify checks that the Exec binaries exist: point them at the one cargo built.
+    let dir = temp_dir("verify");
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::os::unix::fs::symlink(
+        env!("CARGO_BIN_EXE_consul-router"),
+        bin.join("consul-router"),
+    )
+    .unwrap();
+    let local = unit.replace(
+        "/usr/local/bin/consul-router",
+        bin.join("consul-router").to_str().unwrap(),
+    );
+    let path = dir.join("consul-router.service");
+    std::fs::write(&path, &local).unwrap();
+    let (ok, lines) = verify(&analyze, &path);
+    assert!(ok && lines.is_empty(), "systemd-analyze verify: {lines:#?}");
+
+    // The check can fail: an unknown key is reported (exit status 0, a line naming the
+    // file), and so is a missing binary.
+    std::fs::write(&path, local.replace("Type=notify", "Type=notify\nTypo=1")).unwrap();
+    let (_, lines) = verify(&analyze, &path);
+    assert!(lines.iter().any(|l| l.contains("Typo")), "{lines:#?}");
+    std::fs::write(&path, &unit).unwrap();
+    let (ok, _) = verify(&analyze, &path);
+    if Path::new("/usr/local/bin/consul-router").exists() {
+        eprintln!("/usr/local/bin/consul-router exists: the missing-binary check is skipped");
+    } else {
+        assert!(!ok, "verify must refuse a unit whose binary is missing");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
