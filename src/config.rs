@@ -58,6 +58,10 @@ pub struct FileConfig {
     pub listen: Option<String>,
     /// Admin listen address.
     pub admin_listen: Option<String>,
+    /// Bearer token the admin listener requires (all paths but `/healthz` and the page).
+    pub admin_token: Option<String>,
+    /// File holding the admin token, read at start.
+    pub admin_token_file: Option<String>,
     /// Domain suffixes: `<service>.<domain>` routes to `service`.
     pub domains: Option<Vec<String>>,
     /// Default strategy name.
@@ -170,6 +174,8 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Admin listen address.
     pub admin_listen: SocketAddr,
+    /// Bearer token the admin API requires, from `admin_token` or `admin_token_file`.
+    pub admin_token: Option<AdminToken>,
     /// Lowercase domain suffixes without leading or trailing dots.
     pub domains: Vec<String>,
     /// Strategy for services whose instances name none.
@@ -198,6 +204,44 @@ pub struct Config {
     pub consul: ConsulConfig,
     /// Proxy settings.
     pub proxy: ProxyConfig,
+}
+
+/// The admin listener's bearer token. Its `Debug` form hides the value, so it never lands
+/// in a log line.
+#[derive(Clone, PartialEq, Eq)]
+pub struct AdminToken(String);
+
+impl AdminToken {
+    /// Checks a token as written in the file (`key` names it in the error): surrounding
+    /// whitespace is dropped, and what is left must be 1 to 4096 visible ASCII characters,
+    /// so it fits an `Authorization: Bearer` header as is.
+    pub fn new(key: &'static str, text: &str) -> Result<Self, ConfigError> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err(invalid(key, "the token is empty"));
+        }
+        if t.len() > 4096 {
+            return Err(invalid(key, "the token is longer than 4096 characters"));
+        }
+        if !t.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(invalid(
+                key,
+                "the token must be visible ASCII characters (no spaces or control bytes)",
+            ));
+        }
+        Ok(AdminToken(t.to_owned()))
+    }
+
+    /// The token's bytes, to compare a request's credentials with.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+}
+
+impl std::fmt::Debug for AdminToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AdminToken(<redacted>)")
+    }
 }
 
 /// Validated Consul settings.
@@ -320,6 +364,10 @@ impl Config {
             "admin_listen",
             o.admin_listen.as_deref().or(file.admin_listen.as_deref()),
             "127.0.0.1:9090",
+        )?;
+        let admin_token = admin_token(
+            file.admin_token.as_deref().filter(|t| !t.is_empty()),
+            file.admin_token_file.as_deref().filter(|f| !f.is_empty()),
         )?;
         let domains = if o.domains.is_empty() {
             file.domains.unwrap_or_default()
@@ -494,6 +542,7 @@ impl Config {
         Ok(Config {
             listen,
             admin_listen,
+            admin_token,
             domains,
             strategy,
             workers,
@@ -509,6 +558,26 @@ impl Config {
             consul,
             proxy,
         })
+    }
+}
+
+/// The admin token from `admin_token`, or read from `admin_token_file`; never both.
+fn admin_token(
+    inline: Option<&str>,
+    file: Option<&str>,
+) -> Result<Option<AdminToken>, ConfigError> {
+    match (inline, file) {
+        (None, None) => Ok(None),
+        (Some(_), Some(_)) => Err(invalid(
+            "admin_token_file",
+            "set admin_token or admin_token_file, not both",
+        )),
+        (Some(t), None) => AdminToken::new("admin_token", t).map(Some),
+        (None, Some(path)) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| invalid("admin_token_file", format!("cannot read {path}: {e}")))?;
+            AdminToken::new("admin_token_file", &text).map(Some)
+        }
     }
 }
 
@@ -700,6 +769,62 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.starts_with("access_log: \"yes\" is not"), "{e}");
+    }
+
+    #[test]
+    fn admin_token_keys() {
+        assert_eq!(Config::default().admin_token, None);
+        assert_eq!(parse("admin_token = \"\"").unwrap().admin_token, None);
+        let c = parse("admin_token = \" s3cret \"").unwrap();
+        assert_eq!(
+            c.admin_token.as_ref().map(AdminToken::as_bytes),
+            Some(&b"s3cret"[..])
+        );
+        // Never printed.
+        assert!(!format!("{c:?}").contains("s3cret"));
+
+        let dir = std::env::temp_dir().join(format!("cr-token-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("token");
+        std::fs::write(&path, "from-file\n").unwrap();
+        let c = parse(&format!(
+            "admin_token_file = {:?}",
+            path.display().to_string()
+        ))
+        .unwrap();
+        assert_eq!(c.admin_token.unwrap().as_bytes(), b"from-file");
+
+        let missing = dir.join("missing");
+        let e = parse(&format!(
+            "admin_token_file = {:?}",
+            missing.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("admin_token_file: cannot read"), "{e}");
+        std::fs::write(&path, "\n").unwrap();
+        let e = parse(&format!(
+            "admin_token_file = {:?}",
+            path.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("admin_token_file: the token is empty"), "{e}");
+        let e = parse(&format!(
+            "admin_token = \"a\"\nadmin_token_file = {:?}",
+            path.display().to_string()
+        ))
+        .unwrap_err()
+        .to_string();
+        assert!(e.starts_with("admin_token_file: set admin_token or"), "{e}");
+        let e = parse("admin_token = \"two words\"")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("admin_token: the token must be visible ASCII"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

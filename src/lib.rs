@@ -149,7 +149,9 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         stopped.clone(),
         grace,
     ));
-    let admin = Arc::new(admin::Admin::new(routes.clone(), prometheus.clone()));
+    let admin = Arc::new(
+        admin::Admin::new(routes.clone(), prometheus.clone()).with_token(cfg.admin_token.clone()),
+    );
     let admin_task = tokio::spawn(server::serve(
         admin_listener,
         admin,
