@@ -37,10 +37,15 @@ async fn backend() -> SocketAddr {
         loop {
             let (s, _) = l.accept().await.unwrap();
             tokio::spawn(async move {
+                // An X-Request-Id in the answer, so the client parses the same head
+                // whether the proxy (which puts its own there) is in between or not.
                 let svc = hyper::service::service_fn(|_req| async {
-                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
-                        b"ok\n",
-                    ))))
+                    let mut resp = hyper::Response::new(Full::new(Bytes::from_static(b"ok\n")));
+                    resp.headers_mut().insert(
+                        HeaderName::from_static("x-request-id"),
+                        HeaderValue::from_static("backend-1"),
+                    );
+                    Ok::<_, Infallible>(resp)
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
@@ -52,8 +57,9 @@ async fn backend() -> SocketAddr {
 }
 
 /// Sends N GETs on one keep-alive connection; returns (allocations, bytes) during them.
-/// `direct` requests carry the X-Forwarded-Host/Proto fields the proxy would add, so the
-/// backend parses the same head either way and the difference is the proxy's alone.
+/// `direct` requests carry the X-Forwarded-Host/Proto, X-Real-IP and X-Request-Id fields the
+/// proxy would add, so the backend parses the same head either way and the difference is
+/// the proxy's alone.
 async fn run(addr: SocketAddr, direct: bool) -> (usize, usize) {
     let s = TcpStream::connect(addr).await.unwrap();
     let (mut tx, conn) = hyper::client::conn::http1::handshake(TokioIo::new(s))
@@ -67,6 +73,8 @@ async fn run(addr: SocketAddr, direct: bool) -> (usize, usize) {
         ("x-forwarded-for", "203.0.113.7"),
         ("x-forwarded-host", "origin.bench.local"),
         ("x-forwarded-proto", "http"),
+        ("x-real-ip", "203.0.113.7"),
+        ("x-request-id", "5f3a9c01-1-2a"),
     ];
     let fields = if direct { fields } else { &fields[..3] };
     let req = || {
@@ -98,6 +106,8 @@ fn main() {
         .build()
         .unwrap();
     rt.block_on(async {
+        // The real recorder, so the metrics a request records are counted too.
+        let _prometheus = consul_router::metrics::handle();
         let origin = backend().await;
         let routes = Arc::new(Routes::new());
         let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> = [(
