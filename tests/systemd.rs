@@ -231,8 +231,6 @@ fn unit_file_passes_systemd_analyze_verify() {
         "Type=notify",
         "ExecStartPre=/usr/local/bin/consul-router --config /etc/consul-router/consul-router.toml --check-config",
         "ExecStart=/usr/local/bin/consul-router --config /etc/consul-router/consul-router.toml",
-        "ExecReload=/bin/kill -HUP $MAINPID",
-        "Restart=on-failure",
         "DynamicUser=yes",
         "NoNewPrivileges=yes",
         "ProtectSystem=strict",
@@ -244,6 +242,11 @@ fn unit_file_passes_systemd_analyze_verify() {
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line:?}");
     }
+    // No reload until the router handles SIGHUP (SIGHUP would end it).
+    assert!(
+        !unit.lines().any(|l| l.starts_with("ExecReload=")),
+        "ExecReload before SIGHUP reload exists"
+    );
     // Stopping outlasts the drain: proxy.shutdown_grace (30 s) plus the access log (5 s).
     let stop: u64 = unit
         .lines()

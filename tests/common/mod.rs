@@ -112,7 +112,8 @@ impl ConsulAgent {
             node,
             client,
         };
-        wait_until(Duration::from_secs(30), "consul leader", || async {
+        // Generous: a loaded 2-core machine starting several dev agents at once is slow.
+        wait_until(Duration::from_secs(60), "consul leader", || async {
             agent.client.leader().await.is_ok_and(|l| !l.is_empty())
                 && agent
                     .client
