@@ -1,6 +1,11 @@
-//! The binary's command line: bad configuration is refused with the key's name and exit 2.
+//! The binary's command line: bad configuration is refused with the key's name and exit 2; the
+//! access log and log format flags.
 
 use std::process::Command;
+use std::time::Duration;
+
+use consul_router::access_log::{Format, Protocol, Record};
+use consul_router::config::{Config, Overrides};
 
 fn run(args: &[&str]) -> (i32, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_consul-router"))
@@ -85,4 +90,301 @@ fn busy_port_is_a_clear_error() {
         out.contains("cannot listen on") && out.contains(&addr),
         "{out}"
     );
+}
+
+// The access log and log format from the command line: bad values exit 2 naming the key,
+// SIGUSR1 reopens the file, JSON logs parse, and `start`/`Running` own the writer.
+
+/// A fresh directory for one test.
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("cr-al-cli-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
+fn access_log_and_log_format_are_validated() {
+    for (args, key) in [
+        (&["--access-log", "verbose"][..], "access_log"),
+        (&["--access-log", "JSON"][..], "access_log"),
+        (&["--log-format", "xml"][..], "log_format"),
+    ] {
+        let (code, out) = run(&[args, &["--check-config"]].concat());
+        assert_eq!(code, 2, "{args:?}: {out}");
+        assert!(out.contains(key), "{args:?}: {out}");
+    }
+    let cases = [
+        ("al.toml", "access_log = \"yes\"\n", "access_log"),
+        ("al-type.toml", "access_log = true\n", "access_log"),
+        ("alf-type.toml", "access_log_file = 5\n", "access_log_file"),
+        ("lf.toml", "log_format = \"logfmt\"\n", "log_format"),
+    ];
+    for (file, text, key) in cases {
+        let p = write(file, text);
+        let (code, out) = run(&["--config", p.to_str().unwrap(), "--check-config"]);
+        assert_eq!(code, 2, "{file}: {out}");
+        assert!(out.contains(key), "{file}: {out}");
+    }
+    let p = write(
+        "al-ok.toml",
+        "access_log = \"json\"\naccess_log_file = \"\"\nlog_format = \"json\"\n",
+    );
+    let (code, out) = run(&["--config", p.to_str().unwrap(), "--check-config"]);
+    assert_eq!(code, 0, "{out}");
+}
+
+#[test]
+fn access_log_file_that_cannot_be_opened_exits_2() {
+    let bad = "/nonexistent-dir/access.log";
+    let (code, out) = run(&[
+        "--access-log",
+        "json",
+        "--access-log-file",
+        bad,
+        "--check-config",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("access_log_file") && out.contains(bad),
+        "{out}"
+    );
+    // Off: the file is not used, so not checked.
+    let (code, out) = run(&[
+        "--access-log",
+        "off",
+        "--access-log-file",
+        bad,
+        "--check-config",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    // A writable path checks OK and is not left behind.
+    let ok = temp_dir("check").join("check.log");
+    let (code, out) = run(&[
+        "--access-log",
+        "text",
+        "--access-log-file",
+        ok.to_str().unwrap(),
+        "--check-config",
+    ]);
+    assert_eq!(code, 0, "{out}");
+    assert!(!ok.exists());
+    // Without --check-config, start refuses it the same way.
+    let (code, out) = run(&[
+        "--access-log",
+        "text",
+        "--access-log-file",
+        bad,
+        "--listen",
+        "127.0.0.1:0",
+        "--admin-listen",
+        "127.0.0.1:0",
+        "--consul",
+        "http://127.0.0.1:1",
+    ]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("configuration error: access_log_file") && out.contains(bad),
+        "{out}"
+    );
+}
+
+/// A router process, killed if the test fails before it exits.
+struct Router(Option<std::process::Child>);
+
+impl Router {
+    fn spawn(args: &[&str]) -> Self {
+        let child = Command::new(env!("CARGO_BIN_EXE_consul-router"))
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--admin-listen",
+                "127.0.0.1:0",
+                // Nothing listens there: discovery retries, the router runs.
+                "--consul",
+                "http://127.0.0.1:1",
+            ])
+            .args(args)
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env_remove("RUST_LOG")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run consul-router");
+        Router(Some(child))
+    }
+
+    fn child(&mut self) -> &mut std::process::Child {
+        self.0.as_mut().expect("running")
+    }
+
+    fn signal(&mut self, name: &str) {
+        let pid = self.child().id();
+        let status = Command::new("sh")
+            .args(["-c", &format!("kill -{name} {pid}")])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// SIGTERM, then the exit code and both outputs.
+    fn stop(mut self) -> (i32, String, String) {
+        self.signal("TERM");
+        let out = self.0.take().unwrap().wait_with_output().unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+}
+
+impl Drop for Router {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < until,
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sigusr1_reopens_the_access_log_file_and_json_logs_parse() {
+    let dir = temp_dir("rotate");
+    let path = dir.join("access.log");
+    let rotated = dir.join("access.log.1");
+    let mut router = Router::spawn(&[
+        "--access-log",
+        "json",
+        "--access-log-file",
+        path.to_str().unwrap(),
+        "--log-format",
+        "json",
+    ]);
+    wait_for("the access log file", || path.exists());
+    // logrotate's default: rename, then postrotate sends SIGUSR1.
+    std::fs::rename(&path, &rotated).unwrap();
+    router.signal("USR1");
+    wait_for("the reopened file", || path.exists());
+    let (code, stdout, stderr) = router.stop();
+    assert_eq!(code, 0, "{stdout}\n{stderr}");
+    // The router's own logs are JSON, one object per line; the start line went to stderr.
+    assert!(stderr.contains("consul-router: proxy on"), "{stderr}");
+    let events: Vec<serde_json::Value> = stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let messages: Vec<&str> = events
+        .iter()
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert!(messages.contains(&"consul-router started"), "{stdout}");
+    assert!(messages.contains(&"access log reopened"), "{stdout}");
+    assert!(events.iter().all(|e| e["level"].is_string()), "{stdout}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn access_log_on_stdout_moves_the_other_output_to_stderr() {
+    let mut router = Router::spawn(&["--access-log", "text"]);
+    // The start line is on stderr; read it as it comes.
+    let stderr = router.child().stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        let mut all = String::new();
+        for line in std::io::BufReader::new(stderr).lines() {
+            let line = line.unwrap();
+            if line.starts_with("consul-router: proxy on") {
+                let _ = tx.send(());
+            }
+            all.push_str(&line);
+            all.push('\n');
+        }
+        all
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(15))
+        .expect("the start line on stderr");
+    let (code, stdout, _) = router.stop();
+    let stderr = reader.join().unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(stdout, "", "only access lines on stdout");
+    assert!(stderr.contains("consul-router started"), "{stderr}");
+}
+
+fn record(status: u16) -> Record<'static> {
+    Record {
+        time: std::time::SystemTime::now(),
+        client: "192.0.2.1".parse().unwrap(),
+        host: "chat.app.test",
+        service: "chat",
+        instance: "chat-1",
+        method: "GET",
+        path: "/",
+        protocol: Protocol::Http11,
+        status,
+        bytes_in: 0,
+        bytes_out: 5,
+        duration: Duration::from_millis(3),
+        upstream: Some(Duration::from_millis(2)),
+        retries: 0,
+        request_id: b"r1",
+        referer: b"",
+        user_agent: b"test",
+    }
+}
+
+#[tokio::test]
+async fn start_opens_the_log_and_shutdown_writes_it_out() {
+    let dir = temp_dir("start");
+    let path = dir.join("access.log");
+    let o = Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
+        consul: Some("http://127.0.0.1:1".into()),
+        access_log: Some("text".into()),
+        access_log_file: Some(path.to_str().unwrap().into()),
+        ..Default::default()
+    };
+    let cfg = Config::from_file(Default::default(), &o).unwrap();
+    let running = consul_router::start(cfg).await.unwrap();
+    let log = running.access_log().clone();
+    assert_eq!(log.format(), Format::Text);
+    assert_eq!(log.file(), Some(path.as_path()));
+    for status in [200, 404, 502] {
+        log.log(&record(status));
+    }
+    running.shutdown().await;
+    let text = std::fs::read_to_string(&path).unwrap();
+    let statuses: Vec<&str> = text.lines().map(|l| l.split(' ').nth(8).unwrap()).collect();
+    assert_eq!(statuses, ["200", "404", "502"], "{text}");
+    // After shutdown the handle still works, and counts what it can no longer write.
+    log.log(&record(200));
+    assert_eq!(log.dropped(), 1);
+
+    // Off by default: nothing is opened.
+    let o = Overrides {
+        listen: Some("127.0.0.1:0".into()),
+        admin_listen: Some("127.0.0.1:0".into()),
+        consul: Some("http://127.0.0.1:1".into()),
+        ..Default::default()
+    };
+    let running = consul_router::start(Config::from_file(Default::default(), &o).unwrap())
+        .await
+        .unwrap();
+    assert!(!running.access_log().is_on());
+    running.shutdown().await;
+    let _ = std::fs::remove_dir_all(&dir);
 }
