@@ -138,6 +138,8 @@ pub struct FileProxy {
     pub header_timeout: Option<String>,
     /// Most concurrent streams on one HTTP/2 client connection.
     pub h2_max_concurrent_streams: Option<u32>,
+    /// Response header a backend reports its load in; `""` turns it off.
+    pub load_header: Option<String>,
 }
 
 /// Command-line values that override the file. `None` leaves the file's value.
@@ -287,6 +289,8 @@ pub struct ProxyConfig {
     pub header_timeout: Duration,
     /// Most concurrent streams per HTTP/2 client connection.
     pub h2_max_concurrent_streams: u32,
+    /// Response header read as the instance's load and removed (lowercase); `None`: off.
+    pub load_header: Option<http::HeaderName>,
 }
 
 /// Which services in Consul are routed (`expose`).
@@ -316,6 +320,50 @@ pub enum LogFormat {
     Text,
     /// One JSON object per event.
     Json,
+}
+
+/// The response header backends report their load in, unless `proxy.load_header` says.
+pub const DEFAULT_LOAD_HEADER: &str = "x-backend-load";
+
+/// Fields the proxy reads or writes itself: a load header by one of these names would take
+/// them from the client.
+const NOT_A_LOAD_HEADER: [&str; 13] = [
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "host",
+    "x-request-id",
+    "content-type",
+    "set-cookie",
+    "location",
+];
+
+fn load_header(name: Option<&str>) -> Result<Option<http::HeaderName>, ConfigError> {
+    let name = name.unwrap_or(DEFAULT_LOAD_HEADER).trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let header = http::HeaderName::from_bytes(name.as_bytes())
+        .ok()
+        .filter(|h| !h.as_str().contains('_'))
+        .ok_or_else(|| {
+            invalid(
+                "proxy.load_header",
+                format!("{name:?} is not a header name (letters, digits and dashes)"),
+            )
+        })?;
+    if NOT_A_LOAD_HEADER.contains(&header.as_str()) {
+        return Err(invalid(
+            "proxy.load_header",
+            format!("{name:?} is a field the proxy handles itself"),
+        ));
+    }
+    Ok(Some(header))
 }
 
 /// Services excluded when the file names none: Consul itself and the usual internal tools.
@@ -465,6 +513,7 @@ impl Config {
                 "30s",
             )?,
             h2_max_concurrent_streams: p.h2_max_concurrent_streams.unwrap_or(128),
+            load_header: load_header(p.load_header.as_deref())?,
         };
         if proxy.header_timeout.is_zero() {
             return Err(invalid("proxy.header_timeout", "must be above zero"));
@@ -702,6 +751,12 @@ mod tests {
                 "[proxy]\nh2_max_concurrent_streams = 0",
                 "proxy.h2_max_concurrent_streams",
             ),
+            ("[proxy]\nload_header = \"x load\"", "proxy.load_header"),
+            ("[proxy]\nload_header = \"X_Load\"", "proxy.load_header"),
+            (
+                "[proxy]\nload_header = \"Content-Length\"",
+                "proxy.load_header",
+            ),
             ("expose = \"some\"", "expose"),
             ("underscore_headers = \"keep\"", "underscore_headers"),
             ("exclude_services = [\"\"]", "exclude_services"),
@@ -728,6 +783,23 @@ mod tests {
         assert_eq!(c.domains, vec!["app.example.net"]);
         assert_eq!(c.consul.address.to_string(), "http://consul.local:8500/");
         assert_eq!(c.consul.token.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn load_header_key() {
+        let name = |text| {
+            parse(text)
+                .unwrap()
+                .proxy
+                .load_header
+                .map(|h| h.to_string())
+        };
+        assert_eq!(name("").as_deref(), Some("x-backend-load"));
+        assert_eq!(
+            name("[proxy]\nload_header = \"X-Load\"").as_deref(),
+            Some("x-load")
+        );
+        assert_eq!(name("[proxy]\nload_header = \"\""), None);
     }
 
     #[test]

@@ -194,19 +194,6 @@ async fn metrics_count_a_known_mix_exactly() {
     router.shutdown().await;
 }
 
-/// An HTTP/2 (prior knowledge) connection to `addr`.
-async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
-    let stream = TcpStream::connect(addr).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        TokioIo::new(stream),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn access_log_lines_and_request_ids_on_both_paths() {
     let _turn = UNKNOWN.lock().await;

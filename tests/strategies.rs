@@ -166,3 +166,65 @@ async fn least_load_prefers_the_least_loaded() {
     .await;
     router.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_header_moves_traffic_at_once_and_is_never_relayed() {
+    let consul = ConsulAgent::start().await;
+    let a = Backend::start("inband-a").await;
+    let b = Backend::start("inband-b").await;
+    for x in [&a, &b] {
+        consul
+            .register_meta("inband", &x.name, x.port(), &[("load", "5")], None)
+            .await;
+    }
+    let router = start_router(&consul.addr(), "strategy = \"least-load\"").await;
+    let p = router.proxy_addr;
+    settle(p, "inband.app.test", 2).await;
+
+    // HTTP/1: the instance that answers `/load/95` reports 95; the client never sees the
+    // field, and every following request goes to the other instance.
+    let got = get(p, "inband.app.test", "/load/95").await;
+    assert!(
+        !got.headers.contains_key("x-backend-load"),
+        "{:?}",
+        got.headers
+    );
+    let busy = who(&got);
+    let routes = get_admin(router.admin_addr, "/api/routes").await.1;
+    assert!(routes.contains("\"load\": 95.0"), "{routes}");
+    for _ in 0..50 {
+        assert_ne!(who(&get(p, "inband.app.test", "/").await), busy);
+    }
+
+    // An unrelated change in Consul rebuilds the table without undoing the report.
+    consul
+        .register("inband-other", "inband-other-1", 1, &[])
+        .await;
+    wait_until(Duration::from_secs(5), "the rebuild", || async {
+        get_admin(router.admin_addr, "/api/routes")
+            .await
+            .1
+            .contains("inband-other")
+    })
+    .await;
+    assert_ne!(who(&get(p, "inband.app.test", "/").await), busy);
+
+    // HTTP/2: the same, the other way round.
+    let mut h2 = h2(p).await;
+    let req = Request::get("http://inband.app.test/load/99")
+        .body(Full::<Bytes>::default())
+        .unwrap();
+    let resp = h2.send_request(req).await.unwrap();
+    assert!(!resp.headers().contains_key("x-backend-load"));
+    let other = resp.headers()["x-backend"].to_str().unwrap().to_owned();
+    assert_ne!(other, busy);
+    // Now both report more than Consul's 5; the less loaded (95) takes the traffic.
+    for _ in 0..20 {
+        assert_eq!(who(&get(p, "inband.app.test", "/").await), busy);
+    }
+    // A value that is not a number is dropped and changes nothing.
+    let got = get(p, "inband.app.test", "/load/lots").await;
+    assert!(!got.headers.contains_key("x-backend-load"));
+    assert_eq!(who(&got), busy);
+    router.shutdown().await;
+}

@@ -282,7 +282,7 @@ impl<'a> From<&'a RoutingTable> for RoutesView<'a> {
                         health: inst.health,
                         routable: i < svc.routable,
                         weight: inst.weight,
-                        load: inst.load,
+                        load: inst.load(),
                         in_flight: inst
                             .state
                             .in_flight

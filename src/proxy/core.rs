@@ -12,13 +12,31 @@ use crate::access_log::Record;
 
 use crate::balance::{hash_bytes, Strategy};
 use crate::routing::{normalize, HostError, Service, MAX_HOST};
-use crate::upstream::ErrorKind;
+use crate::upstream::{parse_load, ErrorKind, ReportedLoad};
 
 use super::h1::head::PeerText;
 use super::headers;
 use super::{Proxy, ProxyError};
 
 pub use crate::access_log::Protocol;
+
+/// A backend's load header (`proxy.load_header`): the field is never relayed, and a valid
+/// value becomes the instance's load at once, ahead of the next report in Consul.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadHeader<'a> {
+    /// The field's name, lowercase; empty when the feature is off.
+    pub name: &'a [u8],
+    instance: &'a ReportedLoad,
+}
+
+impl LoadHeader<'_> {
+    /// Takes the field's value; one that is not a finite, non-negative number is ignored.
+    pub fn report(&self, value: &[u8]) {
+        if let Some(load) = parse_load(value) {
+            self.instance.report(load);
+        }
+    }
+}
 
 /// Facts about one client connection, fixed for its life.
 #[derive(Debug)]
@@ -339,6 +357,18 @@ impl Proxy {
             service.stats.metrics.retries.increment(1);
         }
         next
+    }
+
+    /// Where a response's load header goes: its name (lowercase; empty when off) and the
+    /// instance that answered.
+    pub fn load_header<'a>(&'a self, instance: &'a ReportedLoad) -> LoadHeader<'a> {
+        LoadHeader {
+            name: self
+                .load_header
+                .as_ref()
+                .map_or(&b""[..], |h| h.as_str().as_bytes()),
+            instance,
+        }
     }
 
     /// Whether `finish` wants [`LogFields`] (the access log is on).

@@ -171,6 +171,8 @@ pub struct Proxy {
     pub(crate) header_timeout: std::time::Duration,
     /// `proxy.h2_max_concurrent_streams`, advertised in our HTTP/2 SETTINGS.
     pub(crate) h2_max_concurrent_streams: u32,
+    /// `proxy.load_header`: read as the instance's load, never relayed.
+    load_header: Option<http::HeaderName>,
 }
 
 impl Proxy {
@@ -197,6 +199,7 @@ impl Proxy {
             access_log,
             header_timeout: cfg.proxy.header_timeout,
             h2_max_concurrent_streams: cfg.proxy.h2_max_concurrent_streams,
+            load_header: cfg.proxy.load_header.clone(),
         }
     }
 
@@ -298,6 +301,12 @@ impl Proxy {
             return self.local_answer(e, Some(&service), routed.start, &request_id, log);
         }
         headers::strip_hop_by_hop(response.headers_mut(), false);
+        if let Some(name) = &self.load_header {
+            if let Some(value) = response.headers_mut().remove(name) {
+                self.load_header(&in_flight.state().load)
+                    .report(value.as_bytes());
+            }
+        }
         set_request_id(response.headers_mut(), &request_id);
         let closing = Box::new(body::Closing {
             proxy: self.clone(),

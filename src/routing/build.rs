@@ -270,6 +270,7 @@ fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>) -> Instance {
         Health::Warning => spec.weight_warning,
         Health::Critical => 0,
     };
+    state.load.from_consul(spec.load);
     Instance {
         id: spec.id.as_str().into(),
         node: spec.node.as_str().into(),
@@ -278,7 +279,6 @@ fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>) -> Instance {
         socket,
         health: spec.health,
         weight,
-        load: spec.load,
         // Service IDs are unique per agent only: the node makes the identity unique.
         id_hash: hash_bytes(spec.id.as_bytes()) ^ hash_bytes(spec.node.as_bytes()).rotate_left(17),
         state,

@@ -116,8 +116,6 @@ pub struct Instance {
     pub health: Health,
     /// Effective weight for its health.
     pub weight: u32,
-    /// Reported load.
-    pub load: Option<f64>,
     pub(crate) id_hash: u64,
     /// Shared runtime state.
     pub state: Arc<InstanceState>,
@@ -131,10 +129,17 @@ impl Candidate for Instance {
         self.id_hash
     }
     fn reported_load(&self) -> Option<f64> {
-        self.load
+        self.state.load.get()
     }
     fn in_flight(&self) -> u64 {
         self.state.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+impl Instance {
+    /// The load it last reported, in Consul or in a response's load header.
+    pub fn load(&self) -> Option<f64> {
+        self.state.load.get()
     }
 }
 

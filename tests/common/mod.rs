@@ -313,6 +313,19 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
 }
 
 /// GET `path` with `Host: host`.
+/// An HTTP/2 (prior knowledge) connection to `addr`.
+pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
+    let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    sender
+}
+
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
     let req = Request::get(path)
         .header("host", host)
@@ -440,11 +453,17 @@ async fn backend_answer(
     if let Some(ms) = path.strip_prefix("/slow/") {
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap_or(0))).await;
     }
+    // `/load/N`: the answer reports load N in the default load header.
+    let load = path.strip_prefix("/load/").map(str::to_owned);
     let mut text = format!("{name}\n{} {}\n", req.method(), req.uri());
     for (k, v) in req.headers() {
         text.push_str(&format!("{}: {}\n", k, v.to_str().unwrap_or("?")));
     }
-    let resp = Response::builder()
+    let mut resp = Response::builder();
+    if let Some(load) = load {
+        resp = resp.header("x-backend-load", load);
+    }
+    let resp = resp
         .header("x-backend", name.as_str())
         .header("connection", "keep-alive, x-hop")
         .header("x-hop", "should be removed")

@@ -667,20 +667,24 @@ pub struct ClientHead<'a> {
     pub dechunk: bool,
     /// The request's ID.
     pub request_id: &'a [u8],
+    /// The load header's name (lowercase), removed from the head; empty: none.
+    pub load_header: &'a [u8],
 }
 
-impl ResponseHead<'_, '_> {
+impl<'b> ResponseHead<'_, 'b> {
     /// Writes the head the client gets: HTTP/1.1, hop-by-hop fields out, framing fields
     /// written once as parsed, the request's `X-Request-Id` (replacing the backend's), and
     /// the connection fields `how` asks for; a 101 keeps its `Upgrade` and says
-    /// `Connection: upgrade`.
-    pub fn write_client(&self, out: &mut Vec<u8>, how: &ClientHead<'_>) {
+    /// `Connection: upgrade`. Returns the load header's value, which is left out.
+    pub fn write_client(&self, out: &mut Vec<u8>, how: &ClientHead<'_>) -> Option<&'b [u8]> {
         let ClientHead {
             close,
             keep_alive_10,
             dechunk,
             request_id,
+            load_header,
         } = *how;
+        let mut load = None;
         out.extend_from_slice(b"HTTP/1.1 ");
         write_status(out, self.status);
         out.push(b' ');
@@ -705,6 +709,14 @@ impl ResponseHead<'_, '_> {
                 }
                 Field::Upgrade => upgrade,
                 Field::RequestId => false,
+                // By length first: the usual field costs one comparison.
+                Field::Other
+                    if h.name.len() == load_header.len()
+                        && h.name.as_bytes().eq_ignore_ascii_case(load_header) =>
+                {
+                    load = Some(h.value);
+                    false
+                }
                 _ => !self.connection.names(h.name),
             };
             if keep {
@@ -722,6 +734,7 @@ impl ResponseHead<'_, '_> {
             out.extend_from_slice(b"Connection: keep-alive\r\n");
         }
         out.extend_from_slice(b"\r\n");
+        load
     }
 }
 
@@ -1061,5 +1074,28 @@ mod tests {
         assert!(String::from_utf8(out)
             .unwrap()
             .ends_with("Connection: close\r\n\r\n"));
+    }
+
+    #[test]
+    fn the_load_header_is_taken_out() {
+        let raw = b"HTTP/1.1 200 OK\r\nX-Backend-Load: 42\r\nContent-Length: 0\r\nx-backend-loads: 1\r\n\r\n";
+        let mut slots = slots();
+        let r = parse_response(raw, &mut slots, false).unwrap().unwrap();
+        let mut out = Vec::new();
+        let how = ClientHead {
+            load_header: b"x-backend-load",
+            ..ClientHead::default()
+        };
+        assert_eq!(r.write_client(&mut out, &how), Some(&b"42"[..]));
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nx-backend-loads: 1\r\n\r\n"
+        );
+        // Off: relayed as any field.
+        let mut out = Vec::new();
+        assert_eq!(r.write_client(&mut out, &ClientHead::default()), None);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .contains("X-Backend-Load: 42"));
     }
 }

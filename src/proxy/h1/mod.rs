@@ -560,6 +560,7 @@ impl Conn<'_> {
                 closing,
                 &sent,
                 &mut tally,
+                self.proxy.load_header(&in_flight.state().load),
             )
             .await;
             (r, true)
@@ -587,6 +588,7 @@ impl Conn<'_> {
                 closing,
                 &sent,
                 &mut tally,
+                self.proxy.load_header(&in_flight.state().load),
             ));
             let mut uploaded = false;
             let r = loop {

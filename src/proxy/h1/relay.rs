@@ -11,6 +11,7 @@ use super::framing::{Framing, FramingError};
 use super::head::{parse_response, slots, ClientHead};
 use super::timer::Timer;
 use super::{Exchange, Failure, BACKEND_BUF, BODY_BUF};
+use crate::proxy::core::LoadHeader;
 use crate::proxy::ProxyError;
 
 /// Writes `a` then `b` with vectored writes: one system call for both in the usual case,
@@ -137,6 +138,7 @@ pub(super) async fn respond<C, B>(
     closing: bool,
     sent: &AtomicBool,
     tally: &mut Tally,
+    load: LoadHeader<'_>,
 ) -> Result<Relayed, Failure>
 where
     C: AsyncWrite + Unpin,
@@ -166,8 +168,11 @@ where
                         keep_alive_10: ex.http10 && !close,
                         dechunk,
                         request_id: ex.request_id.as_bytes(),
+                        load_header: load.name,
                     };
-                    h.write_client(wbuf, &how);
+                    if let Some(value) = h.write_client(wbuf, &how) {
+                        load.report(value);
+                    }
                     Some((
                         h.len,
                         h.status,
