@@ -140,11 +140,11 @@ fn main() {
             &mut StateRegistry::default(),
         ));
         let cfg = Config::default();
-        let proxy = Arc::new(Proxy::new(
+        let proxy = Arc::new(arc_swap::ArcSwap::from_pointee(Proxy::new(
             &cfg,
             routes,
             consul_router::access_log::AccessLog::off(),
-        ));
+        )));
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = l.local_addr().unwrap();
         let (_stop, stopped) = tokio::sync::watch::channel(false);

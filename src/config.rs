@@ -170,7 +170,7 @@ pub struct Overrides {
 }
 
 /// Validated configuration.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Proxy listen address.
     pub listen: SocketAddr,
@@ -247,7 +247,7 @@ impl std::fmt::Debug for AdminToken {
 }
 
 /// Validated Consul settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
     /// Agent base URL, without a trailing slash.
     pub address: http::Uri,
@@ -270,7 +270,7 @@ pub struct ConsulConfig {
 }
 
 /// Validated proxy settings.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct ProxyConfig {
     /// TCP connect timeout.
     pub connect_timeout: Duration,

@@ -20,6 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -62,14 +63,44 @@ pub struct Running {
     pub admin_addr: SocketAddr,
     /// The live routing table.
     pub routes: Arc<Routes>,
-    stop: watch::Sender<bool>,
-    proxy_task: JoinHandle<()>,
-    admin_task: JoinHandle<()>,
+    config: Config,
+    /// The proxy new connections take; a reload swaps it.
+    proxy: Arc<ArcSwap<proxy::Proxy>>,
+    admin: Arc<admin::Admin>,
+    proxy_listener: Listener,
+    admin_listener: Listener,
+    /// Listeners a reload replaced, still draining their connections.
+    retired: Vec<JoinHandle<()>>,
     discovery: DiscoveryHandle,
     access_log: AccessLog,
     _upkeep: AbortOnDrop,
-    _reaper: AbortOnDrop,
+    reaper: AbortOnDrop,
     notify_ready: AbortOnDrop,
+}
+
+/// One accept loop and the switch that stops it.
+#[derive(Debug)]
+struct Listener {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Listener {
+    /// Stops accepting; open connections finish their current request (within the grace
+    /// period) and close.
+    fn retire(self) -> JoinHandle<()> {
+        let _ = self.stop.send(true);
+        self.task
+    }
+}
+
+/// What a reload changed, by configuration key.
+#[derive(Debug, Default)]
+pub struct Reloaded {
+    /// Keys whose new values are in force.
+    pub applied: Vec<&'static str>,
+    /// Keys that changed but take effect only at the next start.
+    pub need_restart: Vec<&'static str>,
 }
 
 impl Running {
@@ -78,9 +109,10 @@ impl Running {
     pub async fn shutdown(self) {
         // A router that stops before its first table never says READY=1.
         drop(self.notify_ready);
-        let _ = self.stop.send(true);
-        let _ = self.proxy_task.await;
-        let _ = self.admin_task.await;
+        let tasks = [self.proxy_listener.retire(), self.admin_listener.retire()];
+        for task in tasks.into_iter().chain(self.retired) {
+            let _ = task.await;
+        }
         drop(self.discovery);
         // Write out the access log's queue; bounded, in case its output is stuck.
         let log = self.access_log.clone();
@@ -92,6 +124,11 @@ impl Running {
         &self.access_log
     }
 
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// Long-polls currently open to Consul for single services.
     pub fn watch_count(&self) -> usize {
         self.discovery.discovery().watch_count()
@@ -101,63 +138,194 @@ impl Running {
     pub fn watched_services(&self) -> Vec<String> {
         self.discovery.discovery().watched()
     }
+
+    /// Puts `cfg` in force (SIGHUP). Whatever can fail is done first (binding moved
+    /// listeners, opening a new access log file, a new Consul client), so an error leaves the
+    /// old configuration whole. Then: moved listeners take over and the old ones drain; new
+    /// connections get the new proxy settings while open ones keep theirs; the table is
+    /// rebuilt from the answers already held with the new domains and policies (a changed
+    /// `[consul]` section restarts discovery, keeping the live table until the new one is
+    /// ready); the admin token changes at once. `workers` and `log_format` need a restart.
+    pub async fn reload(&mut self, cfg: Config) -> Result<Reloaded, StartError> {
+        let old = &self.config;
+        let mut done = Reloaded::default();
+        for (key, changed) in changed_keys(old, &cfg) {
+            if changed {
+                match key {
+                    "workers" | "log_format" => done.need_restart.push(key),
+                    _ => done.applied.push(key),
+                }
+            }
+        }
+        let proxy_bind = if cfg.listen != old.listen {
+            Some(bind(cfg.listen).await?)
+        } else {
+            None
+        };
+        let admin_bind = if cfg.admin_listen != old.admin_listen {
+            Some(bind(cfg.admin_listen).await?)
+        } else {
+            None
+        };
+        let access_log =
+            if (cfg.access_log, &cfg.access_log_file) != (old.access_log, &old.access_log_file) {
+                open_access_log(&cfg)?
+            } else {
+                self.access_log.clone()
+            };
+        let consul = if cfg.consul != old.consul {
+            Some(ConsulClient::new(&cfg.consul)?)
+        } else {
+            None
+        };
+
+        // Nothing can fail from here on.
+        self.access_log = access_log;
+        self.proxy.store(Arc::new(proxy::Proxy::new(
+            &cfg,
+            self.routes.clone(),
+            self.access_log.clone(),
+        )));
+        if let Some((listener, addr)) = proxy_bind {
+            let new = spawn_proxy(listener, self.proxy.clone(), cfg.proxy.shutdown_grace);
+            let old = std::mem::replace(&mut self.proxy_listener, new);
+            self.retired.push(old.retire());
+            self.proxy_addr = addr;
+        }
+        if let Some((listener, addr)) = admin_bind {
+            let new = spawn_admin(listener, self.admin.clone());
+            let old = std::mem::replace(&mut self.admin_listener, new);
+            self.retired.push(old.retire());
+            self.admin_addr = addr;
+        }
+        self.retired.retain(|t| !t.is_finished());
+        self.admin.set_token(cfg.admin_token.clone());
+        if cfg.proxy.idle_timeout != old.proxy.idle_timeout {
+            let reaper = tokio::spawn(reap_idle(self.routes.clone(), cfg.proxy.idle_timeout));
+            self.reaper = AbortOnDrop(reaper.abort_handle());
+        }
+        match consul {
+            Some(client) => {
+                self.discovery = Discovery::new(
+                    client,
+                    cfg.consul.clone(),
+                    build_options(&cfg),
+                    self.routes.clone(),
+                )
+                .spawn();
+            }
+            None => self.discovery.reconfigure(build_options(&cfg)),
+        }
+        self.config = cfg;
+        Ok(done)
+    }
 }
 
-/// Binds the listeners and starts discovery, the proxy and the admin API.
-pub async fn start(cfg: Config) -> Result<Running, StartError> {
-    let bind = |addr: SocketAddr| async move {
-        TcpListener::bind(addr)
-            .await
-            .map_err(|source| StartError::Bind { addr, source })
-    };
-    let proxy_listener = bind(cfg.listen).await?;
-    let admin_listener = bind(cfg.admin_listen).await?;
-    let local = |l: &TcpListener, addr| {
-        l.local_addr()
-            .map_err(|source| StartError::Bind { addr, source })
-    };
-    let proxy_addr = local(&proxy_listener, cfg.listen)?;
-    let admin_addr = local(&admin_listener, cfg.admin_listen)?;
+/// Each top-level key (sections as one) and whether it differs between `a` and `b`.
+fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 17] {
+    [
+        ("listen", a.listen != b.listen),
+        ("admin_listen", a.admin_listen != b.admin_listen),
+        ("admin_token", a.admin_token != b.admin_token),
+        ("domains", a.domains != b.domains),
+        ("strategy", a.strategy != b.strategy),
+        ("workers", a.workers != b.workers),
+        ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),
+        ("include_warning", a.include_warning != b.include_warning),
+        ("hash_query", a.hash_query != b.hash_query),
+        ("exclude_services", a.exclude_services != b.exclude_services),
+        ("expose", a.expose != b.expose),
+        (
+            "underscore_headers",
+            a.underscore_headers != b.underscore_headers,
+        ),
+        ("access_log", a.access_log != b.access_log),
+        ("access_log_file", a.access_log_file != b.access_log_file),
+        ("log_format", a.log_format != b.log_format),
+        ("consul", a.consul != b.consul),
+        ("proxy", a.proxy != b.proxy),
+    ]
+}
 
-    // After the recorder is installed, so the access log's drop counter is a live one.
-    let prometheus = metrics::handle();
-    let access_log =
-        AccessLog::open(cfg.access_log, cfg.access_log_file.as_deref()).map_err(|source| {
-            StartError::AccessLog {
-                path: cfg.access_log_file.clone().unwrap_or_default(),
-                source,
-            }
-        })?;
-    let routes = Arc::new(Routes::new());
-    let client = ConsulClient::new(&cfg.consul)?;
-    let build = BuildOptions {
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })?;
+    let local = listener
+        .local_addr()
+        .map_err(|source| StartError::Bind { addr, source })?;
+    Ok((listener, local))
+}
+
+fn open_access_log(cfg: &Config) -> Result<AccessLog, StartError> {
+    AccessLog::open(cfg.access_log, cfg.access_log_file.as_deref()).map_err(|source| {
+        StartError::AccessLog {
+            path: cfg.access_log_file.clone().unwrap_or_default(),
+            source,
+        }
+    })
+}
+
+fn build_options(cfg: &Config) -> BuildOptions {
+    BuildOptions {
         domains: cfg.domains.clone(),
         default_strategy: cfg.strategy,
         include_warning: cfg.include_warning,
         max_idle_per_instance: cfg.proxy.max_idle_per_instance,
         exclude_services: cfg.exclude_services.clone(),
         expose: cfg.expose,
-    };
-    let discovery = Discovery::new(client, cfg.consul.clone(), build, routes.clone()).spawn();
+    }
+}
 
+fn spawn_proxy(
+    listener: TcpListener,
+    proxy: Arc<ArcSwap<proxy::Proxy>>,
+    grace: Duration,
+) -> Listener {
     let (stop, stopped) = watch::channel(false);
-    let proxy = Arc::new(proxy::Proxy::new(&cfg, routes.clone(), access_log.clone()));
-    let grace = cfg.proxy.shutdown_grace;
-    let proxy_task = tokio::spawn(server::serve_proxy(
-        proxy_listener,
-        proxy,
-        stopped.clone(),
-        grace,
-    ));
-    let admin = Arc::new(
-        admin::Admin::new(routes.clone(), prometheus.clone()).with_token(cfg.admin_token.clone()),
-    );
-    let admin_task = tokio::spawn(server::serve(
-        admin_listener,
+    let task = tokio::spawn(server::serve_proxy(listener, proxy, stopped, grace));
+    Listener { stop, task }
+}
+
+fn spawn_admin(listener: TcpListener, admin: Arc<admin::Admin>) -> Listener {
+    let (stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(server::serve(
+        listener,
         admin,
         stopped,
         Duration::from_secs(1),
     ));
+    Listener { stop, task }
+}
+
+/// Binds the listeners and starts discovery, the proxy and the admin API.
+pub async fn start(cfg: Config) -> Result<Running, StartError> {
+    let (proxy_listener, proxy_addr) = bind(cfg.listen).await?;
+    let (admin_listener, admin_addr) = bind(cfg.admin_listen).await?;
+
+    // After the recorder is installed, so the access log's drop counter is a live one.
+    let prometheus = metrics::handle();
+    let access_log = open_access_log(&cfg)?;
+    let routes = Arc::new(Routes::new());
+    let client = ConsulClient::new(&cfg.consul)?;
+    let discovery = Discovery::new(
+        client,
+        cfg.consul.clone(),
+        build_options(&cfg),
+        routes.clone(),
+    )
+    .spawn();
+
+    let proxy = Arc::new(ArcSwap::from_pointee(proxy::Proxy::new(
+        &cfg,
+        routes.clone(),
+        access_log.clone(),
+    )));
+    let proxy_listener = spawn_proxy(proxy_listener, proxy.clone(), cfg.proxy.shutdown_grace);
+    let admin = Arc::new(
+        admin::Admin::new(routes.clone(), prometheus.clone()).with_token(cfg.admin_token.clone()),
+    );
+    let admin_listener = spawn_admin(admin_listener, admin.clone());
     let upkeep = tokio::spawn(metrics::upkeep(prometheus));
     let reaper = tokio::spawn(reap_idle(routes.clone(), cfg.proxy.idle_timeout));
     let notify_ready = tokio::spawn(notify_ready(routes.clone(), proxy_addr, admin_addr));
@@ -167,13 +335,16 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         proxy_addr,
         admin_addr,
         routes,
-        stop,
-        proxy_task,
-        admin_task,
+        config: cfg,
+        proxy,
+        admin,
+        proxy_listener,
+        admin_listener,
+        retired: Vec::new(),
         discovery,
         access_log,
         _upkeep: AbortOnDrop(upkeep.abort_handle()),
-        _reaper: AbortOnDrop(reaper.abort_handle()),
+        reaper: AbortOnDrop(reaper.abort_handle()),
         notify_ready: AbortOnDrop(notify_ready.abort_handle()),
     })
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use consul_router::access_log::{self, AccessLog};
+use consul_router::access_log;
 use consul_router::config::{Config, LogFormat, Overrides};
 use consul_router::StartError;
 use tokio::signal::unix::{signal, SignalKind};
@@ -91,7 +91,11 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config);
-    match run(config) {
+    let source = Source {
+        path: cli.config,
+        overrides,
+    };
+    match run(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // An access log file that cannot be opened is a configuration error.
@@ -137,7 +141,13 @@ fn init_tracing(config: &Config) {
     }
 }
 
-fn run(config: Config) -> anyhow::Result<()> {
+/// Where the configuration comes from, to read it again on SIGHUP.
+struct Source {
+    path: Option<PathBuf>,
+    overrides: Overrides,
+}
+
+fn run(config: Config, source: Source) -> anyhow::Result<()> {
     // One worker: a current-thread runtime skips the work-stealing scheduler's cross-thread
     // wakeups entirely (measured: see README, Performance).
     let mut rt = if config.workers == 1 {
@@ -157,7 +167,7 @@ fn run(config: Config) -> anyhow::Result<()> {
         // Before start: from the moment the log file exists, SIGUSR1 reopens it rather than
         // killing the process.
         let mut signals = Signals::new()?;
-        let running = consul_router::start(config).await?;
+        let mut running = consul_router::start(config).await?;
         let banner = format!(
             "consul-router: proxy on http://{}, admin on http://{}",
             running.proxy_addr, running.admin_addr
@@ -167,7 +177,14 @@ fn run(config: Config) -> anyhow::Result<()> {
         } else {
             println!("{banner}");
         }
-        signals.wait_for_stop(running.access_log()).await;
+        loop {
+            match signals.next().await {
+                Event::Stop => break,
+                // The writer logs the reopen (or why it failed).
+                Event::Reopen => running.access_log().reopen(),
+                Event::Reload => reload(&mut running, &source).await,
+            }
+        }
         tracing::info!("shutting down: draining in-flight requests");
         consul_router::notify::stopping("draining in-flight requests");
         running.shutdown().await;
@@ -175,12 +192,56 @@ fn run(config: Config) -> anyhow::Result<()> {
     })
 }
 
-/// The signals the binary handles: SIGTERM and SIGINT stop it, SIGUSR1 reopens the access
-/// log file (for logrotate).
+/// SIGHUP: reads the configuration again and puts it in force; a file that is refused (the
+/// log line names the key) or a listener that cannot be bound leaves the old one running.
+async fn reload(running: &mut consul_router::Running, source: &Source) {
+    let path = source.path.as_deref();
+    tracing::info!(file = ?path, "SIGHUP: reloading the configuration");
+    consul_router::notify::reloading("reloading the configuration");
+    let outcome = match Config::load(path, &source.overrides) {
+        Ok(config) => running.reload(config).await.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("configuration error: {e}")),
+    };
+    let status = match outcome {
+        Ok(done) => {
+            if !done.need_restart.is_empty() {
+                tracing::warn!(keys = ?done.need_restart, "changed keys that take effect only after a restart");
+            }
+            tracing::info!(applied = ?done.applied, "configuration reloaded");
+            format!(
+                "configuration reloaded ({} keys changed)",
+                done.applied.len()
+            )
+        }
+        Err(e) => {
+            tracing::error!("reload refused, the previous configuration stays in force: {e}");
+            format!("reload refused, previous configuration in force: {e}")
+        }
+    };
+    // Before the first table, READY=1 is still the startup's to send.
+    if running.routes.load().ready {
+        consul_router::notify::ready(&status);
+    } else {
+        consul_router::notify::status(&status);
+    }
+}
+
+/// What a signal asks for.
+enum Event {
+    /// SIGTERM or SIGINT: drain and exit.
+    Stop,
+    /// SIGUSR1: reopen the access log file (for logrotate).
+    Reopen,
+    /// SIGHUP: reload the configuration.
+    Reload,
+}
+
+/// The signals the binary handles.
 struct Signals {
     term: tokio::signal::unix::Signal,
     int: tokio::signal::unix::Signal,
     usr1: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
 }
 
 impl Signals {
@@ -190,18 +251,17 @@ impl Signals {
             term: listen(SignalKind::terminate())?,
             int: listen(SignalKind::interrupt())?,
             usr1: listen(SignalKind::user_defined1())?,
+            hup: listen(SignalKind::hangup())?,
         })
     }
 
-    /// Waits for SIGTERM or SIGINT, reopening the access log on each SIGUSR1 meanwhile.
-    async fn wait_for_stop(&mut self, log: &AccessLog) {
-        loop {
-            tokio::select! {
-                _ = self.term.recv() => return,
-                _ = self.int.recv() => return,
-                // The writer logs the reopen (or why it failed).
-                _ = self.usr1.recv() => log.reopen(),
-            }
+    /// The next signal's event.
+    async fn next(&mut self) -> Event {
+        tokio::select! {
+            _ = self.term.recv() => Event::Stop,
+            _ = self.int.recv() => Event::Stop,
+            _ = self.usr1.recv() => Event::Reopen,
+            _ = self.hup.recv() => Event::Reload,
         }
     }
 }

@@ -57,6 +57,17 @@ pub fn stopping(status: &str) {
     notify(&format!("STOPPING=1\nSTATUS={}", one_line(status)));
 }
 
+/// The router re-reads its configuration (SIGHUP); `READY=1` follows when it is done.
+/// systemd wants the `CLOCK_MONOTONIC` time beside it, to tell this reload from an earlier one.
+pub fn reloading(status: &str) {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    let usec = now.tv_sec as u64 * 1_000_000 + now.tv_nsec as u64 / 1_000;
+    notify(&format!(
+        "RELOADING=1\nMONOTONIC_USEC={usec}\nSTATUS={}",
+        one_line(status)
+    ));
+}
+
 /// A free-form status line for `systemctl status`.
 pub fn status(status: &str) {
     notify(&format!("STATUS={}", one_line(status)));

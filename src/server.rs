@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use bytes::Bytes;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::server::conn::http2;
@@ -85,19 +86,19 @@ pub async fn serve<H: Handler>(
 }
 
 /// Serves the proxy listener: HTTP/1 on the fast path, HTTP/2 (prior knowledge) through
-/// hyper. On shutdown it stops accepting, lets connections finish their current request
-/// for at most `grace`, then closes the rest.
+/// hyper. Each connection takes the proxy in `current` when it is accepted and keeps it
+/// for its life, so a reload applies to new connections without touching open ones. On
+/// shutdown it stops accepting, lets connections finish their current request for at most
+/// `grace`, then closes the rest.
 pub async fn serve_proxy(
     listener: TcpListener,
-    proxy: Arc<Proxy>,
+    current: Arc<ArcSwap<Proxy>>,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
-    let h2 = Arc::new(h2_builder(&proxy));
     let mut conns = tokio::task::JoinSet::new();
     while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
-        let proxy = proxy.clone();
-        let h2 = h2.clone();
+        let proxy = current.load_full();
         let stop = shutdown.clone();
         while conns.try_join_next().is_some() {}
         conns.spawn(async move {
@@ -105,6 +106,7 @@ pub async fn serve_proxy(
             if let Ended::Http2(stream, read) = proxy.serve_h1(stream, peer, stop.clone()).await {
                 drop(open);
                 let _open = Open::new(&proxy.open_connections[1]);
+                let h2 = h2_builder(&proxy);
                 serve_h2(Prefixed::new(read, stream), proxy, &h2, peer, stop).await;
             }
         });

@@ -242,10 +242,10 @@ fn unit_file_passes_systemd_analyze_verify() {
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line:?}");
     }
-    // No reload until the router handles SIGHUP (SIGHUP would end it).
     assert!(
-        !unit.lines().any(|l| l.starts_with("ExecReload=")),
-        "ExecReload before SIGHUP reload exists"
+        unit.lines()
+            .any(|l| l == "ExecReload=/bin/kill -HUP $MAINPID"),
+        "ExecReload sends SIGHUP"
     );
     // Stopping outlasts the drain: proxy.shutdown_grace (30 s) plus the access log (5 s).
     let stop: u64 = unit
@@ -286,5 +286,175 @@ fn unit_file_passes_systemd_analyze_verify() {
     } else {
         assert!(!ok, "verify must refuse a unit whose binary is missing");
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A loopback port free now (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GET with `Host: host` on an open keep-alive connection.
+async fn get_on(
+    conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,
+    host: &str,
+) -> StatusCode {
+    let req = http::Request::get("/")
+        .header("host", host)
+        .body(http_body_util::Full::default())
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), conn.send_request(req))
+        .await
+        .expect("answer in time")
+        .expect("answer on the kept connection")
+        .status()
+}
+
+/// The MONOTONIC_USEC= of a notification.
+fn monotonic_usec(msg: &str) -> u64 {
+    msg.lines()
+        .find_map(|l| l.strip_prefix("MONOTONIC_USEC="))
+        .unwrap_or_else(|| panic!("no MONOTONIC_USEC in {msg:?}"))
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
+    let mut consul = ConsulAgent::start().await;
+    let backend = Backend::start("hup-1").await;
+    consul.register("hup", "hup-1", backend.port(), &[]).await;
+
+    let dir = temp_dir("reload");
+    let sock_path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&sock_path).unwrap();
+    let conf = dir.join("consul-router.toml");
+    let consul_addr = consul.addr();
+    let write_conf = |listen: u16, admin: u16, domain: &str, extra: &str| {
+        let text = format!(
+            "listen = \"127.0.0.1:{listen}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             domains = [\"{domain}\"]\n{extra}\n[consul]\naddress = \"{consul_addr}\"\n"
+        );
+        std::fs::write(&conf, text).unwrap();
+    };
+    let (listen, admin) = (free_port(), free_port());
+    write_conf(listen, admin, "app.test", "");
+    let mut router = Router(Some(
+        Command::new(env!("CARGO_BIN_EXE_consul-router"))
+            .arg("--config")
+            .arg(&conf)
+            .env("NOTIFY_SOCKET", &sock_path)
+            .env_remove("CONSUL_HTTP_ADDR")
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("run consul-router"),
+    ));
+    // Every log line, to find the refusal's.
+    let stdout = router.child().stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            let _ = tx.send(line);
+        }
+    });
+    until(&sock, "READY=1", Duration::from_secs(45)).await;
+    let proxy: std::net::SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
+    let mut kept = open(proxy).await;
+    assert_eq!(get_on(&mut kept, "hup.app.test").await, StatusCode::OK);
+    let pid = router.child().id().to_string();
+    let hup = || {
+        assert!(Command::new("kill")
+            .args(["-HUP", &pid])
+            .status()
+            .unwrap()
+            .success())
+    };
+
+    // A new domain and a moved admin listener, with Consul gone: the table is rebuilt from
+    // what the router holds, and the connection on the unchanged proxy listener stays.
+    consul.kill();
+    let admin2 = free_port();
+    write_conf(listen, admin2, "new.test", "strategy = \"least-load\"");
+    hup();
+    let (reloading, _) = until(&sock, "RELOADING=1", Duration::from_secs(10)).await;
+    let first_usec = monotonic_usec(&reloading);
+    let (ready, _) = until(&sock, "READY=1", Duration::from_secs(10)).await;
+    assert!(ready.contains("STATUS=configuration reloaded"), "{ready:?}");
+    wait_until(Duration::from_secs(5), "the new domain", || async {
+        get(proxy, "hup.new.test", "/").await.status == StatusCode::OK
+    })
+    .await;
+    assert_eq!(get_on(&mut kept, "hup.new.test").await, StatusCode::OK);
+    assert_eq!(
+        get_on(&mut kept, "hup.app.test").await,
+        StatusCode::NOT_FOUND
+    );
+    let admin2: std::net::SocketAddr = format!("127.0.0.1:{admin2}").parse().unwrap();
+    let routes = get_admin(admin2, "/api/routes").await.1;
+    assert!(routes.contains("\"strategy\": \"least-load\""), "{routes}");
+    let old_admin: std::net::SocketAddr = format!("127.0.0.1:{admin}").parse().unwrap();
+    assert!(
+        tokio::net::TcpStream::connect(old_admin).await.is_err(),
+        "the old admin listener is closed"
+    );
+
+    // A bad file: refused with the key named, and the running configuration stays.
+    while lines.try_recv().is_ok() {}
+    std::fs::write(&conf, "strategy = \"round-robin\"\n").unwrap();
+    hup();
+    let (reloading, _) = until(&sock, "RELOADING=1", Duration::from_secs(10)).await;
+    assert!(monotonic_usec(&reloading) > first_usec);
+    let (ready, _) = until(&sock, "READY=1", Duration::from_secs(10)).await;
+    assert!(ready.contains("STATUS=reload refused"), "{ready:?}");
+    let refusal = tokio::task::spawn_blocking(move || {
+        let end = Instant::now() + Duration::from_secs(5);
+        while let Ok(line) = lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
+            if line.contains("reload refused") {
+                return line;
+            }
+        }
+        panic!("no refusal logged");
+    })
+    .await
+    .unwrap();
+    assert!(refusal.contains("strategy: "), "{refusal}");
+    assert_eq!(get_on(&mut kept, "hup.new.test").await, StatusCode::OK);
+    assert_eq!(get_admin(admin2, "/healthz").await.0, StatusCode::OK);
+
+    // A moved proxy listener: the new port serves, the old one takes no new connection.
+    let listen2 = free_port();
+    write_conf(listen2, admin2.port(), "new.test", "");
+    hup();
+    until(&sock, "READY=1", Duration::from_secs(10)).await;
+    let proxy2: std::net::SocketAddr = format!("127.0.0.1:{listen2}").parse().unwrap();
+    assert_eq!(
+        get(proxy2, "hup.new.test", "/").await.status,
+        StatusCode::OK
+    );
+    assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
+
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let end = Instant::now() + Duration::from_secs(15);
+    let status = loop {
+        if let Some(status) = router.child().try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < end, "no exit within 15 s of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    router.0 = None;
+    assert_eq!(status.code(), Some(0), "{status:?}");
     let _ = std::fs::remove_dir_all(&dir);
 }

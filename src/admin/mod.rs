@@ -43,7 +43,8 @@ const STATS_FRESH: Duration = Duration::from_secs(4);
 pub struct Admin {
     routes: Arc<Routes>,
     metrics: PrometheusHandle,
-    token: Option<AdminToken>,
+    /// Swapped by a reload.
+    token: arc_swap::ArcSwapOption<AdminToken>,
     /// Zero of `/api/stats`'s clock (`at_seconds`).
     epoch: Instant,
     /// The last `/api/stats` body and when it was made.
@@ -56,7 +57,7 @@ impl Admin {
         Admin {
             routes,
             metrics,
-            token: None,
+            token: arc_swap::ArcSwapOption::empty(),
             epoch: Instant::now(),
             stats_cache: tokio::sync::Mutex::new(None),
         }
@@ -64,8 +65,8 @@ impl Admin {
 
     /// Requires `Authorization: Bearer <token>` on every path but `/healthz` and the page,
     /// when `token` is set.
-    pub fn with_token(mut self, token: Option<AdminToken>) -> Self {
-        self.token = token;
+    pub fn with_token(self, token: Option<AdminToken>) -> Self {
+        self.set_token(token);
         self
     }
 
@@ -105,9 +106,15 @@ impl Admin {
         }
     }
 
+    /// Replaces the token (a reload): requests from now on need the new one.
+    pub fn set_token(&self, token: Option<AdminToken>) {
+        self.token.store(token.map(Arc::new));
+    }
+
     /// The 401 for a request without the configured token; `None` lets it through.
     fn refuse(&self, req: &Request<Incoming>) -> Option<Response<Full<Bytes>>> {
-        let token = self.token.as_ref()?;
+        let token = self.token.load();
+        let token = token.as_deref()?;
         let given = req
             .headers()
             .get(header::AUTHORIZATION)

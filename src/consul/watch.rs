@@ -47,7 +47,8 @@ type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>
 pub struct Discovery {
     client: ConsulClient,
     cfg: ConsulConfig,
-    build: BuildOptions,
+    /// Swapped by a reload; read at each catalog answer and each build.
+    build: arc_swap::ArcSwap<BuildOptions>,
     routes: Arc<Routes>,
     me: Weak<Discovery>,
     state: Mutex<Shared>,
@@ -71,7 +72,7 @@ struct Shared {
 #[derive(Debug)]
 pub struct DiscoveryHandle {
     discovery: Arc<Discovery>,
-    _tasks: Vec<AbortOnDrop>,
+    tasks: Vec<AbortOnDrop>,
 }
 
 impl DiscoveryHandle {
@@ -79,11 +80,25 @@ impl DiscoveryHandle {
     pub fn discovery(&self) -> &Arc<Discovery> {
         &self.discovery
     }
+
+    /// Applies new build options (a reload): the table is rebuilt from the answers already
+    /// held, with no query to Consul. When `exclude_services` changed, the service list is
+    /// read again at once, since names excluded before were never kept.
+    pub fn reconfigure(&mut self, build: BuildOptions) {
+        let d = &self.discovery;
+        let refetch = d.build.load().exclude_services != build.exclude_services;
+        d.build.store(Arc::new(build));
+        if refetch {
+            // The catalog loop is the first task; a fresh one starts at index 0.
+            self.tasks[0] = d.supervised("catalog-watch", |d| Box::pin(d.catalog_loop()));
+        }
+        d.changed.notify_one();
+    }
 }
 
 impl Drop for DiscoveryHandle {
     fn drop(&mut self) {
-        self._tasks.clear();
+        self.tasks.clear();
         // Under the lock, so a reconcile running now cannot start new watches after this.
         let mut st = self.discovery.lock();
         self.discovery.stopped.store(true, Ordering::SeqCst);
@@ -107,7 +122,7 @@ impl Discovery {
                 watches: HashMap::new(),
             }),
             cfg,
-            build,
+            build: arc_swap::ArcSwap::from_pointee(build),
             routes,
             changed: Notify::new(),
             reads: Notify::new(),
@@ -128,7 +143,7 @@ impl Discovery {
         ];
         DiscoveryHandle {
             discovery: self.clone(),
-            _tasks: tasks,
+            tasks,
         }
     }
 
@@ -202,11 +217,12 @@ impl Discovery {
 
     fn apply_catalog(&self, new: CatalogTags) {
         let table = self.routes.load();
+        let build = self.build.load();
         let mut st = self.lock();
         st.model.answered(Instant::now());
         let out = st.model.apply_catalog(
             new,
-            |name| self.build.is_excluded(name),
+            |name| build.is_excluded(name),
             |name| last_used(&table, name),
         );
         self.act(st, out);
@@ -422,7 +438,7 @@ impl Discovery {
                 }
             };
             let t0 = std::time::Instant::now();
-            let table = build(&snapshot, &catalog_tags, &self.build, &mut reg);
+            let table = build(&snapshot, &catalog_tags, &self.build.load(), &mut reg);
             let built = t0.elapsed();
             let (generation, routed) = (table.generation, table.services.len());
             metrics.published(&table, built);
@@ -505,7 +521,12 @@ mod tests {
             // The first table, before any service was read.
             let (snapshot, catalog) = st.model.build_input().expect("catalog");
             drop(st);
-            let table = build(&snapshot, &catalog, &d.build, &mut StateRegistry::default());
+            let table = build(
+                &snapshot,
+                &catalog,
+                &d.build.load(),
+                &mut StateRegistry::default(),
+            );
             let mut routed: Vec<&str> = table.services.keys().map(|k| &**k).collect();
             routed.sort();
             assert_eq!(routed, want, "{expose:?}");

@@ -312,7 +312,6 @@ pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
     }
 }
 
-/// GET `path` with `Host: host`.
 /// An HTTP/2 (prior knowledge) connection to `addr`.
 pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Full<Bytes>> {
     let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
@@ -326,6 +325,7 @@ pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Ful
     sender
 }
 
+/// GET `path` with `Host: host`.
 pub async fn get(addr: SocketAddr, host: &str, path: &str) -> Got {
     let req = Request::get(path)
         .header("host", host)
