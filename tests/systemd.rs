@@ -30,6 +30,31 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Waits (15 s at most) for the process to exit after SIGTERM, with status 0.
+    async fn exits_cleanly(&mut self) {
+        let end = Instant::now() + Duration::from_secs(15);
+        let status = loop {
+            if let Some(status) = self.child().try_wait().unwrap() {
+                break status;
+            }
+            assert!(Instant::now() < end, "no exit within 15 s of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        self.0 = None;
+        assert_eq!(status.code(), Some(0), "{status:?}");
+    }
+}
+
+/// Sends `sig` (`-TERM`, `-HUP`) to `pid` with kill(1).
+fn signal(pid: &str, sig: &str) {
+    assert!(Command::new("kill")
+        .args([sig, pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
 impl Drop for Router {
     fn drop(&mut self) {
         if let Some(mut child) = self.0.take() {
@@ -138,21 +163,11 @@ async fn notifies_ready_after_the_first_table_and_stopping_on_sigterm() {
 
     // SIGTERM: STOPPING=1 as the drain starts, then exit status 0.
     let pid = router.child().id().to_string();
-    let killed = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-    assert!(killed.success());
+    signal(&pid, "-TERM");
     let (stopping, before) = until(&sock, "STOPPING=1", Duration::from_secs(15)).await;
     assert!(before.is_empty(), "{before:?}");
     assert!(stopping.contains("STATUS=draining"), "{stopping:?}");
-    let end = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = router.child().try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < end, "no exit within 15 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    router.0 = None;
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    router.exits_cleanly().await;
     // Nothing after STOPPING=1 (no late READY=1).
     assert_eq!(next(&sock, Duration::from_millis(200)).await, None);
     let _ = std::fs::remove_dir_all(&dir);
@@ -307,11 +322,18 @@ async fn get_on(
         .header("host", host)
         .body(http_body_util::Full::default())
         .unwrap();
-    tokio::time::timeout(Duration::from_secs(10), conn.send_request(req))
+    // hyper's client takes the next request only once it has finished with the last one.
+    conn.ready().await.expect("the kept connection is still open");
+    let resp = tokio::time::timeout(Duration::from_secs(10), conn.send_request(req))
         .await
         .expect("answer in time")
-        .expect("answer on the kept connection")
-        .status()
+        .expect("answer on the kept connection");
+    let status = resp.status();
+    // Read to the end, so the connection is ready for the next request.
+    http_body_util::BodyExt::collect(resp.into_body())
+        .await
+        .expect("body");
+    status
 }
 
 /// The MONOTONIC_USEC= of a notification.
@@ -370,13 +392,7 @@ async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
     let mut kept = open(proxy).await;
     assert_eq!(get_on(&mut kept, "hup.app.test").await, StatusCode::OK);
     let pid = router.child().id().to_string();
-    let hup = || {
-        assert!(Command::new("kill")
-            .args(["-HUP", &pid])
-            .status()
-            .unwrap()
-            .success())
-    };
+    let hup = || signal(&pid, "-HUP");
 
     // A new domain and a moved admin listener, with Consul gone: the table is rebuilt from
     // what the router holds, and the connection on the unchanged proxy listener stays.
@@ -441,20 +457,7 @@ async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
     );
     assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
 
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let end = Instant::now() + Duration::from_secs(15);
-    let status = loop {
-        if let Some(status) = router.child().try_wait().unwrap() {
-            break status;
-        }
-        assert!(Instant::now() < end, "no exit within 15 s of SIGTERM");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    router.0 = None;
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    signal(&pid, "-TERM");
+    router.exits_cleanly().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
