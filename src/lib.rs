@@ -187,7 +187,7 @@ impl Running {
             self.access_log.clone(),
         )));
         if let Some((listener, addr)) = proxy_bind {
-            let new = spawn_proxy(listener, self.proxy.clone(), cfg.proxy.shutdown_grace);
+            let new = spawn_proxy(listener, self.proxy.clone());
             let old = std::mem::replace(&mut self.proxy_listener, new);
             self.retired.push(old.retire());
             self.proxy_addr = addr;
@@ -277,13 +277,9 @@ fn build_options(cfg: &Config) -> BuildOptions {
     }
 }
 
-fn spawn_proxy(
-    listener: TcpListener,
-    proxy: Arc<ArcSwap<proxy::Proxy>>,
-    grace: Duration,
-) -> Listener {
+fn spawn_proxy(listener: TcpListener, proxy: Arc<ArcSwap<proxy::Proxy>>) -> Listener {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(server::serve_proxy(listener, proxy, stopped, grace));
+    let task = tokio::spawn(server::serve_proxy(listener, proxy, stopped));
     Listener { stop, task }
 }
 
@@ -321,7 +317,7 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         routes.clone(),
         access_log.clone(),
     )));
-    let proxy_listener = spawn_proxy(proxy_listener, proxy.clone(), cfg.proxy.shutdown_grace);
+    let proxy_listener = spawn_proxy(proxy_listener, proxy.clone());
     let admin = Arc::new(
         admin::Admin::new(routes.clone(), prometheus.clone()).with_token(cfg.admin_token.clone()),
     );

@@ -89,12 +89,11 @@ pub async fn serve<H: Handler>(
 /// hyper. Each connection takes the proxy in `current` when it is accepted and keeps it
 /// for its life, so a reload applies to new connections without touching open ones. On
 /// shutdown it stops accepting, lets connections finish their current request for at most
-/// `grace`, then closes the rest.
+/// `proxy.shutdown_grace` (as configured then), then closes the rest.
 pub async fn serve_proxy(
     listener: TcpListener,
     current: Arc<ArcSwap<Proxy>>,
     mut shutdown: watch::Receiver<bool>,
-    grace: Duration,
 ) {
     let mut conns = tokio::task::JoinSet::new();
     while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
@@ -112,6 +111,7 @@ pub async fn serve_proxy(
         });
     }
     drop(listener);
+    let grace = current.load().shutdown_grace;
     let drained =
         tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {

@@ -323,7 +323,9 @@ async fn get_on(
         .body(http_body_util::Full::default())
         .unwrap();
     // hyper's client takes the next request only once it has finished with the last one.
-    conn.ready().await.expect("the kept connection is still open");
+    conn.ready()
+        .await
+        .expect("the kept connection is still open");
     let resp = tokio::time::timeout(Duration::from_secs(10), conn.send_request(req))
         .await
         .expect("answer in time")

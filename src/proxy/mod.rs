@@ -173,6 +173,8 @@ pub struct Proxy {
     pub(crate) h2_max_concurrent_streams: u32,
     /// `proxy.load_header`: read as the instance's load, never relayed.
     load_header: Option<http::HeaderName>,
+    /// `proxy.shutdown_grace`: how long connections may finish when their listener stops.
+    pub(crate) shutdown_grace: std::time::Duration,
 }
 
 impl Proxy {
@@ -200,6 +202,7 @@ impl Proxy {
             header_timeout: cfg.proxy.header_timeout,
             h2_max_concurrent_streams: cfg.proxy.h2_max_concurrent_streams,
             load_header: cfg.proxy.load_header.clone(),
+            shutdown_grace: cfg.proxy.shutdown_grace,
         }
     }
 
