@@ -1,6 +1,7 @@
 //! The deployable artifacts: the static binary from scripts/build-static.sh (static ELF, under
-//! 20 MB, routes for real on a real Consul, `health` answers), and the Dockerfile's final
-//! stage, checked statically since no Docker engine may be at hand.
+//! 20 MB; alone in an empty root as 65532, as in the image, it routes for real on a real
+//! Consul and `health` answers), and the Dockerfile's final stage, checked statically since
+//! no Docker engine may be at hand.
 //!
 //! scripts/test.sh builds the static binary once and passes its path in
 //! $CONSUL_ROUTER_STATIC_BIN; without it, the test runs the script (a fat-LTO release build:
@@ -115,30 +116,66 @@ async fn health(admin: SocketAddr) -> (i32, String) {
     .unwrap()
 }
 
-/// The static router as a child process; killed on drop if still running.
-struct Router(Child);
+/// The static router as a child process, and the root it runs in; both gone on drop.
+struct Router {
+    child: Child,
+    root: PathBuf,
+}
 
 impl Drop for Router {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.root);
     }
 }
 
-/// Starts the static binary as a router on free ports and reads its addresses from its
-/// start line; its output is drained meanwhile so it never blocks on a full pipe.
-async fn start_static_router(consul: &str) -> (Router, SocketAddr, SocketAddr) {
-    let mut child = Command::new(static_bin())
-        .args(["--consul", consul, "--domain", "app.test"])
+fn running_as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
+}
+
+/// Starts the static binary as a router on free ports, as the image runs it: alone in an
+/// empty root with the sample configuration, as 65532:65532, finding Consul by a name in
+/// /etc/hosts (which Docker writes). Without root (no chroot), it runs in place instead.
+/// Its addresses come from its start line; its output is drained so it never blocks.
+async fn start_static_router(consul_port: u16) -> (Router, SocketAddr, SocketAddr) {
+    let root = std::env::temp_dir().join(format!("cr-static-root-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("etc/consul-router")).unwrap();
+    std::fs::copy(static_bin(), root.join("consul-router")).unwrap();
+    let config = root.join("etc/consul-router/consul-router.toml");
+    std::fs::copy("config/consul-router.toml", &config).unwrap();
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost consul.test\n").unwrap();
+    let (mut cmd, config, consul_host) = if running_as_root() {
+        let mut c = Command::new("chroot");
+        c.arg("--userspec=65532:65532")
+            .arg(&root)
+            .arg("/consul-router");
+        (
+            c,
+            "/etc/consul-router/consul-router.toml".into(),
+            "consul.test",
+        )
+    } else {
+        let c = Command::new(root.join("consul-router"));
+        (c, config.display().to_string(), "127.0.0.1")
+    };
+    let child = cmd
+        .args(["--config", &config, "--domain", "app.test"])
+        .args(["--consul", &format!("http://{consul_host}:{consul_port}")])
         .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
         .args(["--workers", "2"])
         .env_remove("CONSUL_HTTP_ADDR")
+        .env_remove("CONSUL_HTTP_TOKEN")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("start the static router");
-    let stdout = child.stdout.take().unwrap();
-    let router = Router(child);
+    let mut router = Router { child, root };
+    let stdout = router.child.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -162,7 +199,7 @@ async fn static_binary_routes_on_real_consul_and_answers_health() {
     consul
         .register("hello", "hello-1", backend.port(), &[])
         .await;
-    let (mut router, proxy, admin) = start_static_router(&consul.addr()).await;
+    let (mut router, proxy, admin) = start_static_router(consul.http_port).await;
 
     // `health` turns 0 once the first table is live.
     let start = Instant::now();
@@ -200,14 +237,14 @@ async fn static_binary_routes_on_real_consul_and_answers_health() {
     assert_eq!(common::who(&g), "static-backend");
 
     // SIGTERM drains and exits 0; then the admin port is closed and `health` says 1.
-    let pid = router.0.id().to_string();
+    let pid = router.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
     let status = tokio::task::spawn_blocking(move || {
-        let status = router.0.wait();
+        let status = router.child.wait();
         (router, status)
     })
     .await
