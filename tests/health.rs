@@ -9,21 +9,11 @@ use std::process::Command;
 
 use common::{router_config, start_router, ConsulAgent};
 
-/// Runs `consul-router health ARGS` off the runtime's threads: (exit status, all output).
+/// Runs `consul-router health ARGS`: (exit status, all output).
 async fn health(args: &[&str]) -> (i32, String) {
-    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(env!("CARGO_BIN_EXE_consul-router"))
-            .arg("health")
-            .args(&args)
-            .output()
-            .expect("run consul-router health");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code().unwrap_or(-1), text)
-    })
-    .await
-    .expect("health task")
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-router"));
+    cmd.arg("health").args(args);
+    common::output(cmd).await
 }
 
 fn url(addr: SocketAddr) -> String {

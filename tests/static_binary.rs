@@ -100,20 +100,17 @@ fn elf_check_tells_a_dynamic_binary() {
     assert!(interp && needed > 0, "{interp} {needed}");
 }
 
-/// `consul-router health ARGS` with the static binary, off the runtime's threads.
+/// `consul-router health --admin http://ADMIN` with the static binary.
 async fn health(admin: SocketAddr) -> (i32, String) {
-    let admin = format!("http://{admin}");
-    tokio::task::spawn_blocking(move || {
-        let out = Command::new(static_bin())
-            .args(["health", "--admin", &admin, "--timeout", "2s"])
-            .output()
-            .expect("run health");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        (out.status.code().unwrap_or(-1), text)
-    })
-    .await
-    .unwrap()
+    let mut cmd = Command::new(static_bin());
+    cmd.args([
+        "health",
+        "--admin",
+        &format!("http://{admin}"),
+        "--timeout",
+        "2s",
+    ]);
+    common::output(cmd).await
 }
 
 /// The static router as a child process, and the root it runs in; both gone on drop.
