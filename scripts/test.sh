@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, installing what they need first: a real `consul` binary, built once from
-# the Go module proxy and cached (scripts/get-consul.sh), and Debian's nginx. The tests start their own Consul
-# dev agents and backends on loopback ports.
+# the Go module proxy and cached (scripts/get-consul.sh), Debian's nginx, and the static
+# release binary (scripts/build-static.sh, which installs musl-tools). The tests start their
+# own Consul dev agents and backends on loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -13,6 +14,13 @@ fi
 CONSUL_BIN="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 export CONSUL_BIN
 echo "test.sh: using $("$CONSUL_BIN" version | head -1) at $CONSUL_BIN"
+# The static release binary for tests/static_binary.rs, built once here rather than inside
+# `cargo test` (a fat-LTO build: minutes when not fresh). If it fails, that test builds it
+# again itself and shows why.
+if static_bin="$(scripts/build-static.sh)"; then
+  CONSUL_ROUTER_STATIC_BIN="$(realpath "$static_bin")"
+  export CONSUL_ROUTER_STATIC_BIN
+fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 set +e

@@ -8,6 +8,7 @@ pub mod admin;
 pub mod balance;
 pub mod config;
 pub mod consul;
+pub mod health;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;

@@ -2,9 +2,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use anyhow::Context as _;
-use clap::Parser;
+use clap::{Args, Parser, Subcommand};
 use consul_router::access_log;
 use consul_router::config::{Config, LogFormat, Overrides};
 use consul_router::StartError;
@@ -15,8 +16,17 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Reverse proxy routing Host headers to Consul services.
 #[derive(Debug, Parser)]
-#[command(name = "consul-router", version, about)]
+// The router's flags mean nothing to a subcommand: refuse them rather than ignore them.
+#[command(
+    name = "consul-router",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    /// Without a command, run the router.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see config/consul-router.toml).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
@@ -52,8 +62,29 @@ struct Cli {
     check_config: bool,
 }
 
+/// What to do instead of running the router.
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Probe a running router's /healthz: exit 0 on 200, 1 otherwise, 2 for a bad URL.
+    Health(HealthArgs),
+}
+
+/// Flags of `consul-router health`.
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// The router's admin listener.
+    #[arg(long, value_name = "URL", default_value = "http://127.0.0.1:9090")]
+    admin: String,
+    /// Give up after this long (resolving, connecting and the answer).
+    #[arg(long, value_name = "DUR", default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Health(args)) = cli.command {
+        return health(&args);
+    }
     let env = |k: &str| std::env::var(k).ok();
     let overrides = Overrides {
         listen: cli.listen,
@@ -104,6 +135,38 @@ fn main() -> ExitCode {
                 return ExitCode::from(2);
             }
             eprintln!("consul-router: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `consul-router health`: one short line, on standard error when unhealthy.
+fn health(args: &HealthArgs) -> ExitCode {
+    use consul_router::health::{check, AdminUrl};
+    let url = match AdminUrl::parse(&args.admin) {
+        Ok(u) => u,
+        Err(e) => {
+            eprintln!("consul-router health: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("consul-router health: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(check(&url, args.timeout)) {
+        Ok(()) => {
+            println!("healthy: 200 from {url}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("unhealthy: {e}");
             ExitCode::FAILURE
         }
     }

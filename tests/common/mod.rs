@@ -258,6 +258,19 @@ pub async fn start_router(consul_url: &str, toml: &str) -> Running {
     r
 }
 
+/// Runs `cmd` to its end off the runtime's threads: its exit status (-1 if killed by a
+/// signal) and its standard output followed by its standard error.
+pub async fn output(mut cmd: Command) -> (i32, String) {
+    tokio::task::spawn_blocking(move || {
+        let out = cmd.output().expect("run the command");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code().unwrap_or(-1), text)
+    })
+    .await
+    .expect("command task")
+}
+
 /// Polls `cond` every 20 ms until true; panics after `limit`.
 pub async fn wait_until<F, Fut>(limit: Duration, what: &str, mut cond: F)
 where
