@@ -1,4 +1,5 @@
-//! The `consul-router` binary: flags, logging, runtime, signals.
+//! The `consul-router` binary: flags, logging, runtime, signals; the router by default,
+//! `announce` as a subcommand.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -6,6 +7,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use consul_router::access_log::{self, AccessLog};
+use consul_router::announce::{self, AnnounceArgs};
 use consul_router::config::{Config, LogFormat, Overrides};
 use consul_router::StartError;
 use tokio::signal::unix::{signal, SignalKind};
@@ -15,8 +17,16 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Reverse proxy routing Host headers to Consul services.
 #[derive(Debug, Parser)]
-#[command(name = "consul-router", version, about)]
+#[command(
+    name = "consul-router",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 struct Cli {
+    /// Without a subcommand, consul-router runs the router.
+    #[command(subcommand)]
+    command: Option<Command>,
     /// TOML configuration file (see config/consul-router.toml).
     #[arg(long, short = 'c', value_name = "FILE")]
     config: Option<PathBuf>,
@@ -52,8 +62,19 @@ struct Cli {
     check_config: bool,
 }
 
+/// The subcommands.
+#[derive(Debug, clap::Subcommand)]
+enum Command {
+    /// Register this instance in Consul, keep its check passing and report its load in
+    /// Service Meta; with `-- COMMAND`, run the app as a child (a container's entrypoint).
+    Announce(AnnounceArgs),
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Announce(args)) = cli.command {
+        return run_announce(args);
+    }
     let env = |k: &str| std::env::var(k).ok();
     let overrides = Overrides {
         listen: cli.listen,
@@ -101,6 +122,44 @@ fn main() -> ExitCode {
             }
             eprintln!("consul-router: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `consul-router announce`: flags that contradict each other exit with status 2, like
+/// clap's own refusals; otherwise the app's status (or 0 without an app).
+fn run_announce(args: AnnounceArgs) -> ExitCode {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("consul-router announce: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Standard output and error belong to the app: announce logs to standard error, with
+    // colours only on a terminal.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("consul-router announce: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(announce::run(settings)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("consul-router announce: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }
