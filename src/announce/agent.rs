@@ -80,61 +80,74 @@ impl Registrar {
 
     /// Registers, then keeps the registration: passes the TTL check (or, with an HTTP or
     /// TCP check, makes sure the agent still has the service) every TTL/3, writes the load
-    /// when the policy allows, and registers again after any failure, with capped
-    /// exponential backoff. Runs until cancelled.
+    /// when the policy allows, and registers again after any failure. Runs until cancelled.
     pub async fn keep(&mut self, reports: &mut watch::Receiver<Option<Report>>) {
         let mut backoff = Backoff::with_max(MAX_BACKOFF);
-        let beat = self.settings.ttl / 3;
+        loop {
+            self.register_until_done(reports, &mut backoff).await;
+            self.upkeep(reports).await;
+        }
+    }
+
+    /// Registers with the latest report, retrying with capped exponential backoff.
+    async fn register_until_done(
+        &mut self,
+        reports: &mut watch::Receiver<Option<Report>>,
+        backoff: &mut Backoff,
+    ) {
         let mut failures = 0u32;
         loop {
             let report = *reports.borrow_and_update();
-            if let Err(e) = self.register(report).await {
-                failures += 1;
-                // The first failure and then every tenth, so a long outage does not flood.
-                if failures % 10 == 1 {
-                    tracing::warn!(attempts = failures, "cannot register {}: {e}", self.id);
+            match self.register(report).await {
+                Ok(()) if failures == 0 => tracing::info!("registered {}", self.id),
+                Ok(()) => {
+                    tracing::info!("registered {} after {failures} failed attempts", self.id)
                 }
-                backoff.wait().await;
-                continue;
+                Err(e) => {
+                    failures += 1;
+                    // The first failure and then every tenth, so a long outage does not flood.
+                    if failures % 10 == 1 {
+                        tracing::warn!(attempts = failures, "cannot register {}: {e}", self.id);
+                    }
+                    backoff.wait().await;
+                    continue;
+                }
             }
-            if failures > 0 {
-                tracing::info!("registered {} after {failures} failed attempts", self.id);
-            } else {
-                tracing::info!("registered {}", self.id);
-            }
-            failures = 0;
             backoff.reset();
-            let mut next_beat = Instant::now() + beat;
-            let mut open = true;
-            // Registered: stay here until something fails.
-            loop {
-                tokio::select! {
-                    changed = reports.changed(), if open => {
-                        if changed.is_err() {
-                            // No more reports: only the check is left to keep.
-                            open = false;
-                            continue;
-                        }
-                        let report = *reports.borrow_and_update();
-                        if self.due(report) {
-                            if let Err(e) = self.register(report).await {
-                                tracing::warn!("cannot write the load of {}: {e}", self.id);
-                                break;
-                            }
+            return;
+        }
+    }
+
+    /// While registered: writes reports the policy lets through and keeps the check,
+    /// every TTL/3. Returns when either fails (Consul away, or the agent lost the service).
+    async fn upkeep(&mut self, reports: &mut watch::Receiver<Option<Report>>) {
+        let beat = self.settings.ttl / 3;
+        let mut next_beat = Instant::now() + beat;
+        let mut open = true;
+        loop {
+            tokio::select! {
+                changed = reports.changed(), if open => {
+                    // Closed: no more reports, only the check is left to keep.
+                    open = changed.is_ok();
+                    let report = *reports.borrow_and_update();
+                    if open && self.due(report) {
+                        if let Err(e) = self.register(report).await {
+                            tracing::warn!("cannot write the load of {}: {e}", self.id);
+                            return;
                         }
                     }
-                    _ = tokio::time::sleep_until(next_beat) => {
-                        next_beat += beat;
-                        match self.still_registered().await {
-                            Ok(true) => {}
-                            Ok(false) => {
-                                tracing::warn!("the agent lost {}: registering again", self.id);
-                                break;
-                            }
-                            Err(e) => {
-                                tracing::warn!("cannot reach Consul for {}: {e}", self.id);
-                                break;
-                            }
+                }
+                _ = tokio::time::sleep_until(next_beat) => {
+                    next_beat += beat;
+                    match self.still_registered().await {
+                        Ok(true) => {}
+                        Ok(false) => {
+                            tracing::warn!("the agent lost {}: registering again", self.id);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!("cannot reach Consul for {}: {e}", self.id);
+                            return;
                         }
                     }
                 }
@@ -168,8 +181,9 @@ impl Registrar {
         r?;
         if let Some(r) = report.filter(|_| self.policy.is_some()) {
             tracing::info!(
-                "load {} written (cpu {:.1}%, mem {:.1}%, procs {})",
+                "load {} written for {} (cpu {:.1}%, mem {:.1}%, procs {})",
                 r.load,
+                self.id,
                 r.reading.cpu,
                 r.reading.mem,
                 r.reading.procs

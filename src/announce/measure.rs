@@ -646,6 +646,15 @@ mod tests {
         }
     }
 
+    /// The reading over one second in which `change` happened to the files.
+    fn reading_across(source: Source, roots: Roots, change: impl FnOnce()) -> Reading {
+        let mut s = Sampler::new(source, roots);
+        let t0 = Instant::now();
+        assert_eq!(s.sample(t0).unwrap(), None);
+        change();
+        s.sample(t0 + Duration::from_secs(1)).unwrap().unwrap()
+    }
+
     #[test]
     fn cgroup_source_reads_usage_against_the_quota() {
         let f = Fixture::new("cg");
@@ -664,12 +673,10 @@ mod tests {
         };
         let source = Source::detect(&roots, None);
         assert_eq!(source, Source::Cgroup(cg));
-        let mut s = Sampler::new(source, roots);
-        let t0 = Instant::now();
-        assert_eq!(s.sample(t0).unwrap(), None);
         // 0.25 s of CPU in 1 s, against a quota of half a CPU: 50 %.
-        f.write("cgroup/cpu.stat", "usage_usec 1250000\n");
-        let r = s.sample(t0 + Duration::from_secs(1)).unwrap().unwrap();
+        let r = reading_across(source, roots, || {
+            f.write("cgroup/cpu.stat", "usage_usec 1250000\n")
+        });
         assert!((r.cpu - 50.0).abs() < 1e-9, "{r:?}");
         assert!((r.mem - 50.0).abs() < 1e-9, "{r:?}");
         assert_eq!((r.procs, r.procs_limit), (12, None));
@@ -687,12 +694,10 @@ mod tests {
         f.write("proc/loadavg", "0.5 0.4 0.3 2/321 999\n");
         let source = Source::detect(&roots, None);
         assert_eq!(source, Source::Host);
-        let mut s = Sampler::new(source, roots);
-        let t0 = Instant::now();
-        assert_eq!(s.sample(t0).unwrap(), None);
         // 300 of 400 ticks busy.
-        f.write("proc/stat", "cpu  300 0 200 900 0 0 0 0 0 0\n");
-        let r = s.sample(t0 + Duration::from_secs(1)).unwrap().unwrap();
+        let r = reading_across(source, roots, || {
+            f.write("proc/stat", "cpu  300 0 200 900 0 0 0 0 0 0\n")
+        });
         assert!((r.cpu - 75.0).abs() < 1e-9, "{r:?}");
         assert!((r.mem - 25.0).abs() < 1e-9, "{r:?}");
         assert_eq!(r.procs, 321);
