@@ -22,9 +22,11 @@ pids=()
 cleanup() {
   trap - INT TERM EXIT
   echo; echo "demo: stopping"
-  # Background jobs of a script ignore SIGINT, so stop them with TERM. Each announce
-  # deregisters its backend, then passes TERM on to it.
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  # Background jobs of a script ignore SIGINT, so stop them with TERM: the router and the
+  # announces first (each deregisters its backend, then passes TERM on to it), Consul last.
+  for p in "${pids[@]:1}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for p in "${pids[@]:1}"; do wait "$p" 2>/dev/null || true; done
+  [ ${#pids[@]} -eq 0 ] || kill -TERM "${pids[0]}" 2>/dev/null || true
   wait 2>/dev/null || true
 }
 trap cleanup INT TERM EXIT
