@@ -573,6 +573,7 @@ async fn least_load_router_avoids_the_instance_whose_app_is_busy() {
         let g = get(router.proxy_addr, "work.app.test", "/").await;
         assert_eq!(who(&g), "b", "{}", g.body);
     }
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
