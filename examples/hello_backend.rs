@@ -1,11 +1,15 @@
-//! A tiny backend for the demo: serves HTTP on 127.0.0.1, registers itself in Consul under
-//! `hello` (random), `hello-ip` (ip-hash), `hello-url` (url-hash) and `hello-load`
-//! (least-load) with a TTL check it keeps passing, and deregisters on Ctrl-C.
+//! A tiny backend for the demo: serves HTTP on 127.0.0.1:PORT and answers every request
+//! with its name. It does not talk to Consul: `consul-router announce` runs it, registers it
+//! and reports its load (see scripts/demo.sh).
 //!
-//! `cargo run --example hello_backend -- NAME LOAD [CONSUL_URL]`
+//! `GET /busy?secs=N` burns every CPU it may use for N seconds (1 to 300, default 10) in the
+//! background and answers at once, so that its announce reports a high load and least-load
+//! routes around it.
+//!
+//! `cargo run --example hello_backend -- NAME PORT`
 
 use std::convert::Infallible;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -13,72 +17,13 @@ use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 
-use consul_router::config::{Config, Overrides};
-use consul_router::consul::types::{Registration, TtlCheck};
-use consul_router::consul::ConsulClient;
-
-const SERVICES: [(&str, &str); 4] = [
-    ("hello", "random"),
-    ("hello-ip", "ip-hash"),
-    ("hello-url", "url-hash"),
-    ("hello-load", "least-load"),
-];
-
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let name = args.next().unwrap_or_else(|| "hello-1".into());
-    let load = args.next().unwrap_or_else(|| "1".into());
-    let consul_url = args
-        .next()
-        .unwrap_or_else(|| "http://127.0.0.1:8500".into());
-
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let port = listener.local_addr()?.port();
-    let cfg = Config::from_file(
-        Default::default(),
-        &Overrides {
-            consul: Some(consul_url),
-            ..Default::default()
-        },
-    )?;
-    let consul = ConsulClient::new(&cfg.consul)?;
-    for (svc, strategy) in SERVICES {
-        let id = format!("{svc}-{name}");
-        consul
-            .register(&Registration {
-                id: id.clone(),
-                name: svc.into(),
-                tags: vec![format!("router.strategy={strategy}")],
-                address: "127.0.0.1".into(),
-                port,
-                meta: [("load".to_string(), load.clone())].into(),
-                check: Some(TtlCheck {
-                    check_id: format!("{id}-ttl"),
-                    ttl: "15s".into(),
-                    status: "passing".into(),
-                    deregister_after: Some("1m".into()),
-                }),
-                ..Default::default()
-            })
-            .await?;
-    }
-    println!("{name}: listening on 127.0.0.1:{port}, registered with load {load}");
-
-    let heartbeat = {
-        let consul = consul.clone();
-        let name = name.clone();
-        tokio::spawn(async move {
-            loop {
-                for (svc, _) in SERVICES {
-                    let _ = consul
-                        .update_check(&format!("{svc}-{name}-ttl"), "passing", "alive")
-                        .await;
-                }
-                tokio::time::sleep(Duration::from_secs(5)).await;
-            }
-        })
-    };
+    let name = args.next().unwrap_or_else(|| "hello".into());
+    let port: u16 = args.next().unwrap_or_else(|| "0".into()).parse()?;
+    let listener = TcpListener::bind(("127.0.0.1", port)).await?;
+    println!("{name}: listening on {}", listener.local_addr()?);
 
     let serve = async {
         loop {
@@ -86,20 +31,11 @@ async fn main() -> anyhow::Result<()> {
             let name = name.clone();
             tokio::spawn(async move {
                 let svc = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-                    let text = format!(
-                        "hello from {name} ({} {}, client {})\n",
-                        req.method(),
-                        req.uri(),
-                        req.headers()
-                            .get("x-forwarded-for")
-                            .and_then(|v| v.to_str().ok())
-                            .unwrap_or("-")
-                    );
+                    let text = answer(&name, &req);
                     async move { Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(text)))) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), svc)
-                    .with_upgrades()
                     .await;
             });
         }
@@ -112,10 +48,47 @@ async fn main() -> anyhow::Result<()> {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
     }
-    heartbeat.abort();
-    for (svc, _) in SERVICES {
-        let _ = consul.deregister(&format!("{svc}-{name}")).await;
-    }
-    println!("{name}: deregistered");
+    println!("{name}: stopping");
     Ok(())
+}
+
+/// The body for `req`: a line naming this backend; `/busy` also starts burning CPU.
+fn answer(name: &str, req: &Request<hyper::body::Incoming>) -> String {
+    if req.uri().path() == "/busy" {
+        let secs = req
+            .uri()
+            .query()
+            .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("secs=")))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(10)
+            .clamp(1, 300);
+        let threads = burn(Duration::from_secs(secs));
+        return format!("{name} is busy on {threads} threads for {secs} s\n");
+    }
+    format!(
+        "hello from {name} ({} {}, client {})\n",
+        req.method(),
+        req.uri(),
+        req.headers()
+            .get("x-forwarded-for")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+    )
+}
+
+/// Spins one thread per usable CPU until `time` has passed; returns the thread count.
+fn burn(time: Duration) -> usize {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let end = Instant::now() + time;
+    for _ in 0..threads {
+        std::thread::spawn(move || {
+            let mut x = 0u64;
+            while Instant::now() < end {
+                for i in 0..10_000u64 {
+                    x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(i));
+                }
+            }
+        });
+    }
+    threads
 }

@@ -5,6 +5,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod announce;
 pub mod balance;
 pub mod config;
 pub mod consul;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use clap::{Args, Parser, Subcommand};
 use consul_router::access_log;
+use consul_router::announce::{self, AnnounceArgs};
 use consul_router::config::{Config, LogFormat, Overrides};
 use consul_router::StartError;
 use tokio::signal::unix::{signal, SignalKind};
@@ -65,6 +66,9 @@ struct Cli {
 /// What to do instead of running the router.
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Register this instance in Consul, keep its check passing and report its load in
+    /// Service Meta; with `-- COMMAND`, run the app as a child (a container's entrypoint).
+    Announce(AnnounceArgs),
     /// Probe a running router's /healthz: exit 0 on 200, 1 otherwise, 2 for a bad URL.
     Health(HealthArgs),
 }
@@ -82,8 +86,10 @@ struct HealthArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Some(Command::Health(args)) = cli.command {
-        return health(&args);
+    match cli.command {
+        Some(Command::Announce(args)) => return run_announce(args),
+        Some(Command::Health(args)) => return health(&args),
+        None => {}
     }
     let env = |k: &str| std::env::var(k).ok();
     let overrides = Overrides {
@@ -136,6 +142,44 @@ fn main() -> ExitCode {
             }
             eprintln!("consul-router: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// `consul-router announce`: flags that contradict each other exit with status 2, like
+/// clap's own refusals; otherwise the app's status (or 0 without an app).
+fn run_announce(args: AnnounceArgs) -> ExitCode {
+    let settings = match args.settings() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("consul-router announce: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Standard output and error belong to the app: announce logs to standard error, with
+    // colours only on a terminal.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("consul-router announce: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(announce::run(settings)) {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            eprintln!("consul-router announce: {e}");
+            ExitCode::from(e.exit_code())
         }
     }
 }

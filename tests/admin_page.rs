@@ -239,7 +239,7 @@ async fn admin_page_renders_hosts_services_and_instances_in_chromium() {
                 passing: 7,
                 warning: 1,
             }),
-            check: None,
+            ..Default::default()
         })
         .await;
     // pay: its own host, one instance warning (not routed without include_warning).

@@ -149,6 +149,21 @@ impl ConsulClient {
             .await
     }
 
+    /// `GET /v1/agent/service/<id>`: whether the local agent has the service (false on 404).
+    pub async fn has_agent_service(&self, id: &str) -> Result<bool, ConsulError> {
+        let mut path = String::from("/v1/agent/service/");
+        encode_segment(id, &mut path);
+        // An agent endpoint: the local agent answers, never a stale server.
+        match self
+            .query_with::<serde::de::IgnoredAny>(&path, 0, Duration::ZERO, false)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `PUT /v1/agent/service/deregister/<id>`.
     pub async fn deregister(&self, id: &str) -> Result<(), ConsulError> {
         let mut path = String::from("/v1/agent/service/deregister/");
@@ -290,6 +305,7 @@ fn endpoint(path: &str) -> &'static str {
         p if p.starts_with("/v1/health/service/") => "health_service",
         p if p.starts_with("/v1/agent/service/deregister/") => "agent_deregister",
         p if p.starts_with("/v1/agent/check/update/") => "agent_check_update",
+        p if p.starts_with("/v1/agent/service/") => "agent_service",
         _ => "other",
     }
 }
@@ -358,6 +374,7 @@ mod tests {
             endpoint("/v1/agent/service/deregister/x-1"),
             "agent_deregister"
         );
+        assert_eq!(endpoint("/v1/agent/service/x-1"), "agent_service");
         assert_eq!(endpoint("/v1/kv/x"), "other");
     }
 

@@ -42,19 +42,31 @@ where
     AbortOnDrop(handle.abort_handle())
 }
 
-/// Exponential backoff with jitter: 250 ms doubling to 30 s, each delay scaled by 0.5–1.0.
-#[derive(Debug, Default)]
+/// Exponential backoff with jitter: 250 ms doubling to 30 s (or the cap given to
+/// [`Backoff::with_max`]), each delay scaled by 0.5–1.0.
+#[derive(Debug)]
 pub struct Backoff {
     failures: u32,
+    max: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Backoff::with_max(Duration::from_secs(30))
+    }
 }
 
 impl Backoff {
+    /// A backoff whose delays never exceed `max`.
+    pub fn with_max(max: Duration) -> Self {
+        Backoff { failures: 0, max }
+    }
+
     /// The next delay; grows with each call until [`Backoff::reset`].
     pub fn next_delay(&mut self) -> Duration {
         let base = Duration::from_millis(250) * 2u32.saturating_pow(self.failures.min(7));
-        self.failures += 1;
-        base.min(Duration::from_secs(30))
-            .mul_f64(0.5 + fastrand::f64() / 2.0)
+        self.failures = self.failures.saturating_add(1);
+        base.min(self.max).mul_f64(0.5 + fastrand::f64() / 2.0)
     }
 
     /// Sleeps for the next delay.
@@ -85,6 +97,10 @@ mod tests {
         assert!(b.next_delay() >= Duration::from_secs(15));
         b.reset();
         assert!(b.next_delay() <= Duration::from_millis(250));
+        let mut capped = Backoff::with_max(Duration::from_secs(2));
+        for _ in 0..20 {
+            assert!(capped.next_delay() <= Duration::from_secs(2));
+        }
     }
 
     #[tokio::test(start_paused = true)]

@@ -88,7 +88,7 @@ pub struct Check {
     pub service_name: String,
 }
 
-/// `PUT /v1/agent/service/register` body (for tests, the demo and the coming `announce`).
+/// `PUT /v1/agent/service/register` body (for `announce` and tests).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Registration {
     /// Service ID.
@@ -115,6 +115,9 @@ pub struct Registration {
     /// A TTL check, if any.
     #[serde(rename = "Check", skip_serializing_if = "Option::is_none")]
     pub check: Option<TtlCheck>,
+    /// Checks of any kind (TTL, HTTP, TCP), registered with the service.
+    #[serde(rename = "Checks", skip_serializing_if = "Vec::is_empty")]
+    pub checks: Vec<ServiceCheck>,
 }
 
 /// A TTL check definition.
@@ -135,6 +138,65 @@ pub struct TtlCheck {
         skip_serializing_if = "Option::is_none"
     )]
     pub deregister_after: Option<String>,
+}
+
+/// A check registered with a service: its kind, and what Consul does with it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ServiceCheck {
+    /// Check ID, unique on the agent.
+    #[serde(rename = "CheckID")]
+    pub check_id: String,
+    /// Name shown in the UI.
+    #[serde(rename = "Name")]
+    pub name: String,
+    /// Who runs the check and how.
+    #[serde(flatten)]
+    pub kind: CheckKind,
+    /// Initial status; Consul's default is critical.
+    #[serde(rename = "Status", skip_serializing_if = "Option::is_none")]
+    pub status: Option<String>,
+    /// Remove the service after this long critical, e.g. "1m" (Consul's minimum).
+    #[serde(
+        rename = "DeregisterCriticalServiceAfter",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub deregister_after: Option<String>,
+}
+
+/// The kind of a [`ServiceCheck`]; durations are Go duration strings such as "10s".
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum CheckKind {
+    /// Passed by the registrant through `/v1/agent/check/update`; critical after `TTL`.
+    Ttl {
+        /// How long a pass lasts.
+        #[serde(rename = "TTL")]
+        ttl: String,
+    },
+    /// The agent GETs the URL; 2xx passes, 429 warns, anything else fails.
+    Http {
+        /// The URL.
+        #[serde(rename = "HTTP")]
+        url: String,
+        /// Time between two runs.
+        #[serde(rename = "Interval")]
+        interval: String,
+        /// Time a run may take.
+        #[serde(rename = "Timeout")]
+        timeout: String,
+    },
+    /// The agent opens a TCP connection to `host:port`.
+    Tcp {
+        /// `host:port`.
+        #[serde(rename = "TCP")]
+        address: String,
+        /// Time between two runs.
+        #[serde(rename = "Interval")]
+        interval: String,
+        /// Time a run may take.
+        #[serde(rename = "Timeout")]
+        timeout: String,
+    },
 }
 
 impl HealthEntry {
