@@ -68,7 +68,7 @@ struct Cli {
 enum Command {
     /// Register this instance in Consul, keep its check passing and report its load in
     /// Service Meta; with `-- COMMAND`, run the app as a child (a container's entrypoint).
-    Announce(AnnounceArgs),
+    Announce(Box<AnnounceArgs>),
     /// Probe a running router's /healthz: exit 0 on 200, 1 otherwise, 2 for a bad URL.
     Health(HealthArgs),
 }
@@ -148,7 +148,7 @@ fn main() -> ExitCode {
 
 /// `consul-router announce`: flags that contradict each other exit with status 2, like
 /// clap's own refusals; otherwise the app's status (or 0 without an app).
-fn run_announce(args: AnnounceArgs) -> ExitCode {
+fn run_announce(args: Box<AnnounceArgs>) -> ExitCode {
     let settings = match args.settings() {
         Ok(s) => s,
         Err(e) => {
