@@ -1807,6 +1807,35 @@ async fn responses_are_held_to_the_same_rules() {
     })();
     report.check("TE with CL", r);
 
+    // The load header (any case, repeated, or not a number) never reaches the client; the
+    // rest of the head and the body do, unchanged.
+    b.set(Script::answer(
+        b"HTTP/1.1 200 OK\r\nx-backend-load: 7\r\nContent-Length: 2\r\nX-App: 1\r\nX-BACKEND-LOAD: lots\r\nX-Backend-Loads: 3\r\n\r\nok",
+    ));
+    let a = talk(p, &[GET_R], Duration::ZERO, 1, Wait::No).await;
+    let r = (|| -> Result<(), String> {
+        let r = a.first()?;
+        ensure!(
+            r.status == 200 && r.body == b"ok",
+            "client got {}",
+            esc(&a.bytes)
+        );
+        let lower = a.bytes.to_ascii_lowercase();
+        ensure!(
+            find(&lower, b"x-backend-load:").is_none(),
+            "load header relayed: {}",
+            esc(&a.bytes)
+        );
+        ensure!(
+            r.header("x-app").as_deref() == Some("1")
+                && r.header("x-backend-loads").as_deref() == Some("3"),
+            "client got {}",
+            esc(&a.bytes)
+        );
+        Ok(())
+    })();
+    report.check("load header taken out", r);
+
     // A valid body with extensions and trailers passes verbatim.
     b.set(Script::answer(&cat(&[
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
