@@ -580,13 +580,6 @@ fn refs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// `systemd-analyze` on PATH, if any.
-fn systemd_analyze() -> Option<PathBuf> {
-    std::env::split_paths(&std::env::var_os("PATH")?)
-        .map(|d| d.join("systemd-analyze"))
-        .find(|p| p.is_file())
-}
-
 #[test]
 fn template_unit_passes_systemd_analyze_verify() {
     let unit = std::fs::read_to_string(
@@ -604,10 +597,7 @@ fn template_unit_passes_systemd_analyze_verify() {
     ] {
         assert!(unit.lines().any(|l| l == line), "missing {line:?}");
     }
-    let Some(analyze) = systemd_analyze() else {
-        eprintln!("systemd-analyze is not installed: the unit file was not verified");
-        return;
-    };
+    let analyze = systemd_analyze();
     // verify checks that ExecStart's binary exists: point it at the one cargo built. An
     // instance name stands for %i.
     let dir = temp_dir("unit");
@@ -617,20 +607,7 @@ fn template_unit_passes_systemd_analyze_verify() {
     let path = dir.join("consul-router-announce@chat.service");
     let verify = |text: &str| {
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(&analyze)
-            .arg("verify")
-            .arg(&path)
-            .current_dir(&dir)
-            .output()
-            .expect("run systemd-analyze");
-        let text = String::from_utf8_lossy(&out.stdout).into_owned()
-            + &String::from_utf8_lossy(&out.stderr);
-        let ours: Vec<String> = text
-            .lines()
-            .filter(|l| l.contains("consul-router-announce"))
-            .map(str::to_owned)
-            .collect();
-        (out.status.success(), ours)
+        common::verify(&analyze, &path)
     };
     let (ok, lines) = verify(&local);
     assert!(ok && lines.is_empty(), "systemd-analyze verify: {lines:#?}");

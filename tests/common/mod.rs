@@ -519,3 +519,65 @@ impl<T> futures_core::Stream for ReceiverStream<T> {
         self.0.poll_recv(cx)
     }
 }
+
+/// `systemd-analyze`: on PATH, else installed from Debian's `systemd` package when running
+/// as root; otherwise the test fails saying how to get it.
+pub fn systemd_analyze() -> PathBuf {
+    let found = |name: &str| {
+        std::env::var_os("PATH").and_then(|path| {
+            std::env::split_paths(&path)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+    };
+    if let Some(p) = found("systemd-analyze") {
+        return p;
+    }
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+    let how = "install it (Debian/Ubuntu: `apt-get install systemd`)";
+    assert!(
+        root,
+        "systemd-analyze is not installed and this test is not root: {how}"
+    );
+    assert!(
+        found("apt-get").is_some(),
+        "systemd-analyze is not installed and there is no apt-get: {how}"
+    );
+    let apt = |args: &[&str]| {
+        Command::new("apt-get")
+            .args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    let install = ["install", "-y", "--no-install-recommends", "systemd"];
+    let installed = apt(&install) || (apt(&["update"]) && apt(&install));
+    assert!(
+        installed,
+        "systemd-analyze is not installed and `apt-get install systemd` failed: {how}"
+    );
+    found("systemd-analyze").expect("systemd-analyze after installing systemd")
+}
+
+/// `systemd-analyze verify` on `unit` (a unit file named `consul-router*`): the exit
+/// status, and the output lines that name it (its warnings, e.g. an unknown key,
+/// leave the exit status 0).
+pub fn verify(analyze: &std::path::Path, unit: &std::path::Path) -> (bool, Vec<String>) {
+    let out = Command::new(analyze)
+        .arg("verify")
+        .arg(unit)
+        .current_dir(unit.parent().unwrap())
+        .output()
+        .expect("run systemd-analyze");
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let about_ours = text
+        .lines()
+        .filter(|l| l.contains("consul-router"))
+        .map(str::to_owned)
+        .collect();
+    (out.status.success(), about_ours)
+}
