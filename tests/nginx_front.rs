@@ -366,17 +366,7 @@ async fn send_from(from: IpAddr, to: SocketAddr, req: Request<Full<Bytes>>) -> G
         .await
         .expect("handshake");
     tokio::spawn(conn);
-    let resp = timeout(STEP, sender.send_request(req))
-        .await
-        .expect("response in time")
-        .expect("response");
-    let (parts, body) = resp.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Got {
-        status: parts.status,
-        headers: parts.headers,
-        body: String::from_utf8_lossy(&body).into_owned(),
-    }
+    send_on(&mut sender, req, STEP).await
 }
 
 /// Established TCP connections whose local port is `port` (Linux: /proc/net/tcp).

@@ -312,7 +312,16 @@ where
 /// Sends `req` on a fresh connection to `addr`.
 pub async fn send(addr: SocketAddr, req: Request<Full<Bytes>>) -> Got {
     let mut sender = open(addr).await;
-    let resp = tokio::time::timeout(Duration::from_secs(30), sender.send_request(req))
+    send_on(&mut sender, req, Duration::from_secs(30)).await
+}
+
+/// Sends `req` on an open HTTP/1 connection and reads the whole answer within `limit`.
+pub async fn send_on(
+    sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+    req: Request<Full<Bytes>>,
+    limit: Duration,
+) -> Got {
+    let resp = tokio::time::timeout(limit, sender.send_request(req))
         .await
         .expect("response in time")
         .expect("response");
