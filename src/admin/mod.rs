@@ -20,6 +20,8 @@ use hyper::{Request, Response};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Serialize;
 
+mod exposition;
+
 use crate::config::AdminToken;
 use crate::routing::{Health, Routes, RoutingTable};
 use crate::server::Handler;
@@ -88,7 +90,7 @@ impl Admin {
             "/api/stats" => self.stats_json().await,
             "/metrics" => with_type(
                 StatusCode::OK,
-                self.metrics.render().into(),
+                exposition::render(&self.metrics, &self.routes).into(),
                 "text/plain; version=0.0.4; charset=utf-8",
             ),
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
@@ -156,11 +158,12 @@ impl Admin {
             }
         }
         let metrics = self.metrics.clone();
+        let routes = self.routes.clone();
         let table = self.routes.load_full();
         let epoch = self.epoch;
         let body = tokio::task::spawn_blocking(move || {
             let at = epoch.elapsed().as_secs_f64();
-            let view = StatsView::read(&metrics.render(), &table, at);
+            let view = StatsView::read(&exposition::render(&metrics, &routes), &table, at);
             serde_json::to_vec(&view)
         })
         .await;

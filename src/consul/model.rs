@@ -59,6 +59,10 @@ pub(crate) struct Model {
     fingerprints: HashMap<String, u64>,
     /// The last answer from Consul; the start until there is one.
     answered: Instant,
+    /// The catalog's blocking query open now: when it started and by when Consul must have
+    /// answered it. While it is open and on time the table is current: Consul answers a
+    /// blocking query as soon as anything changes.
+    blocking: Option<(Instant, Instant)>,
 }
 
 impl Model {
@@ -72,6 +76,7 @@ impl Model {
             pending: BTreeSet::new(),
             fingerprints: HashMap::new(),
             answered: now,
+            blocking: None,
         }
     }
 
@@ -82,12 +87,32 @@ impl Model {
 
     /// Consul answered (any endpoint): the table is current as of `now`.
     pub(crate) fn answered(&mut self, now: Instant) {
-        self.answered = now;
+        self.answered = self.answered.max(now);
     }
 
-    /// Time since Consul last answered (since the start, if it never did).
+    /// The catalog's blocking query started at `now`; Consul answers it by `due` at the latest
+    /// (its wait and jitter) if all is well.
+    pub(crate) fn blocking(&mut self, now: Instant, due: Instant) {
+        self.blocking = Some((now, due));
+    }
+
+    /// The catalog's query ended at `now`, answered or not. Until then, and no later than its
+    /// due time, the table was current.
+    pub(crate) fn blocking_ended(&mut self, now: Instant) {
+        if let Some((_, due)) = self.blocking.take() {
+            self.answered = self.answered.max(now.min(due));
+        }
+    }
+
+    /// How long the table may have been behind Consul: since the last answer, or 0 while the
+    /// catalog's blocking query is open and not overdue (a quiet cluster answers only when
+    /// its wait ends); since the start, if Consul never answered.
     pub(crate) fn answer_age(&self, now: Instant) -> Duration {
-        now.saturating_duration_since(self.answered)
+        let current = match self.blocking {
+            Some((_, due)) => self.answered.max(now.min(due)),
+            None => self.answered,
+        };
+        now.saturating_duration_since(current)
     }
 
     /// A new answer from `/v1/catalog/services`. Services it no longer lists leave; listed
@@ -580,14 +605,33 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn the_answer_age_counts_from_the_last_answer() {
         let mut m = model(1);
-        tokio::time::advance(Duration::from_secs(3)).await;
-        assert_eq!(
-            m.answer_age(Instant::now()),
-            Duration::from_secs(3),
-            "no answer yet"
-        );
+        let s = Duration::from_secs;
+        tokio::time::advance(s(3)).await;
+        assert_eq!(m.answer_age(Instant::now()), s(3), "no answer yet");
         m.answered(Instant::now());
         tokio::time::advance(Duration::from_millis(1500)).await;
         assert_eq!(m.answer_age(Instant::now()), Duration::from_millis(1500));
+
+        // A quiet cluster: the blocking query stays open for its whole wait, and is fresh.
+        m.answered(Instant::now());
+        m.blocking(Instant::now(), Instant::now() + s(100));
+        tokio::time::advance(s(90)).await;
+        assert_eq!(
+            m.answer_age(Instant::now()),
+            Duration::ZERO,
+            "open and on time"
+        );
+        // Overdue: Consul should have answered by now.
+        tokio::time::advance(s(30)).await;
+        assert_eq!(m.answer_age(Instant::now()), s(20), "past its due time");
+        // It fails: current up to its due time, then aging.
+        m.blocking_ended(Instant::now());
+        assert_eq!(m.answer_age(Instant::now()), s(20));
+        m.answered(Instant::now());
+        m.blocking(Instant::now(), Instant::now() + s(100));
+        tokio::time::advance(s(10)).await;
+        m.blocking_ended(Instant::now());
+        tokio::time::advance(s(7)).await;
+        assert_eq!(m.answer_age(Instant::now()), s(7), "since the failure");
     }
 }

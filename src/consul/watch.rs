@@ -254,10 +254,15 @@ impl Discovery {
         let mut cat = CatalogPoll::default();
         loop {
             start_at(&mut cat.poll).await;
-            let r = self
-                .client
-                .catalog_services(cat.poll.index(), self.cfg.wait)
-                .await;
+            let index = cat.poll.index();
+            if index > 0 {
+                let now = Instant::now();
+                self.lock()
+                    .model
+                    .blocking(now, now + blocking_due(self.cfg.wait));
+            }
+            let r = self.client.catalog_services(index, self.cfg.wait).await;
+            self.lock().model.blocking_ended(Instant::now());
             match r {
                 Ok(r) => match cat.judge(Instant::now(), r.index) {
                     CatalogStep::Apply => self.apply_catalog(r.value),
@@ -441,7 +446,7 @@ impl Discovery {
             let table = build(&snapshot, &catalog_tags, &self.build.load(), &mut reg);
             let built = t0.elapsed();
             let (generation, routed) = (table.generation, table.services.len());
-            metrics.published(&table, built);
+            metrics.published(built);
             self.routes.store(table);
             if first {
                 tracing::info!(services = snapshot.len(), routed, "routing table is live");
@@ -454,6 +459,12 @@ impl Discovery {
             );
         }
     }
+}
+
+/// How long Consul may hold a blocking query with `wait`: the wait, its jitter (up to
+/// wait/16) and a second for the answer to arrive.
+fn blocking_due(wait: Duration) -> Duration {
+    wait + wait / 16 + Duration::from_secs(1)
 }
 
 /// When the service was last used, from the live table (0: never, or not in it).
@@ -614,35 +625,13 @@ mod tests {
 
         let text = prometheus.render();
         assert!(updates(&text) >= before + 2.0, "{text}");
-        let instances = |svc: &str, state: &str| {
-            let (svc, state) = (format!("service=\"{svc}\""), format!("state=\"{state}\""));
-            sample(&text, "consul_router_instances", &[&svc, &state])
-        };
-        // Weight 0, a warning (not routed here) and a critical are not routable.
-        for (state, n) in [
-            ("passing", 2.0),
-            ("warning", 1.0),
-            ("critical", 1.0),
-            ("not_routable", 3.0),
-        ] {
-            assert_eq!(instances(a, state), Some(n), "{state}\n{text}");
-        }
-        assert_eq!(instances(b, "critical"), Some(1.0));
-        assert_eq!(instances(b, "not_routable"), Some(1.0));
+        assert_eq!(t.services[a].instance_counts(), [2, 1, 1, 3, 1]);
 
-        // b leaves Consul: its gauges read 0.
+        // b leaves Consul.
         d.apply_catalog([(a.to_owned(), vec![])].into());
         tokio::time::sleep(ms(150)).await;
         assert_eq!(d.routes.load().generation, 3);
         assert!(!d.routes.load().services.contains_key(b));
-        let text = prometheus.render();
-        let gone = |state: &str| {
-            let (svc, state) = (format!("service=\"{b}\""), format!("state=\"{state}\""));
-            sample(&text, "consul_router_instances", &[&svc, &state])
-        };
-        for state in ["passing", "warning", "critical", "not_routable"] {
-            assert_eq!(gone(state), Some(0.0), "{state}");
-        }
 
         // Consul goes quiet: the table's age grows, and an answer brings it back to 0.
         tokio::time::sleep(Duration::from_secs(5)).await;

@@ -342,7 +342,7 @@ impl Proxy {
     /// The retry rule: what follows a failed attempt. Counts the error, and the retry if
     /// there is one, for the service.
     pub fn after_failure(&self, service: &Service, f: Failed) -> Next {
-        service.stats.metrics.upstream_error(f.kind);
+        service.stats.metrics.get().upstream_error(f.kind);
         let unsent = f.unsent || f.kind.before_send();
         let next = if f.reused && f.kind == ErrorKind::Reset && (unsent || f.replayable) {
             // A kept-alive connection the backend closed as we took it: common, and not
@@ -354,7 +354,7 @@ impl Proxy {
             Next::Answer
         };
         if next != Next::Answer {
-            service.stats.metrics.retries.increment(1);
+            service.stats.metrics.get().retry();
         }
         next
     }
@@ -379,7 +379,9 @@ impl Proxy {
     /// Closes a request: its status and durations go to the service's metrics (or to
     /// `unknown` when no service took it), and its line to the access log.
     pub fn finish(&self, done: &Finished<'_>, log: Option<&LogFields>) {
-        let metrics = done.service.map_or(&self.unknown, |s| &s.stats.metrics);
+        let metrics = done
+            .service
+            .map_or(&self.routes.unrouted, |s| s.stats.metrics.get());
         let duration = done.start.map_or(Duration::ZERO, |s| s.elapsed());
         metrics.count(done.status);
         metrics.duration.record(duration);

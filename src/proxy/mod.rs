@@ -158,8 +158,6 @@ pub struct Proxy {
     upgraded: metrics::Gauge,
     /// `consul_router_open_connections{protocol}`: HTTP/1 and HTTP/2 client connections.
     pub(crate) open_connections: [metrics::Gauge; 2],
-    /// Metrics of requests no service took (`service="unknown"`).
-    unknown: crate::metrics::ServiceMetrics,
     /// Client connections accepted, numbering them for request IDs.
     conns: std::sync::atomic::AtomicU64,
     /// This process's request ID prefix.
@@ -195,7 +193,6 @@ impl Proxy {
                 metrics::gauge!("consul_router_open_connections", "protocol" => "http1"),
                 metrics::gauge!("consul_router_open_connections", "protocol" => "http2"),
             ],
-            unknown: crate::metrics::ServiceMetrics::new("unknown"),
             conns: std::sync::atomic::AtomicU64::new(0),
             salt: fastrand::u32(..),
             access_log,
@@ -299,6 +296,7 @@ impl Proxy {
             service
                 .stats
                 .metrics
+                .get()
                 .upstream_error(crate::upstream::ErrorKind::BadResponse);
             let e = ProxyError::BadResponse("unexpected 101".into());
             return self.local_answer(e, Some(&service), routed.start, &request_id, log);

@@ -89,7 +89,7 @@ impl Upstream {
                 }
                 Attempt::Failed(e) => {
                     if let Some(kind) = e.upstream_kind() {
-                        svc.stats.metrics.upstream_error(kind);
+                        svc.stats.metrics.get().upstream_error(kind);
                     }
                     return Err(e);
                 }

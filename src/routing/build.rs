@@ -144,7 +144,7 @@ pub fn build(
         let stats = reg
             .services
             .entry(name.to_string())
-            .or_insert_with(|| Arc::new(ServiceStats::new(name, reg.epoch)))
+            .or_insert_with(|| Arc::new(ServiceStats::new(reg.epoch)))
             .clone();
         let mut own_hosts: Vec<Box<str>> = specs
             .iter()

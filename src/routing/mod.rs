@@ -11,6 +11,7 @@ pub use build::{build, BuildOptions, CatalogTags, StateRegistry};
 pub use host::{normalize, HostError, MAX_HOST};
 pub use table::{
     Health, Instance, InstanceSpec, InstanceState, RoutingTable, Service, ServiceStats,
+    INSTANCE_STATES,
 };
 
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use arc_swap::ArcSwap;
 #[derive(Debug)]
 pub struct Routes {
     current: ArcSwap<RoutingTable>,
+    /// Metrics of requests no service took (`service="unknown"`), kept as tables change.
+    pub unrouted: crate::metrics::ServiceMetrics,
 }
 
 impl Routes {
@@ -28,6 +31,7 @@ impl Routes {
     pub fn new() -> Self {
         Routes {
             current: ArcSwap::from_pointee(RoutingTable::empty()),
+            unrouted: crate::metrics::ServiceMetrics::default(),
         }
     }
 

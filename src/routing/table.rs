@@ -13,12 +13,16 @@ use std::time::Instant;
 use crate::balance::{Candidate, Exclude, Picker, Strategy};
 pub use crate::upstream::InstanceState;
 
+/// The `state` labels of instance counts, in [`Service::instance_counts`] order.
+pub const INSTANCE_STATES: [&str; 5] =
+    ["passing", "warning", "critical", "not_routable", "routable"];
+
 /// An instance's health as Consul reports it (worst of its checks and its node's checks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Health {
     /// All checks pass.
-    Passing,
+    Passing = 0,
     /// Some check warns, none fails.
     Warning,
     /// Some check fails (maintenance mode included).
@@ -65,17 +69,18 @@ pub struct ServiceStats {
     /// Seconds since `epoch` at the last request; 0 means never.
     last_used: AtomicU64,
     epoch: Instant,
-    /// Request metrics, registered once so a request does no lookup.
-    pub metrics: crate::metrics::ServiceMetrics,
+    /// Request metrics, created on the first request and kept with the service, so a
+    /// request does no lookup.
+    pub metrics: crate::metrics::LazyMetrics,
 }
 
 impl ServiceStats {
-    /// Registers the service's counters.
-    pub fn new(name: &str, epoch: Instant) -> Self {
+    /// A service's stats, with no request yet.
+    pub fn new(epoch: Instant) -> Self {
         ServiceStats {
             last_used: AtomicU64::new(0),
             epoch,
-            metrics: crate::metrics::ServiceMetrics::new(name),
+            metrics: crate::metrics::LazyMetrics::default(),
         }
     }
 
@@ -168,6 +173,18 @@ impl Service {
     /// The routable instances.
     pub fn routable(&self) -> &[Instance] {
         &self.instances[..self.routable]
+    }
+
+    /// How many instances are passing, warning and critical, then how many are not routable
+    /// (weight 0, warning while warnings are not routed, or critical) and routable.
+    pub fn instance_counts(&self) -> [usize; 5] {
+        let mut counts = [0; 5];
+        for i in self.instances.iter() {
+            counts[i.health as usize] += 1;
+        }
+        counts[3] = self.instances.len() - self.routable;
+        counts[4] = self.routable;
+        counts
     }
 
     /// Picks a routable instance for `key`, skipping `exclude`d positions.

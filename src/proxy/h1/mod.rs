@@ -448,7 +448,7 @@ impl Conn<'_> {
                         Err(Failure::Abort) => return false,
                         Err(Failure::Answer(e)) => {
                             if let Some(kind) = e.upstream_kind() {
-                                ex.service.stats.metrics.upstream_error(kind);
+                                ex.service.stats.metrics.get().upstream_error(kind);
                             }
                             return self.fail(&ex, e).await;
                         }

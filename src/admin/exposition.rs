@@ -1,0 +1,200 @@
+//! `/metrics`: the recorder's process-wide series, then what is read from the live routing
+//! table at scrape time: table totals, the instances of services that are not fully routable
+//! or carry traffic, and the request series of services that had a request. A service that
+//! leaves the table leaves `/metrics` with it, and an idle, healthy one costs no line.
+
+use std::fmt::Write as _;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::metrics::{escape_label, write_services, ServiceMetrics};
+use crate::routing::{Routes, RoutingTable, INSTANCE_STATES};
+
+/// The whole `/metrics` text.
+pub(super) fn render(prometheus: &PrometheusHandle, routes: &Routes) -> String {
+    let mut out = prometheus.render();
+    write_table(&mut out, &routes.load(), &routes.unrouted);
+    out
+}
+
+/// The series read from `table`, and the request series of `unrouted` once it has any.
+fn write_table(out: &mut String, table: &RoutingTable, unrouted: &ServiceMetrics) {
+    let mut totals = [0usize; INSTANCE_STATES.len()];
+    let mut unroutable = 0;
+    // (name, instance counts, request metrics) of the services that export series.
+    let mut shown = Vec::new();
+    for (name, service) in &table.services {
+        let counts = service.instance_counts();
+        totals.iter_mut().zip(counts).for_each(|(t, n)| *t += n);
+        unroutable += usize::from(service.routable == 0);
+        let used = service.stats.metrics.used();
+        let whole = service.routable > 0 && service.routable == service.instances.len();
+        if used.is_some() || !whole {
+            shown.push((escape_label(name), counts, used));
+        }
+    }
+    shown.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+
+    gauge(
+        out,
+        "consul_router_services",
+        "Services in the routing table.",
+    );
+    let _ = writeln!(out, "consul_router_services {}", table.services.len());
+    gauge(
+        out,
+        "consul_router_services_unroutable",
+        "Services in the routing table with no routable instance (they answer 503).",
+    );
+    let _ = writeln!(out, "consul_router_services_unroutable {unroutable}");
+    gauge(
+        out,
+        "consul_router_table_instances",
+        "Instances in the routing table by state: passing, warning, critical; not_routable (weight 0, warning while warnings are not routed, or critical) and routable.",
+    );
+    for (state, n) in INSTANCE_STATES.iter().zip(totals) {
+        let _ = writeln!(
+            out,
+            "consul_router_table_instances{{state=\"{state}\"}} {n}"
+        );
+    }
+    if !shown.is_empty() {
+        gauge(
+            out,
+            "consul_router_instances",
+            "Instances of a routed service by state, for services that are not fully routable or that carried traffic.",
+        );
+        for (service, counts, _) in &shown {
+            for (state, n) in INSTANCE_STATES.iter().zip(counts) {
+                let _ = writeln!(
+                    out,
+                    "consul_router_instances{{service=\"{service}\",state=\"{state}\"}} {n}"
+                );
+            }
+        }
+    }
+    let mut requests: Vec<(String, &ServiceMetrics)> = shown
+        .iter()
+        .filter_map(|(name, _, used)| used.map(|m| (name.clone(), m)))
+        .collect();
+    if unrouted.requests().iter().any(|n| *n > 0) {
+        requests.push(("unknown".to_owned(), unrouted));
+    }
+    write_services(out, &requests);
+}
+
+fn gauge(out: &mut String, name: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::balance::Strategy;
+    use crate::config::Expose;
+    use crate::routing::{build, BuildOptions, CatalogTags, Health, InstanceSpec, StateRegistry};
+
+    fn spec(id: &str, health: Health) -> InstanceSpec {
+        InstanceSpec {
+            id: id.into(),
+            node: "n".into(),
+            address: "127.0.0.1".into(),
+            port: 1,
+            tags: vec![],
+            load: None,
+            weight_passing: 1,
+            weight_warning: 1,
+            health,
+        }
+    }
+
+    /// `idle` (healthy, no traffic), `busy` (healthy, traffic), `half` (one critical),
+    /// `down` (none routable) and `unread` (no instance read yet).
+    fn table() -> RoutingTable {
+        let p = Health::Passing;
+        let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> = [
+            ("idle", vec![spec("i1", p), spec("i2", p)]),
+            ("busy", vec![spec("b1", p)]),
+            ("half", vec![spec("h1", p), spec("h2", Health::Critical)]),
+            ("down", vec![spec("d1", Health::Warning)]),
+            ("unread", vec![]),
+        ]
+        .into_iter()
+        .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+        .collect();
+        let opts = BuildOptions {
+            domains: vec!["app.test".into()],
+            default_strategy: Strategy::Random,
+            include_warning: false,
+            max_idle_per_instance: 1,
+            exclude_services: vec![],
+            expose: Expose::All,
+        };
+        build(
+            &catalog,
+            &CatalogTags::new(),
+            &opts,
+            &mut StateRegistry::default(),
+        )
+    }
+
+    fn lines_of<'a>(out: &'a str, service: &str) -> Vec<&'a str> {
+        let label = format!("service=\"{service}\"");
+        out.lines().filter(|l| l.contains(&label)).collect()
+    }
+
+    #[test]
+    fn series_follow_traffic_and_trouble_not_the_catalog() {
+        let table = table();
+        let unrouted = ServiceMetrics::default();
+        let mut out = String::new();
+        write_table(&mut out, &table, &unrouted);
+        assert!(lines_of(&out, "idle").is_empty(), "{out}");
+        assert!(lines_of(&out, "busy").is_empty(), "{out}");
+        assert!(lines_of(&out, "unknown").is_empty(), "{out}");
+        for (svc, want) in [
+            ("half", [1, 0, 1, 1, 1]),
+            ("down", [0, 1, 0, 1, 0]),
+            ("unread", [0, 0, 0, 0, 0]),
+        ] {
+            for (state, n) in INSTANCE_STATES.iter().zip(want) {
+                let line =
+                    format!("consul_router_instances{{service=\"{svc}\",state=\"{state}\"}} {n}\n");
+                assert!(out.contains(&line), "{line}{out}");
+            }
+        }
+        for line in [
+            "consul_router_services 5\n",
+            "consul_router_services_unroutable 2\n",
+            "consul_router_table_instances{state=\"passing\"} 4\n",
+            "consul_router_table_instances{state=\"critical\"} 1\n",
+            "consul_router_table_instances{state=\"not_routable\"} 2\n",
+            "consul_router_table_instances{state=\"routable\"} 4\n",
+        ] {
+            assert!(out.contains(line), "{line}{out}");
+        }
+        assert!(!out.contains("consul_router_requests_total"), "{out}");
+
+        // A request makes a service's series appear, with its instances.
+        let busy = table.services["busy"].stats.metrics.get();
+        busy.count(200);
+        busy.duration.record(std::time::Duration::from_millis(2));
+        unrouted.count(404);
+        let mut out = String::new();
+        write_table(&mut out, &table, &unrouted);
+        let busy = lines_of(&out, "busy");
+        assert!(busy.contains(&"consul_router_instances{service=\"busy\",state=\"routable\"} 1"));
+        assert!(busy.contains(&"consul_router_requests_total{service=\"busy\",code=\"2xx\"} 1"));
+        assert!(busy.contains(&"consul_router_retries_total{service=\"busy\"} 0"));
+        assert!(out.contains("consul_router_requests_total{service=\"unknown\",code=\"4xx\"} 1\n"));
+        assert!(lines_of(&out, "idle").is_empty(), "{out}");
+        // Every family once.
+        let mut types: Vec<&str> = out.lines().filter(|l| l.starts_with("# TYPE")).collect();
+        let n = types.len();
+        types.dedup();
+        assert_eq!(types.len(), n, "{out}");
+    }
+}
