@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test, installing what they need first: a real `consul` binary, built once from
-# the Go module proxy and cached (scripts/get-consul.sh), Debian's nginx, and the static
-# release binary (scripts/build-static.sh, which installs musl-tools). The tests start their
-# own Consul dev agents and backends on loopback ports.
+# the Go module proxy and cached (scripts/get-consul.sh), Debian's nginx and prometheus, and
+# the static release binary (scripts/build-static.sh, which installs musl-tools). The tests
+# start their own Consul dev agents, backends and Prometheus servers on loopback ports.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,6 +10,11 @@ command -v cargo >/dev/null || { echo "test.sh: Rust (cargo) is needed" >&2; exi
 # nginx (tests/nginx_front.rs runs the shipped site config in front of a router).
 if ! command -v nginx >/dev/null && [ ! -x /usr/sbin/nginx ] && [ "$(id -u)" = 0 ]; then
   { apt-get update -qq && apt-get install -y -qq nginx-light; } >/dev/null 2>&1 || true
+fi
+# Prometheus and promtool (tests/prometheus.rs checks the alert rules, /metrics and the
+# dashboard's queries with them); not the node exporter it recommends.
+if ! command -v promtool >/dev/null && [ ! -x /usr/bin/promtool ] && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } >/dev/null 2>&1 || true
 fi
 CONSUL_BIN="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 export CONSUL_BIN
