@@ -1,5 +1,6 @@
 # Shared by the benchmark and scale scripts (sourced, not run): a temporary work folder,
-# background processes stopped on exit, free loopback ports, and a Consul dev agent.
+# background processes stopped on exit, free loopback ports, a Consul dev agent, and a
+# catalog of many services.
 
 work="$(mktemp -d)"
 pids=()
@@ -26,4 +27,35 @@ start_consul() {
   done
   echo "consul dev agent on port $port has no leader" >&2
   return 1
+}
+
+# catalog PORT NODES SERVICES INDEX STATUS BACKEND: registers every instance (INDEX -1) or
+# one service's two with checks in STATUS, over keep-alive connections from a few threads.
+catalog() {
+  python3 - "$@" <<'EOF'
+import http.client, json, sys, threading
+port, nodes, services = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+only = int(sys.argv[4]) if int(sys.argv[4]) >= 0 else None
+status, backend = sys.argv[5], int(sys.argv[6])
+def body(i, k):
+    node = (i + k) % nodes
+    sid = f"svc{i}-{k}"
+    return json.dumps({
+        "Node": f"host{node}", "Address": f"127.0.0.{node + 1}", "SkipNodeUpdate": True,
+        "Service": {"ID": sid, "Service": f"svc{i}", "Address": "127.0.0.1", "Port": backend,
+                    "Tags": ["web"], "Meta": {"load": "1"}},
+        "Checks": [{"CheckID": f"{sid}-alive", "Name": "alive", "Status": status,
+                    "ServiceID": sid}],
+    })
+jobs = [(only, k) for k in (0, 1)] if only is not None else [(i, k) for i in range(services) for k in (0, 1)]
+def run(part):
+    c = http.client.HTTPConnection("127.0.0.1", port)
+    for i, k in part:
+        c.request("PUT", "/v1/catalog/register", body(i, k))
+        r = c.getresponse(); r.read()
+        if r.status != 200:
+            sys.exit(f"register svc{i}-{k}: {r.status}")
+threads = [threading.Thread(target=run, args=(jobs[t::8],)) for t in range(8)]
+[t.start() for t in threads]; [t.join() for t in threads]
+EOF
 }

@@ -29,37 +29,6 @@ CONSUL=$(free_port); ROUTER=$(free_port); ADMIN=$(free_port); BACKEND=$(free_por
 start_consul "$CONSUL"
 python3 -m http.server "$BACKEND" --bind 127.0.0.1 --directory "$work" >/dev/null 2>&1 & pids+=($!)
 
-# catalog PORT NODES SERVICES INDEX STATUS BACKEND: registers every instance (INDEX -1) or
-# one service's two with checks in STATUS, over keep-alive connections from a few threads.
-catalog() {
-  python3 - "$@" <<'EOF'
-import http.client, json, sys, threading
-port, nodes, services = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-only = int(sys.argv[4]) if int(sys.argv[4]) >= 0 else None
-status, backend = sys.argv[5], int(sys.argv[6])
-def body(i, k):
-    node = (i + k) % nodes
-    sid = f"svc{i}-{k}"
-    return json.dumps({
-        "Node": f"host{node}", "Address": f"127.0.0.{node + 1}", "SkipNodeUpdate": True,
-        "Service": {"ID": sid, "Service": f"svc{i}", "Address": "127.0.0.1", "Port": backend,
-                    "Tags": ["web"], "Meta": {"load": "1"}},
-        "Checks": [{"CheckID": f"{sid}-alive", "Name": "alive", "Status": status,
-                    "ServiceID": sid}],
-    })
-jobs = [(only, k) for k in (0, 1)] if only is not None else [(i, k) for i in range(services) for k in (0, 1)]
-def run(part):
-    c = http.client.HTTPConnection("127.0.0.1", port)
-    for i, k in part:
-        c.request("PUT", "/v1/catalog/register", body(i, k))
-        r = c.getresponse(); r.read()
-        if r.status != 200:
-            sys.exit(f"register svc{i}-{k}: {r.status}")
-threads = [threading.Thread(target=run, args=(jobs[t::8],)) for t in range(8)]
-[t.start() for t in threads]; [t.join() for t in threads]
-EOF
-}
-
 echo "registering $SERVICES services x 2 instances on $NODES nodes..." >&2
 catalog "$CONSUL" "$NODES" "$SERVICES" -1 passing "$BACKEND"
 

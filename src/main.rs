@@ -12,6 +12,8 @@ use consul_router::config::{Config, LogFormat, Overrides};
 use consul_router::StartError;
 use tokio::signal::unix::{signal, SignalKind};
 
+// Off with the `system-alloc` feature, so that heaptrack (which sees malloc) can profile.
+#[cfg(not(feature = "system-alloc"))]
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crossbeam_queue::SegQueue;
@@ -17,10 +18,11 @@ struct Idle<C> {
     since: Instant,
 }
 
-/// Idle connections of one instance. `SegQueue` allocates nothing until first used, so the
-/// thousands of instances that carry no traffic cost almost no memory.
+/// Idle connections of one instance. The queue (256 bytes of cache-padded ends) is allocated
+/// when the first connection is kept, so the thousands of instances that carry no traffic
+/// cost a few bytes.
 pub struct IdlePool<C> {
-    queue: SegQueue<Idle<C>>,
+    queue: OnceLock<Box<SegQueue<Idle<C>>>>,
     len: AtomicUsize,
     max: usize,
 }
@@ -38,7 +40,7 @@ impl<C: Pooled> IdlePool<C> {
     /// A pool keeping at most `max` idle connections (0 disables keep-alive reuse).
     pub fn new(max: usize) -> Self {
         IdlePool {
-            queue: SegQueue::new(),
+            queue: OnceLock::new(),
             len: AtomicUsize::new(0),
             max,
         }
@@ -58,7 +60,8 @@ impl<C: Pooled> IdlePool<C> {
     /// finishing its last exchange (the body just ended): the caller awaits `ready()`.
     /// `now` is the caller's clock reading, so a request reads the clock once.
     pub fn take(&self, idle_timeout: Duration, now: Instant) -> Option<C> {
-        while let Some(idle) = self.queue.pop() {
+        let queue = self.queue.get()?;
+        while let Some(idle) = queue.pop() {
             self.len.fetch_sub(1, Ordering::Relaxed);
             if idle.conn.is_open() && now.saturating_duration_since(idle.since) <= idle_timeout {
                 return Some(idle.conn);
@@ -69,8 +72,11 @@ impl<C: Pooled> IdlePool<C> {
 
     /// Closes connections idle longer than `idle_timeout` (or already closed by the backend).
     pub fn evict_expired(&self, idle_timeout: Duration) {
+        let Some(queue) = self.queue.get() else {
+            return;
+        };
         for _ in 0..self.len() {
-            let Some(idle) = self.queue.pop() else { break };
+            let Some(idle) = queue.pop() else { break };
             self.len.fetch_sub(1, Ordering::Relaxed);
             if idle.conn.is_open() && idle.since.elapsed() <= idle_timeout {
                 self.push(idle);
@@ -87,7 +93,7 @@ impl<C: Pooled> IdlePool<C> {
 
     fn push(&self, idle: Idle<C>) {
         if self.len.fetch_add(1, Ordering::Relaxed) < self.max {
-            self.queue.push(idle);
+            self.queue.get_or_init(Box::default).push(idle);
         } else {
             self.len.fetch_sub(1, Ordering::Relaxed);
         }
