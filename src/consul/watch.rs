@@ -8,7 +8,10 @@
 //!   carried traffic most recently;
 //! - while some services are not watched ("cold"): one long-poll on `/v1/health/state/any`,
 //!   whose diff names the cold services whose checks changed (membership included), plus a
-//!   slow sweep for Meta-only changes; both re-read just those services, four at a time.
+//!   slow sweep for Meta-only changes; both re-read just those services, four at a time;
+//! - when many cold services are queued (the start, the sweep, a node's check): one bulk
+//!   read instead, `/v1/health/state/any`, `/v1/catalog/nodes` and each node's services,
+//!   four nodes at a time: requests per node, not per service.
 //!
 //! The rules (what to keep, watch, read, and when to query or publish) live in `model.rs` and
 //! `schedule.rs`; this file only performs them.
@@ -26,13 +29,14 @@ use crate::config::ConsulConfig;
 use crate::routing::{build, BuildOptions, CatalogTags, Routes, RoutingTable, StateRegistry};
 
 use super::client::ConsulClient;
-use super::model::{Model, Outcome};
+use super::client::ConsulError;
+use super::model::{BulkRead, Model, Outcome, Reads};
 use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
 use super::table_metrics::TableMetrics;
-use super::types::{Check, HealthEntry};
+use super::types::{health_entries, Check, HealthEntry};
 
-/// Cold services re-read at once.
+/// Cold services (or, in a bulk read, nodes) read at once.
 const READ_CONCURRENCY: usize = 4;
 /// How often the watched set is re-chosen by traffic.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
@@ -314,15 +318,35 @@ impl Discovery {
         std::future::pending::<()>().await;
     }
 
-    /// Re-reads queued cold services, a few at a time.
+    /// Re-reads queued cold services: all at once in a bulk read when the model says it pays,
+    /// else a few at a time.
     async fn reader_loop(self: Arc<Self>) {
         let mut backoff = Backoff::default();
         loop {
-            let batch = self.lock().model.take_reads(READ_CONCURRENCY);
-            if batch.is_empty() {
-                self.reads.notified().await;
-                continue;
-            }
+            let next = self.lock().model.next_reads(READ_CONCURRENCY);
+            let batch = match next {
+                Reads::Idle => {
+                    self.reads.notified().await;
+                    continue;
+                }
+                Reads::Bulk => {
+                    let read = self.bulk_read().await;
+                    let mut st = self.lock();
+                    let out = match read {
+                        Ok(bulk) => {
+                            st.model.answered(Instant::now());
+                            st.model.apply_bulk(&bulk)
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bulk read failed; reading the queued services one by one");
+                            st.model.bulk_failed()
+                        }
+                    };
+                    self.act(st, out);
+                    continue;
+                }
+                Reads::Each(batch) => batch,
+            };
             let mut set = JoinSet::new();
             for name in batch {
                 let client = self.client.clone();
@@ -349,6 +373,35 @@ impl Discovery {
                 backoff.reset();
             }
         }
+    }
+
+    /// Reads every instance and check: the checks first, so that whatever changes after them
+    /// shows in the health feed's next diff; then the nodes, then each node's services.
+    async fn bulk_read(&self) -> Result<BulkRead, ConsulError> {
+        let checks = self.client.health_state_any(0, Duration::ZERO).await?.value;
+        let nodes = self.client.catalog_nodes().await?.value;
+        let count = nodes.len();
+        let mut names = nodes.into_iter().map(|n| n.name);
+        let mut set = JoinSet::new();
+        let mut answers = Vec::with_capacity(count);
+        loop {
+            while set.len() < READ_CONCURRENCY {
+                let Some(name) = names.next() else { break };
+                let client = self.client.clone();
+                set.spawn(async move { client.node_services(&name).await });
+            }
+            let Some(joined) = set.join_next().await else {
+                break;
+            };
+            // Any failure fails the whole read (dropping the set aborts the rest).
+            let answer = joined.map_err(|e| ConsulError::Transport(e.to_string()))??;
+            answers.push(answer.value);
+        }
+        Ok(BulkRead {
+            services: health_entries(answers, &checks),
+            checks,
+            nodes: count,
+        })
     }
 
     /// Watches every check while some services are cold; queues those whose checks changed.
