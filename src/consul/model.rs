@@ -291,8 +291,6 @@ impl Model {
         if let Some(flight) = self.bulk.take() {
             let _ = self.reopen(flight);
         }
-        let watched = &self.watched;
-        self.pending.retain(|name| !watched.contains(name));
         if self.pending.is_empty() {
             self.per_service = false;
             return Reads::Idle;

@@ -239,6 +239,13 @@ impl Discovery {
         self.act(st, out);
     }
 
+    fn apply_bulk(&self, bulk: &BulkRead) {
+        let mut st = self.lock();
+        st.model.answered(Instant::now());
+        let out = st.model.apply_bulk(bulk);
+        self.act(st, out);
+    }
+
     fn apply_checks(&self, checks: &[Check]) {
         let mut st = self.lock();
         st.model.answered(Instant::now());
@@ -330,19 +337,15 @@ impl Discovery {
                     continue;
                 }
                 Reads::Bulk => {
-                    let read = self.bulk_read().await;
-                    let mut st = self.lock();
-                    let out = match read {
-                        Ok(bulk) => {
-                            st.model.answered(Instant::now());
-                            st.model.apply_bulk(&bulk)
-                        }
+                    match self.bulk_read().await {
+                        Ok(bulk) => self.apply_bulk(&bulk),
                         Err(e) => {
                             tracing::warn!(error = %e, "bulk read failed; reading the queued services one by one");
-                            st.model.bulk_failed()
+                            let mut st = self.lock();
+                            let out = st.model.bulk_failed();
+                            self.act(st, out);
                         }
-                    };
-                    self.act(st, out);
+                    }
                     continue;
                 }
                 Reads::Each(batch) => batch,
@@ -597,6 +600,39 @@ mod tests {
             // Exposed but not read yet: known, with no instance (503).
             assert_eq!(table.services["shown"].routable, 0);
         }
+    }
+
+    // The metrics recorder is process-wide, but this test reads only its own table.
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_read_makes_the_first_table_in_one_build() {
+        let d = discovery(crate::config::Expose::All);
+        let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+        let names: Vec<String> = (0..500).map(|i| format!("bulk-test-{i:03}")).collect();
+        d.apply_catalog(names.iter().map(|n| (n.clone(), vec![])).collect());
+        assert_eq!(d.lock().model.next_reads(READ_CONCURRENCY), Reads::Bulk);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Every service but the last is on the one node.
+        let mut bulk = BulkRead {
+            nodes: 1,
+            ..BulkRead::default()
+        };
+        for name in &names[..499] {
+            bulk.services
+                .insert(name.clone(), entries(name, &[("i1", "passing", 1)]));
+        }
+        d.apply_bulk(&bulk);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Live one coalescing window after the catalog, long before the deadline.
+        let t = d.routes.load_full();
+        assert!(t.ready);
+        assert_eq!(
+            t.generation, 1,
+            "one build for the catalog and the bulk read"
+        );
+        assert_eq!(t.services.len(), 500);
+        assert_eq!(t.services["bulk-test-000"].routable, 1);
+        assert_eq!(t.services["bulk-test-499"].routable, 0, "no instance: 503");
+        assert_eq!(d.lock().model.next_reads(READ_CONCURRENCY), Reads::Idle);
     }
 
     /// `/v1/health/service/<svc>` entries: `(id, status, passing weight)` on one node.
