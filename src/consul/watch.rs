@@ -28,8 +28,7 @@ use tokio::time::Instant;
 use crate::config::ConsulConfig;
 use crate::routing::{build, BuildOptions, CatalogTags, Routes, RoutingTable, StateRegistry};
 
-use super::client::ConsulClient;
-use super::client::ConsulError;
+use super::client::{ConsulClient, ConsulError};
 use super::model::{BulkRead, Model, Outcome, Reads};
 use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
@@ -396,7 +395,8 @@ impl Discovery {
             let Some(joined) = set.join_next().await else {
                 break;
             };
-            // Any failure fails the whole read (dropping the set aborts the rest).
+            // Any failure fails the whole read (dropping the set aborts the rest); a read
+            // that panicked counts as one.
             let answer = joined.map_err(|e| ConsulError::Transport(e.to_string()))??;
             answers.push(answer.value);
         }
@@ -602,7 +602,6 @@ mod tests {
         }
     }
 
-    // The metrics recorder is process-wide, but this test reads only its own table.
     #[tokio::test(start_paused = true)]
     async fn a_bulk_read_makes_the_first_table_in_one_build() {
         let d = discovery(crate::config::Expose::All);
