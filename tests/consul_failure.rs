@@ -100,3 +100,41 @@ async fn fake_consul_errors_hangs_and_rewinds() {
     assert!(during < 100, "{during} requests during the error phase");
     router.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_bulk_read_falls_back_to_single_reads() {
+    let fake = FakeConsul::start().await;
+    let a = Backend::start("a").await;
+    let n = 20;
+    fake.set(|m| {
+        for i in 0..n {
+            m.services
+                .insert(format!("svc{i}"), vec![(format!("svc{i}-a"), a.port())]);
+        }
+    });
+    // 18 cold services at the start: a bulk read, which fails on /v1/catalog/nodes.
+    let t0 = std::time::Instant::now();
+    let router = start_router(&fake.url(), "[consul]\nmax_watches = 2\nwait = \"1s\"").await;
+    let live = t0.elapsed();
+    for i in 0..n {
+        let g = get(router.proxy_addr, &format!("svc{i}.app.test"), "/").await;
+        assert_eq!(g.status, StatusCode::OK, "svc{i}");
+    }
+    assert!(
+        live < Duration::from_secs(8),
+        "live by its reads, not the deadline"
+    );
+    let paths = fake.model.lock().unwrap().paths.clone();
+    assert!(
+        paths.get("/v1/catalog/nodes").is_some_and(|&c| c >= 1),
+        "{paths:?}"
+    );
+    // Every cold service was read on its own.
+    for i in 0..n {
+        assert!(
+            paths.contains_key(&format!("/v1/health/service/svc{i}")),
+            "{paths:?}"
+        );
+    }
+    router.shutdown().await;
+}

@@ -14,7 +14,7 @@ use serde::de::DeserializeOwned;
 
 use crate::config::ConsulConfig;
 
-use super::types::{Check, HealthEntry, Registration};
+use super::types::{Check, HealthEntry, Node, NodeServices, Registration};
 
 /// Largest response body we accept from Consul (the full catalog at scale stays far below).
 const MAX_BODY: usize = 256 * 1024 * 1024;
@@ -123,6 +123,27 @@ impl ConsulClient {
         let mut path = String::from("/v1/health/service/");
         encode_segment(name, &mut path);
         self.query(&path, index, wait).await
+    }
+
+    /// `GET /v1/catalog/nodes`: every node in the datacenter (a plain read).
+    pub async fn catalog_nodes(&self) -> Result<Indexed<Vec<Node>>, ConsulError> {
+        self.query("/v1/catalog/nodes", 0, Duration::ZERO).await
+    }
+
+    /// `GET /v1/catalog/node-services/<node>`: the node and its service instances (a plain
+    /// read). A node that is gone gives `Node: None`, whether Consul says so with null or 404.
+    pub async fn node_services(&self, node: &str) -> Result<Indexed<NodeServices>, ConsulError> {
+        let mut path = String::from("/v1/catalog/node-services/");
+        encode_segment(node, &mut path);
+        match self.query(&path, 0, Duration::ZERO).await {
+            Err(ConsulError::Status { status, .. }) if status == StatusCode::NOT_FOUND => {
+                Ok(Indexed {
+                    value: NodeServices::default(),
+                    index: 0,
+                })
+            }
+            r => r,
+        }
     }
 
     /// `GET /v1/health/state/any`: every check in the datacenter.
@@ -299,10 +320,12 @@ fn endpoint(path: &str) -> &'static str {
     let path = path.split('?').next().unwrap_or(path);
     match path {
         "/v1/catalog/services" => "catalog_services",
+        "/v1/catalog/nodes" => "catalog_nodes",
         "/v1/health/state/any" => "health_state",
         "/v1/status/leader" => "status_leader",
         "/v1/agent/service/register" => "agent_register",
         p if p.starts_with("/v1/health/service/") => "health_service",
+        p if p.starts_with("/v1/catalog/node-services/") => "node_services",
         p if p.starts_with("/v1/agent/service/deregister/") => "agent_deregister",
         p if p.starts_with("/v1/agent/check/update/") => "agent_check_update",
         p if p.starts_with("/v1/agent/service/") => "agent_service",
@@ -375,6 +398,11 @@ mod tests {
             "agent_deregister"
         );
         assert_eq!(endpoint("/v1/agent/service/x-1"), "agent_service");
+        assert_eq!(endpoint("/v1/catalog/nodes"), "catalog_nodes");
+        assert_eq!(
+            endpoint("/v1/catalog/node-services/host%201"),
+            "node_services"
+        );
         assert_eq!(endpoint("/v1/kv/x"), "other");
     }
 

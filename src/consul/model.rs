@@ -2,8 +2,9 @@
 //! services get their own long-poll, which cold services to re-read, and what the next table
 //! is built from.
 //!
-//! The loops in `watch.rs` feed it answers and act on what it returns ([`Outcome`]). Errors
-//! never reach it: it keeps the last good answer until Consul gives a new one.
+//! The loops in `watch.rs` feed it answers and act on what it returns ([`Outcome`],
+//! [`Reads`]). Errors never reach it: it keeps the last good answer until Consul gives a new
+//! one.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -39,6 +40,50 @@ impl Outcome {
     }
 }
 
+/// What the reader of cold services does next ([`Model::next_reads`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Reads {
+    /// Nothing is queued: wait to be woken.
+    Idle,
+    /// Read every instance and check at once (a [`BulkRead`]), then report it with
+    /// [`Model::apply_bulk`] or [`Model::bulk_failed`].
+    Bulk,
+    /// Read these services one request each.
+    Each(Vec<String>),
+}
+
+/// Every instance and check in the datacenter, read at once: `/v1/health/state/any`, then
+/// `/v1/catalog/nodes`, then each node's services.
+#[derive(Debug, Default)]
+pub(crate) struct BulkRead {
+    /// Per service name, what `/v1/health/service/<name>` would have returned.
+    pub(crate) services: HashMap<String, Vec<HealthEntry>>,
+    /// The checks answer it was assembled from, read before any node.
+    pub(crate) checks: Vec<Check>,
+    /// How many nodes were read.
+    pub(crate) nodes: usize,
+}
+
+/// A bulk read pays when it saves more than half the requests: it costs 2 + nodes requests
+/// against one per queued service.
+const BULK_PER_NODE: usize = 2;
+/// ... and when at least 1/16 of the cold services are queued. A bulk read downloads every
+/// instance once (its service and checks, about half of a per-service entry, which repeats
+/// the node and its checks), so it moves at most about 8 times the bytes of the reads it
+/// replaces, for far fewer requests. A few services named by the health feed on a large
+/// catalog stay single reads.
+const BULK_SHARE: usize = 16;
+
+/// A bulk read in flight.
+#[derive(Debug)]
+struct InFlight {
+    /// The queue it took: read again one by one if it fails.
+    taken: BTreeSet<String>,
+    /// The health feed's last answer while it was in flight, diffed against the bulk read's
+    /// own checks when it ends.
+    feed: Option<HashMap<String, u64>>,
+}
+
 /// What the build reads: each listed service's instances, and the service list's tags.
 pub(crate) type BuildInput = (BTreeMap<Arc<str>, Arc<[InstanceSpec]>>, Arc<CatalogTags>);
 
@@ -57,6 +102,13 @@ pub(crate) struct Model {
     pending: BTreeSet<String>,
     /// Fingerprints of each service's (and node's) checks from `/v1/health/state/any`.
     fingerprints: HashMap<String, u64>,
+    /// Nodes at the last bulk read; `None` before one succeeded.
+    nodes: Option<usize>,
+    /// The bulk read in flight.
+    bulk: Option<InFlight>,
+    /// A bulk read failed: read the queue one service at a time until it is empty, or until a
+    /// single read fails too (then Consul itself is failing, and a bulk read may be tried).
+    per_service: bool,
     /// The last answer from Consul; the start until there is one.
     answered: Instant,
     /// The catalog's blocking query open now: when it started and by when Consul must have
@@ -75,6 +127,9 @@ impl Model {
             watched: BTreeSet::new(),
             pending: BTreeSet::new(),
             fingerprints: HashMap::new(),
+            nodes: None,
+            bulk: None,
+            per_service: false,
             answered: now,
             blocking: None,
         }
@@ -198,6 +253,14 @@ impl Model {
         entries: &[HealthEntry],
         from_watch: bool,
     ) -> Outcome {
+        Outcome {
+            rebuild: self.store(name, entries, from_watch),
+            ..Outcome::default()
+        }
+    }
+
+    /// Stores a service's entries; true if its instances changed.
+    fn store(&mut self, name: &str, entries: &[HealthEntry], from_watch: bool) -> bool {
         let mut specs: Vec<InstanceSpec> = entries
             .iter()
             .filter(|e| e.service.service == name)
@@ -206,19 +269,106 @@ impl Model {
         specs.sort_by(|a, b| a.id.cmp(&b.id));
         // A late answer for a service that has left the catalog must not bring it back.
         if !self.catalog.as_ref().is_some_and(|c| c.contains_key(name)) {
-            return Outcome::default();
+            return false;
         }
         if !from_watch && self.watched.contains(name) {
-            return Outcome::default();
+            return false;
         }
         if self.instances.get(name).is_some_and(|old| **old == *specs) {
-            return Outcome::default();
+            return false;
         }
         self.instances.insert(Arc::from(name), Arc::from(specs));
-        Outcome {
-            rebuild: true,
-            ..Outcome::default()
+        true
+    }
+
+    /// What the reader does next with the queue: one bulk read when it costs less than
+    /// reading the queued services one by one (see [`BULK_PER_NODE`] and [`BULK_SHARE`];
+    /// before the node count is known, when more than `max_watches` are queued, as at the
+    /// start of a large catalog), else up to `max` single reads.
+    pub(crate) fn next_reads(&mut self, max: usize) -> Reads {
+        // The reader does one bulk read at a time and reports how it ended: one still open
+        // here was abandoned by a reader that panicked.
+        if let Some(flight) = self.bulk.take() {
+            let _ = self.reopen(flight);
         }
+        if self.pending.is_empty() {
+            self.per_service = false;
+            return Reads::Idle;
+        }
+        if !self.per_service && self.bulk_pays(self.pending.len()) {
+            self.bulk = Some(InFlight {
+                taken: std::mem::take(&mut self.pending),
+                feed: None,
+            });
+            return Reads::Bulk;
+        }
+        Reads::Each(self.take_reads(max))
+    }
+
+    /// Whether one bulk read costs less than `queued` single reads.
+    fn bulk_pays(&self, queued: usize) -> bool {
+        match self.nodes {
+            None => queued > self.max_watches,
+            Some(nodes) => {
+                let listed = self.catalog.as_ref().map_or(0, |c| c.len());
+                let cold = listed.saturating_sub(self.watched.len());
+                queued > BULK_PER_NODE * (nodes + 2) && queued * BULK_SHARE >= cold
+            }
+        }
+    }
+
+    /// A bulk read succeeded: every listed cold service gets what it found, as a plain read
+    /// (none in any node: no instance), in one outcome. Its checks become the health feed's
+    /// baseline, so the feed's next answer names only what changed since; if the feed
+    /// answered while it was in flight, what differs between the two is queued and the
+    /// feed's answer stays the baseline, as its blocking index is that answer's.
+    pub(crate) fn apply_bulk(&mut self, bulk: &BulkRead) -> Outcome {
+        let flight = self.bulk.take();
+        self.nodes = Some(bulk.nodes);
+        let mut out = Outcome::default();
+        if let Some(catalog) = self.catalog.clone() {
+            // A plain read: watched services keep what their long-poll stored.
+            for name in catalog.keys() {
+                let entries = bulk.services.get(name).map_or(&[][..], Vec::as_slice);
+                out.rebuild |= self.store(name, entries, false);
+            }
+        }
+        let seed = fingerprints(&bulk.checks);
+        match flight.and_then(|f| f.feed) {
+            Some(feed) => {
+                out = out.merge(self.queue_changed(&seed, &feed));
+                self.fingerprints = feed;
+            }
+            None => self.fingerprints = seed,
+        }
+        out
+    }
+
+    /// A bulk read failed: its queue is read one service at a time instead, and a feed answer
+    /// that came meanwhile is applied as usual.
+    pub(crate) fn bulk_failed(&mut self) -> Outcome {
+        self.per_service = true;
+        match self.bulk.take() {
+            Some(flight) => self.reopen(flight),
+            None => Outcome::default(),
+        }
+    }
+
+    /// Puts an unfinished bulk read's queue back, and applies the feed answer it held back.
+    fn reopen(&mut self, flight: InFlight) -> Outcome {
+        let mut out = Outcome::default();
+        for name in flight.taken {
+            let listed = self.catalog.as_ref().is_some_and(|c| c.contains_key(&name));
+            if listed && !self.watched.contains(&name) {
+                out.read |= self.pending.insert(name);
+            }
+        }
+        if let Some(feed) = flight.feed {
+            let old = std::mem::take(&mut self.fingerprints);
+            out = out.merge(self.queue_changed(&old, &feed));
+            self.fingerprints = feed;
+        }
+        out
     }
 
     /// Takes up to `max` queued cold services to read now.
@@ -235,9 +385,11 @@ impl Model {
         batch
     }
 
-    /// A read failed: queue it again.
+    /// A read failed: queue it again. Single reads fail too, so Consul itself is failing:
+    /// the next round may try a bulk read again.
     pub(crate) fn read_failed(&mut self, name: String) {
         self.pending.insert(name);
+        self.per_service = false;
     }
 
     /// Whether some listed service has no long-poll (then the health feed runs).
@@ -249,14 +401,31 @@ impl Model {
 
     /// A new answer from `/v1/health/state/any`. Its diff against the last one queues the
     /// cold services whose checks changed, and for a node check, the cold services with an
-    /// instance on that node.
+    /// instance on that node. While a bulk read is in flight it is held for that read's end:
+    /// the bulk read covers every cold service up to its own checks answer.
     pub(crate) fn apply_checks(&mut self, checks: &[Check]) -> Outcome {
         let fresh = fingerprints(checks);
+        if let Some(flight) = &mut self.bulk {
+            flight.feed = Some(fresh);
+            return Outcome::default();
+        }
+        let old = std::mem::take(&mut self.fingerprints);
+        let out = self.queue_changed(&old, &fresh);
+        self.fingerprints = fresh;
+        out
+    }
+
+    /// Queues the cold services whose checks differ between two sets of fingerprints.
+    fn queue_changed(
+        &mut self,
+        old: &HashMap<String, u64>,
+        fresh: &HashMap<String, u64>,
+    ) -> Outcome {
         let changed = fresh
             .iter()
-            .filter(|(k, v)| self.fingerprints.get(*k) != Some(v))
+            .filter(|(k, v)| old.get(*k) != Some(v))
             .map(|(k, _)| k)
-            .chain(self.fingerprints.keys().filter(|k| !fresh.contains_key(*k)));
+            .chain(old.keys().filter(|k| !fresh.contains_key(*k)));
         let mut wanted: BTreeSet<String> = BTreeSet::new();
         for key in changed {
             if let Some(node) = key.strip_prefix("node:") {
@@ -277,11 +446,11 @@ impl Model {
                 out.read |= self.pending.insert(svc);
             }
         }
-        self.fingerprints = fresh;
         out
     }
 
     /// The sweep: queues every cold service, since Meta-only changes show in no global feed.
+    /// The reader then reads them in one bulk read when that costs less.
     pub(crate) fn sweep(&mut self) -> Outcome {
         let cold: Vec<String> = self
             .catalog
@@ -600,6 +769,194 @@ mod tests {
         let mut all = model(3);
         let _ = all.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
         assert_eq!(all.sweep(), Outcome::default(), "nothing is cold");
+    }
+
+    /// A bulk read over `nodes` nodes: `(service, id, node, status)` instances, whose checks
+    /// (plus `extra`) are its checks answer.
+    fn bulk(nodes: usize, instances: &[(&str, &str, &str, &str)], extra: &[Check]) -> BulkRead {
+        let mut read = BulkRead {
+            nodes,
+            checks: extra.to_vec(),
+            ..BulkRead::default()
+        };
+        for (svc, id, node, status) in instances {
+            read.services
+                .entry(svc.to_string())
+                .or_default()
+                .extend(entries(svc, &[(id, node, status)]));
+            read.checks.push(Check {
+                service_id: id.to_string(),
+                ..check(node, svc, &format!("c-{id}"), status)
+            });
+        }
+        read
+    }
+
+    fn names(prefix: &str, n: usize) -> Vec<String> {
+        (0..n).map(|i| format!("{prefix}{i:03}")).collect()
+    }
+
+    #[test]
+    fn a_large_start_is_one_bulk_read_that_counts_as_read() {
+        let mut m = model(2);
+        let all = names("s", 10);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let used = |n: &str| u64::from(n == "s000" || n == "s001");
+        let _ = m.apply_catalog(catalog(&all), nothing_excluded, used);
+        assert_eq!(watched(&m), ["s000", "s001"]);
+        // 8 queued, more than max_watches while the node count is unknown.
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        assert!(m.pending().is_empty(), "the bulk read took the queue");
+        assert_eq!(m.complete(), Some(false));
+
+        // The health feed's first answer comes while the bulk read is in flight: held back.
+        let read = bulk(
+            1,
+            &[
+                ("s000", "s000-1", "n1", "critical"),
+                ("s002", "s002-1", "n1", "passing"),
+                ("s003", "s003-1", "n2", "warning"),
+            ],
+            &[check("n1", "", "serfHealth", "passing")],
+        );
+        assert_eq!(m.apply_checks(&read.checks), Outcome::default());
+        // A watch answered first: the bulk read, a plain read, does not overwrite it.
+        let _ = m.apply_service(
+            "s000",
+            &entries("s000", &[("s000-1", "n1", "passing")]),
+            true,
+        );
+        let out = m.apply_bulk(&read);
+        assert!(out.rebuild);
+        assert!(
+            !out.read,
+            "the feed saw what the bulk read saw: nothing to re-read"
+        );
+        assert!(m.pending().is_empty());
+        let (input, _) = m.build_input().expect("catalog");
+        assert_eq!(
+            input["s000"][0].health,
+            Health::Passing,
+            "the watch's answer"
+        );
+        assert_eq!(input["s003"][0].health, Health::Warning);
+        assert!(input["s009"].is_empty(), "in no node answer: no instance");
+        // Every cold service was read; the first table waits only for s001's watch.
+        assert_eq!(m.complete(), Some(false));
+        let _ = m.apply_service("s001", &[], true);
+        assert_eq!(m.complete(), Some(true));
+
+        // The sweep: 8 cold services on one node, one bulk read; the same again changes
+        // nothing.
+        let _ = m.sweep();
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        assert_eq!(m.apply_bulk(&read), Outcome::default());
+        // The feed's next answer names only real changes since the bulk read.
+        assert_eq!(m.apply_checks(&read.checks), Outcome::default());
+        let mut moved = read.checks.clone();
+        moved[2].status = "critical".into();
+        assert!(m.apply_checks(&moved).read);
+        assert_eq!(m.pending(), ["s002"]);
+    }
+
+    #[test]
+    fn changes_the_feed_saw_during_a_bulk_read_are_read_again() {
+        let mut m = model(0);
+        let _ = m.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        let read = bulk(
+            1,
+            &[("a", "a1", "n1", "passing"), ("b", "b1", "n1", "passing")],
+            &[],
+        );
+        // Meanwhile b's check flipped and c got an instance with a check.
+        let mut feed = read.checks.clone();
+        feed[1].status = "critical".into();
+        feed.push(check("n1", "c", "c-c1", "passing"));
+        assert_eq!(m.apply_checks(&feed), Outcome::default(), "held back");
+        assert!(m.apply_bulk(&read).read);
+        assert_eq!(m.pending(), ["b", "c"]);
+        // The feed's answer is the baseline now: repeating it names nothing.
+        let _ = m.take_reads(4);
+        assert_eq!(m.apply_checks(&feed), Outcome::default());
+    }
+
+    #[test]
+    fn bulk_reads_when_they_save_requests_and_single_reads_for_a_few() {
+        let mut m = model(0);
+        let all = names("s", 200);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let _ = m.apply_catalog(catalog(&all), nothing_excluded, never);
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        let _ = m.apply_bulk(&bulk(3, &[], &[]));
+        let queue = |m: &mut Model, n: usize| {
+            for name in &all[..n] {
+                m.read_failed(name.to_string());
+            }
+        };
+        // 3 nodes: a bulk read costs 5 requests; it must save half of them, and the queue
+        // must be at least 1/16 of the 200 cold services.
+        queue(&mut m, 10);
+        assert!(matches!(m.next_reads(4), Reads::Each(b) if b.len() == 4));
+        queue(&mut m, 12);
+        assert!(
+            matches!(m.next_reads(4), Reads::Each(_)),
+            "12 of 200: too few"
+        );
+        queue(&mut m, 13);
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        let _ = m.apply_bulk(&bulk(3, &[], &[]));
+        assert_eq!(m.next_reads(4), Reads::Idle);
+        // The sweep reads every cold service: one bulk read.
+        assert!(m.sweep().read);
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        // With as many nodes as services, single reads are cheaper, even for the sweep.
+        let _ = m.apply_bulk(&bulk(200, &[], &[]));
+        let _ = m.sweep();
+        assert!(matches!(m.next_reads(4), Reads::Each(_)));
+    }
+
+    #[test]
+    fn a_failed_bulk_read_falls_back_to_single_reads() {
+        let mut m = model(0);
+        let all = names("s", 20);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let _ = m.apply_catalog(catalog(&all), nothing_excluded, never);
+        let base = vec![check("n1", "", "serfHealth", "passing")];
+        let _ = m.apply_checks(&base);
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        // The feed answers meanwhile (a node check flipped), then the bulk read fails.
+        let mut flipped = base.clone();
+        flipped[0].status = "critical".into();
+        let _ = m.apply_checks(&flipped);
+        assert!(m.bulk_failed().read);
+        assert_eq!(m.pending().len(), 20, "the queue is back");
+        assert_eq!(
+            m.apply_checks(&flipped),
+            Outcome::default(),
+            "the feed was applied"
+        );
+        // Single reads now, though the queue is large.
+        let first: Vec<String> = all[..4].iter().map(|s| s.to_string()).collect();
+        assert_eq!(m.next_reads(4), Reads::Each(first.clone()));
+        for name in &first[1..] {
+            let _ = m.apply_service(name, &[], false);
+        }
+        // A single read fails too: Consul itself failed; a bulk read may be tried again.
+        m.read_failed(first[0].clone());
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        // A reader that panicked mid-read left it open: the next call puts the queue back.
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        assert!(m.bulk_failed().read);
+        while let Reads::Each(batch) = m.next_reads(4) {
+            for name in batch {
+                let _ = m.apply_service(&name, &[], false);
+            }
+        }
+        assert_eq!(m.complete(), Some(true));
+        // Drained: the next large queue is read in bulk again.
+        let _ = m.sweep();
+        assert_eq!(m.next_reads(4), Reads::Bulk);
     }
 
     #[tokio::test(start_paused = true)]

@@ -20,7 +20,8 @@ pub struct HealthEntry {
     pub checks: Vec<Check>,
 }
 
-/// A Consul node.
+/// A Consul node, as `/v1/health/service/<name>`, `/v1/catalog/nodes` and
+/// `/v1/catalog/node-services/<node>` return it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Node {
     /// Node name.
@@ -29,6 +30,25 @@ pub struct Node {
     /// Node address.
     #[serde(rename = "Address")]
     pub address: String,
+}
+
+/// `/v1/catalog/node-services/<node>`: a node and every service instance registered on it.
+/// Both are null when the node is gone.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct NodeServices {
+    /// The node; `None` when it is not (or no longer) in the catalog.
+    #[serde(rename = "Node", default)]
+    pub node: Option<Node>,
+    /// Its service instances.
+    #[serde(rename = "Services", default)]
+    pub services: Option<Vec<AgentService>>,
+}
+
+impl NodeServices {
+    /// The node's name, if it is still there.
+    fn name(&self) -> Option<&str> {
+        self.node.as_ref().map(|n| n.name.as_str())
+    }
 }
 
 /// A service registration as the catalog returns it.
@@ -199,6 +219,54 @@ pub enum CheckKind {
     },
 }
 
+/// Assembles, per service name, the entries `/v1/health/service/<name>` would return, from
+/// every node's services and one `/v1/health/state/any` answer: each instance gets its node's
+/// own checks (empty `ServiceID`) and the checks of its service ID on that node. Nodes that
+/// are gone (`Node` null) contribute nothing.
+pub fn health_entries(
+    mut nodes: Vec<NodeServices>,
+    checks: &[Check],
+) -> HashMap<String, Vec<HealthEntry>> {
+    let mut node_checks: HashMap<&str, Vec<&Check>> = HashMap::new();
+    let mut service_checks: HashMap<(&str, &str), Vec<&Check>> = HashMap::new();
+    for c in checks {
+        if c.service_id.is_empty() {
+            node_checks.entry(&c.node).or_default().push(c);
+        } else {
+            service_checks
+                .entry((&c.node, &c.service_id))
+                .or_default()
+                .push(c);
+        }
+    }
+    // Consul orders a service's entries by node name; do the same, so that equal answers
+    // compare equal whichever way they were read.
+    nodes.sort_by(|a, b| a.name().cmp(&b.name()));
+    let mut out: HashMap<String, Vec<HealthEntry>> = HashMap::new();
+    for answer in nodes {
+        let Some(node) = answer.node else { continue };
+        for service in answer.services.unwrap_or_default() {
+            let own = node_checks.get(node.name.as_str());
+            let its = service_checks.get(&(node.name.as_str(), service.id.as_str()));
+            // Node checks first, as Consul lists them.
+            let checks = own
+                .into_iter()
+                .chain(its)
+                .flatten()
+                .map(|c| (*c).clone())
+                .collect();
+            out.entry(service.service.clone())
+                .or_default()
+                .push(HealthEntry {
+                    node: node.clone(),
+                    service,
+                    checks,
+                });
+        }
+    }
+    out
+}
+
 impl HealthEntry {
     /// Converts to the routing layer's instance: worst check wins, empty address means the
     /// node's, `Meta.load` parsed when it is a finite, non-negative number.
@@ -267,6 +335,70 @@ mod tests {
         assert_eq!(s.load, Some(0.75));
         assert_eq!((s.weight_passing, s.weight_warning), (3, 1));
         assert_eq!(s.tags, vec!["router.strategy=ip-hash"]);
+    }
+
+    fn check(node: &str, id: &str, status: &str, service: (&str, &str)) -> serde_json::Value {
+        serde_json::json!({"Node": node, "CheckID": id, "Status": status,
+                           "ServiceID": service.0, "ServiceName": service.1})
+    }
+
+    fn node(name: &str, services: serde_json::Value) -> NodeServices {
+        let v = serde_json::json!({
+            "Node": {"Node": name, "Address": "10.0.0.2"},
+            "Services": services
+        });
+        serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn node_answers_and_checks_make_what_health_service_returns() {
+        let svc = |id: &str, name: &str| serde_json::json!({"ID": id, "Service": name, "Port": 80, "Meta": {"load": "2"}});
+        // Given in reverse name order: Consul lists a service's entries by node name.
+        let nodes = vec![
+            node("n2", serde_json::json!([svc("chat-1", "chat")])),
+            node(
+                "n1",
+                serde_json::json!([svc("chat-1", "chat"), svc("mail-1", "mail")]),
+            ),
+            // A node gone between the node list and its own read.
+            serde_json::from_str(r#"{"Node": null, "Services": null}"#).unwrap(),
+        ];
+        let checks: Vec<Check> = serde_json::from_value(serde_json::json!([
+            check("n1", "serfHealth", "passing", ("", "")),
+            check("n2", "serfHealth", "passing", ("", "")),
+            check("n2", "maintenance", "critical", ("", "")),
+            check("n1", "c1", "warning", ("chat-1", "chat")),
+            // Same service ID on another node: n2's own, not n1's.
+            check("n2", "c1", "passing", ("chat-1", "chat")),
+            check("n1", "m1", "passing", ("mail-1", "mail")),
+            // A check whose instance no node answer has (it left in between): ignored.
+            check("n3", "x", "critical", ("chat-9", "chat")),
+        ]))
+        .unwrap();
+        let got = health_entries(nodes, &checks);
+        assert_eq!(got.len(), 2);
+        let chat = &got["chat"];
+        let on: Vec<&str> = chat.iter().map(|e| e.node.name.as_str()).collect();
+        assert_eq!(on, ["n1", "n2"]);
+        let ids = |e: &HealthEntry| -> Vec<String> {
+            e.checks.iter().map(|c| c.check_id.clone()).collect()
+        };
+        assert_eq!(ids(&chat[0]), ["serfHealth", "c1"], "node checks first");
+        assert_eq!(ids(&chat[1]), ["serfHealth", "maintenance", "c1"]);
+        // A node check counts for every instance on its node.
+        assert_eq!(chat[0].to_spec().health, Health::Warning);
+        assert_eq!(chat[1].to_spec().health, Health::Critical);
+        assert_eq!(got["mail"][0].to_spec().health, Health::Passing);
+
+        // The same instance read through /v1/health/service gives the same spec.
+        let direct: Vec<HealthEntry> = serde_json::from_value(serde_json::json!([{
+            "Node": {"Node": "n1", "Address": "10.0.0.2"},
+            "Service": svc("chat-1", "chat"),
+            "Checks": [check("n1", "serfHealth", "passing", ("", "")),
+                       check("n1", "c1", "warning", ("chat-1", "chat"))]
+        }]))
+        .unwrap();
+        assert_eq!(direct[0].to_spec(), chat[0].to_spec());
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   carried traffic most recently;
 //! - while some services are not watched ("cold"): one long-poll on `/v1/health/state/any`,
 //!   whose diff names the cold services whose checks changed (membership included), plus a
-//!   slow sweep for Meta-only changes; both re-read just those services, four at a time.
+//!   slow sweep for Meta-only changes; both re-read just those services, four at a time;
+//! - when many cold services are queued (the start, the sweep, a node's check): one bulk
+//!   read instead, `/v1/health/state/any`, `/v1/catalog/nodes` and each node's services,
+//!   four nodes at a time: requests per node, not per service.
 //!
 //! The rules (what to keep, watch, read, and when to query or publish) live in `model.rs` and
 //! `schedule.rs`; this file only performs them.
@@ -25,14 +28,14 @@ use tokio::time::Instant;
 use crate::config::ConsulConfig;
 use crate::routing::{build, BuildOptions, CatalogTags, Routes, RoutingTable, StateRegistry};
 
-use super::client::ConsulClient;
-use super::model::{Model, Outcome};
+use super::client::{ConsulClient, ConsulError};
+use super::model::{BulkRead, Model, Outcome, Reads};
 use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
 use super::table_metrics::TableMetrics;
-use super::types::{Check, HealthEntry};
+use super::types::{health_entries, Check, HealthEntry};
 
-/// Cold services re-read at once.
+/// Cold services (or, in a bulk read, nodes) read at once.
 const READ_CONCURRENCY: usize = 4;
 /// How often the watched set is re-chosen by traffic.
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
@@ -235,6 +238,13 @@ impl Discovery {
         self.act(st, out);
     }
 
+    fn apply_bulk(&self, bulk: &BulkRead) {
+        let mut st = self.lock();
+        st.model.answered(Instant::now());
+        let out = st.model.apply_bulk(bulk);
+        self.act(st, out);
+    }
+
     fn apply_checks(&self, checks: &[Check]) {
         let mut st = self.lock();
         st.model.answered(Instant::now());
@@ -314,15 +324,31 @@ impl Discovery {
         std::future::pending::<()>().await;
     }
 
-    /// Re-reads queued cold services, a few at a time.
+    /// Re-reads queued cold services: all at once in a bulk read when the model says it pays,
+    /// else a few at a time.
     async fn reader_loop(self: Arc<Self>) {
         let mut backoff = Backoff::default();
         loop {
-            let batch = self.lock().model.take_reads(READ_CONCURRENCY);
-            if batch.is_empty() {
-                self.reads.notified().await;
-                continue;
-            }
+            let next = self.lock().model.next_reads(READ_CONCURRENCY);
+            let batch = match next {
+                Reads::Idle => {
+                    self.reads.notified().await;
+                    continue;
+                }
+                Reads::Bulk => {
+                    match self.bulk_read().await {
+                        Ok(bulk) => self.apply_bulk(&bulk),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bulk read failed; reading the queued services one by one");
+                            let mut st = self.lock();
+                            let out = st.model.bulk_failed();
+                            self.act(st, out);
+                        }
+                    }
+                    continue;
+                }
+                Reads::Each(batch) => batch,
+            };
             let mut set = JoinSet::new();
             for name in batch {
                 let client = self.client.clone();
@@ -349,6 +375,36 @@ impl Discovery {
                 backoff.reset();
             }
         }
+    }
+
+    /// Reads every instance and check: the checks first, so that whatever changes after them
+    /// shows in the health feed's next diff; then the nodes, then each node's services.
+    async fn bulk_read(&self) -> Result<BulkRead, ConsulError> {
+        let checks = self.client.health_state_any(0, Duration::ZERO).await?.value;
+        let nodes = self.client.catalog_nodes().await?.value;
+        let count = nodes.len();
+        let mut names = nodes.into_iter().map(|n| n.name);
+        let mut set = JoinSet::new();
+        let mut answers = Vec::with_capacity(count);
+        loop {
+            while set.len() < READ_CONCURRENCY {
+                let Some(name) = names.next() else { break };
+                let client = self.client.clone();
+                set.spawn(async move { client.node_services(&name).await });
+            }
+            let Some(joined) = set.join_next().await else {
+                break;
+            };
+            // Any failure fails the whole read (dropping the set aborts the rest); a read
+            // that panicked counts as one.
+            let answer = joined.map_err(|e| ConsulError::Transport(e.to_string()))??;
+            answers.push(answer.value);
+        }
+        Ok(BulkRead {
+            services: health_entries(answers, &checks),
+            checks,
+            nodes: count,
+        })
     }
 
     /// Watches every check while some services are cold; queues those whose checks changed.
@@ -544,6 +600,38 @@ mod tests {
             // Exposed but not read yet: known, with no instance (503).
             assert_eq!(table.services["shown"].routable, 0);
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_bulk_read_makes_the_first_table_in_one_build() {
+        let d = discovery(crate::config::Expose::All);
+        let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+        let names: Vec<String> = (0..500).map(|i| format!("bulk-test-{i:03}")).collect();
+        d.apply_catalog(names.iter().map(|n| (n.clone(), vec![])).collect());
+        assert_eq!(d.lock().model.next_reads(READ_CONCURRENCY), Reads::Bulk);
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        // Every service but the last is on the one node.
+        let mut bulk = BulkRead {
+            nodes: 1,
+            ..BulkRead::default()
+        };
+        for name in &names[..499] {
+            bulk.services
+                .insert(name.clone(), entries(name, &[("i1", "passing", 1)]));
+        }
+        d.apply_bulk(&bulk);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // Live one coalescing window after the catalog, long before the deadline.
+        let t = d.routes.load_full();
+        assert!(t.ready);
+        assert_eq!(
+            t.generation, 1,
+            "one build for the catalog and the bulk read"
+        );
+        assert_eq!(t.services.len(), 500);
+        assert_eq!(t.services["bulk-test-000"].routable, 1);
+        assert_eq!(t.services["bulk-test-499"].routable, 0, "no instance: 503");
+        assert_eq!(d.lock().model.next_reads(READ_CONCURRENCY), Reads::Idle);
     }
 
     /// `/v1/health/service/<svc>` entries: `(id, status, passing weight)` on one node.

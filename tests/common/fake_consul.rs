@@ -1,6 +1,7 @@
 //! FAKE Consul, for what a real agent cannot be made to do: answer 500s, send an index that
-//! goes backwards, or hang. It serves just /v1/catalog/services and /v1/health/service/<name>
-//! from a scripted model. Everything else in the suite runs against a real `consul agent -dev`.
+//! goes backwards, hang, or refuse the endpoints of a bulk read. It serves just
+//! /v1/catalog/services, /v1/health/service/<name> and an empty /v1/health/state/any from a
+//! scripted model (no /v1/catalog/nodes: a bulk read fails). Everything else in the suite runs against a real `consul agent -dev`.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -31,6 +32,8 @@ pub struct Model {
     /// service -> [(id, port)]
     pub services: BTreeMap<String, Vec<(String, u16)>>,
     pub requests: u64,
+    /// Requests per path.
+    pub paths: BTreeMap<String, u64>,
 }
 
 pub struct FakeConsul {
@@ -48,6 +51,7 @@ impl FakeConsul {
             index: 10,
             services: BTreeMap::new(),
             requests: 0,
+            paths: BTreeMap::new(),
         }));
         let m = model.clone();
         let task = super::serve_http(listener, move |req| answer(m.clone(), req));
@@ -84,6 +88,7 @@ async fn answer(
     let mode = {
         let mut m = model.lock().unwrap();
         m.requests += 1;
+        *m.paths.entry(req.uri().path().to_owned()).or_default() += 1;
         m.mode
     };
     match mode {

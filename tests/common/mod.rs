@@ -202,6 +202,24 @@ impl ConsulAgent {
         self.client.register(&reg).await.expect("register");
     }
 
+    /// Registers through the catalog API (`PUT /v1/catalog/register`), as a host's agent
+    /// would for its node: each body names a node (any name and address, with no agent
+    /// behind it) and a service and checks, or node checks. Sent in order on one keep-alive
+    /// connection.
+    pub async fn catalog_register(&self, bodies: &[serde_json::Value]) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.http_port));
+        let mut sender = open(addr).await;
+        for body in bodies {
+            let req = Request::put("/v1/catalog/register")
+                .header("host", "consul")
+                .body(Full::new(Bytes::from(body.to_string())))
+                .unwrap();
+            sender.ready().await.expect("consul connection");
+            let got = send_on(&mut sender, req, Duration::from_secs(30)).await;
+            assert_eq!(got.status, StatusCode::OK, "catalog register: {}", got.body);
+        }
+    }
+
     pub async fn set_check(&self, id: &str, status: &str) {
         self.client
             .update_check(&format!("{id}-ttl"), status, "set by test")
@@ -345,6 +363,17 @@ pub async fn h2(addr: SocketAddr) -> hyper::client::conn::http2::SendRequest<Ful
     .unwrap();
     tokio::spawn(conn);
     sender
+}
+
+/// The sum over outcomes of `consul_router_consul_requests_total{endpoint}` in a `/metrics`
+/// text: the router's requests to Consul on that endpoint.
+pub fn consul_requests(metrics: &str, endpoint: &str) -> u64 {
+    let label = format!("endpoint=\"{endpoint}\"");
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("consul_router_consul_requests_total{") && l.contains(&label))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// GET `path` with `Host: host`.
