@@ -32,13 +32,25 @@ heaptrack -o "$work/heap" "$bin" --workers 1 --listen "127.0.0.1:$ROUTER" \
 ht=$!
 for _ in $(seq 1 1200); do curl -fsS "127.0.0.1:$ADMIN/healthz" >/dev/null 2>&1 && break; sleep 0.05; done
 sleep "$SETTLE"
-rss=$(awk '/VmRSS/ {printf "%.1f", $2/1024}' "/proc/$(pgrep -f "target/profiling/consul-router" | head -1)/status")
+
 # SIGKILL: the heap as it stands (a graceful stop would free the table first).
 pkill -KILL -f "target/profiling/consul-router" || true
 wait "$ht" 2>/dev/null || true
-data=$(ls "$work"/heap*)
+mkdir -p target/heap-profile
+data=target/heap-profile/heaptrack.$SERVICES.zst
+mv "$work"/heap*.zst "$data"
 echo
-echo "heap profile: $SERVICES services x 2 instances on $NODES nodes; RSS with the system allocator ${rss} MB"
+echo "heap profile: $SERVICES services x 2 instances on $NODES nodes (the system allocator)"
+echo "  data: $data (heaptrack_print -f $data, or heaptrack_gui)"
+# The summary, then for the largest holders at the peak and at the end, the first frame of
+# this crate that allocated (its own line, not the standard library's).
 heaptrack_print -f "$data" --print-leaks 1 --print-peaks 1 --print-allocators 0 \
   --print-temporary 0 --print-histogram "" --print-flamegraph "" -n 12 2>/dev/null |
-  grep -v '^$' | sed -n '1,400p'
+  awk '
+    /^(PEAK MEMORY CONSUMERS|MEMORY LEAKS)/ { print; next }
+    /(consumed|leaked) over [0-9]+ calls from:$/ { entry = $0; want = 1; next }
+    /peak memory consumed over|leaked over/ { print "  " $0; next }
+    want && /at src\// && !/src\/runtime|src\/task|src\/loom/ { print "    " entry "  <-  " prev " " $2; want = 0 }
+    { prev = $1 }
+    /^(total runtime|calls to allocation|temporary memory|peak heap memory|peak RSS|total memory leaked)/ { print }
+  '

@@ -54,10 +54,10 @@ pub(crate) enum Reads {
 
 /// Every instance and check in the datacenter, read at once: `/v1/health/state/any`, then
 /// `/v1/catalog/nodes`, then each node's services.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub(crate) struct BulkRead {
-    /// Per service name, what `/v1/health/service/<name>` would have returned.
-    pub(crate) services: HashMap<String, Vec<HealthEntry>>,
+    /// Per service name, its instances as `/v1/health/service/<name>` would have given them.
+    pub(crate) services: HashMap<String, Vec<InstanceSpec>>,
     /// The checks answer it was assembled from, read before any node.
     pub(crate) checks: Vec<Check>,
     /// How many nodes were read.
@@ -77,6 +77,8 @@ const BULK_SHARE: usize = 16;
 /// A bulk read in flight.
 #[derive(Debug)]
 struct InFlight {
+    /// The catalog's index when it started: every registration up to it is in the read.
+    catalog_index: u64,
     /// The queue it took: read again one by one if it fails.
     taken: BTreeSet<String>,
     /// The health feed's last answer while it was in flight, diffed against the bulk read's
@@ -104,6 +106,11 @@ pub(crate) struct Model {
     fingerprints: HashMap<String, u64>,
     /// Nodes at the last bulk read; `None` before one succeeded.
     nodes: Option<usize>,
+    /// The service list's last index. It moves on any change to any registration, Meta
+    /// included, though the list shows only names and tags.
+    catalog_index: u64,
+    /// The catalog index the last bulk read covered (0: none yet).
+    read_index: u64,
     /// The bulk read in flight.
     bulk: Option<InFlight>,
     /// A bulk read failed: read the queue one service at a time until it is empty, or until a
@@ -128,6 +135,8 @@ impl Model {
             pending: BTreeSet::new(),
             fingerprints: HashMap::new(),
             nodes: None,
+            catalog_index: 0,
+            read_index: 0,
             bulk: None,
             per_service: false,
             answered: now,
@@ -261,12 +270,18 @@ impl Model {
 
     /// Stores a service's entries; true if its instances changed.
     fn store(&mut self, name: &str, entries: &[HealthEntry], from_watch: bool) -> bool {
-        let mut specs: Vec<InstanceSpec> = entries
+        let specs = entries
             .iter()
             .filter(|e| e.service.service == name)
             .map(HealthEntry::to_spec)
             .collect();
-        specs.sort_by(|a, b| a.id.cmp(&b.id));
+        self.store_specs(name, specs, from_watch)
+    }
+
+    /// Stores a service's instances, in one order however they were read (by ID, then node,
+    /// as Consul lists them); true if they changed.
+    fn store_specs(&mut self, name: &str, mut specs: Vec<InstanceSpec>, from_watch: bool) -> bool {
+        specs.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.node.cmp(&b.node)));
         // A late answer for a service that has left the catalog must not bring it back.
         if !self.catalog.as_ref().is_some_and(|c| c.contains_key(name)) {
             return false;
@@ -297,6 +312,7 @@ impl Model {
         }
         if !self.per_service && self.bulk_pays(self.pending.len()) {
             self.bulk = Some(InFlight {
+                catalog_index: self.catalog_index,
                 taken: std::mem::take(&mut self.pending),
                 feed: None,
             });
@@ -322,15 +338,18 @@ impl Model {
     /// baseline, so the feed's next answer names only what changed since; if the feed
     /// answered while it was in flight, what differs between the two is queued and the
     /// feed's answer stays the baseline, as its blocking index is that answer's.
-    pub(crate) fn apply_bulk(&mut self, bulk: &BulkRead) -> Outcome {
+    pub(crate) fn apply_bulk(&mut self, mut bulk: BulkRead) -> Outcome {
         let flight = self.bulk.take();
         self.nodes = Some(bulk.nodes);
+        if let Some(f) = &flight {
+            self.read_index = f.catalog_index;
+        }
         let mut out = Outcome::default();
         if let Some(catalog) = self.catalog.clone() {
             // A plain read: watched services keep what their long-poll stored.
             for name in catalog.keys() {
-                let entries = bulk.services.get(name).map_or(&[][..], Vec::as_slice);
-                out.rebuild |= self.store(name, entries, false);
+                let specs = bulk.services.remove(name).unwrap_or_default();
+                out.rebuild |= self.store_specs(name, specs, false);
             }
         }
         let seed = fingerprints(&bulk.checks);
@@ -449,9 +468,19 @@ impl Model {
         out
     }
 
+    /// The index of the service list's latest answer.
+    pub(crate) fn catalog_index(&mut self, index: u64) {
+        self.catalog_index = index;
+    }
+
     /// The sweep: queues every cold service, since Meta-only changes show in no global feed.
-    /// The reader then reads them in one bulk read when that costs less.
+    /// The reader then reads them in one bulk read when that costs less. Nothing to do when
+    /// no registration changed since the last bulk read (the service list's index has not
+    /// moved): a quiet cluster costs no reads.
     pub(crate) fn sweep(&mut self) -> Outcome {
+        if self.read_index != 0 && self.read_index == self.catalog_index {
+            return Outcome::default();
+        }
         let cold: Vec<String> = self
             .catalog
             .iter()
@@ -780,10 +809,11 @@ mod tests {
             ..BulkRead::default()
         };
         for (svc, id, node, status) in instances {
-            read.services
-                .entry(svc.to_string())
-                .or_default()
-                .extend(entries(svc, &[(id, node, status)]));
+            read.services.entry(svc.to_string()).or_default().extend(
+                entries(svc, &[(id, node, status)])
+                    .iter()
+                    .map(HealthEntry::to_spec),
+            );
             read.checks.push(Check {
                 service_id: id.to_string(),
                 ..check(node, svc, &format!("c-{id}"), status)
@@ -826,7 +856,7 @@ mod tests {
             &entries("s000", &[("s000-1", "n1", "passing")]),
             true,
         );
-        let out = m.apply_bulk(&read);
+        let out = m.apply_bulk(read.clone());
         assert!(out.rebuild);
         assert!(
             !out.read,
@@ -850,13 +880,29 @@ mod tests {
         // nothing.
         let _ = m.sweep();
         assert_eq!(m.next_reads(4), Reads::Bulk);
-        assert_eq!(m.apply_bulk(&read), Outcome::default());
+        assert_eq!(m.apply_bulk(read.clone()), Outcome::default());
         // The feed's next answer names only real changes since the bulk read.
         assert_eq!(m.apply_checks(&read.checks), Outcome::default());
         let mut moved = read.checks.clone();
         moved[2].status = "critical".into();
         assert!(m.apply_checks(&moved).read);
         assert_eq!(m.pending(), ["s002"]);
+    }
+
+    #[test]
+    fn the_sweep_waits_for_the_catalog_index_to_move() {
+        let mut m = model(0);
+        m.catalog_index(7);
+        let _ = m.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        let _ = m.apply_bulk(bulk(1, &[("a", "a1", "n1", "passing")], &[]));
+        // Nothing registered since the bulk read: the sweep has nothing to find.
+        assert_eq!(m.sweep(), Outcome::default());
+        assert!(m.pending().is_empty());
+        // A Meta change somewhere moves the index: the next sweep reads every cold service.
+        m.catalog_index(8);
+        assert!(m.sweep().read);
+        assert_eq!(m.pending(), ["a", "b", "c"]);
     }
 
     #[test]
@@ -874,7 +920,7 @@ mod tests {
         feed[1].status = "critical".into();
         feed.push(check("n1", "c", "c-c1", "passing"));
         assert_eq!(m.apply_checks(&feed), Outcome::default(), "held back");
-        assert!(m.apply_bulk(&read).read);
+        assert!(m.apply_bulk(read).read);
         assert_eq!(m.pending(), ["b", "c"]);
         // The feed's answer is the baseline now: repeating it names nothing.
         let _ = m.take_reads(4);
@@ -888,7 +934,7 @@ mod tests {
         let all: Vec<&str> = all.iter().map(String::as_str).collect();
         let _ = m.apply_catalog(catalog(&all), nothing_excluded, never);
         assert_eq!(m.next_reads(4), Reads::Bulk);
-        let _ = m.apply_bulk(&bulk(3, &[], &[]));
+        let _ = m.apply_bulk(bulk(3, &[], &[]));
         let queue = |m: &mut Model, n: usize| {
             for name in &all[..n] {
                 m.read_failed(name.to_string());
@@ -905,13 +951,13 @@ mod tests {
         );
         queue(&mut m, 13);
         assert_eq!(m.next_reads(4), Reads::Bulk);
-        let _ = m.apply_bulk(&bulk(3, &[], &[]));
+        let _ = m.apply_bulk(bulk(3, &[], &[]));
         assert_eq!(m.next_reads(4), Reads::Idle);
         // The sweep reads every cold service: one bulk read.
         assert!(m.sweep().read);
         assert_eq!(m.next_reads(4), Reads::Bulk);
         // With as many nodes as services, single reads are cheaper, even for the sweep.
-        let _ = m.apply_bulk(&bulk(200, &[], &[]));
+        let _ = m.apply_bulk(bulk(200, &[], &[]));
         let _ = m.sweep();
         assert!(matches!(m.next_reads(4), Reads::Each(_)));
     }

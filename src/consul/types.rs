@@ -44,13 +44,6 @@ pub struct NodeServices {
     pub services: Option<Vec<AgentService>>,
 }
 
-impl NodeServices {
-    /// The node's name, if it is still there.
-    fn name(&self) -> Option<&str> {
-        self.node.as_ref().map(|n| n.name.as_str())
-    }
-}
-
 /// A service registration as the catalog returns it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct AgentService {
@@ -219,57 +212,95 @@ pub enum CheckKind {
     },
 }
 
-/// Assembles, per service name, the entries `/v1/health/service/<name>` would return, from
-/// every node's services and one `/v1/health/state/any` answer: each instance gets its node's
-/// own checks (empty `ServiceID`) and the checks of its service ID on that node. Nodes that
-/// are gone (`Node` null) contribute nothing.
-pub fn health_entries(
-    mut nodes: Vec<NodeServices>,
-    checks: &[Check],
-) -> HashMap<String, Vec<HealthEntry>> {
-    let mut node_checks: HashMap<&str, Vec<&Check>> = HashMap::new();
-    let mut service_checks: HashMap<(&str, &str), Vec<&Check>> = HashMap::new();
-    for c in checks {
-        if c.service_id.is_empty() {
-            node_checks.entry(&c.node).or_default().push(c);
-        } else {
-            service_checks
-                .entry((&c.node, &c.service_id))
-                .or_default()
-                .push(c);
+/// The health that one `/v1/health/state/any` answer gives each node (its own checks, empty
+/// `ServiceID`) and each service instance on a node (its checks), the worst check winning.
+#[derive(Debug, Default)]
+pub struct CheckIndex<'a> {
+    nodes: HashMap<&'a str, Health>,
+    instances: HashMap<(&'a str, &'a str), Health>,
+}
+
+impl<'a> CheckIndex<'a> {
+    /// Indexes `checks`.
+    pub fn new(checks: &'a [Check]) -> Self {
+        let mut index = CheckIndex::default();
+        for c in checks {
+            let health = Health::from_consul(&c.status);
+            let worst = if c.service_id.is_empty() {
+                index.nodes.entry(&c.node).or_insert(Health::Passing)
+            } else {
+                let key = (c.node.as_str(), c.service_id.as_str());
+                index.instances.entry(key).or_insert(Health::Passing)
+            };
+            *worst = (*worst).max(health);
         }
+        index
     }
-    // Consul orders a service's entries by node name; do the same, so that equal answers
-    // compare equal whichever way they were read.
-    nodes.sort_by(|a, b| a.name().cmp(&b.name()));
-    let mut out: HashMap<String, Vec<HealthEntry>> = HashMap::new();
-    for answer in nodes {
-        let Some(node) = answer.node else { continue };
-        for service in answer.services.unwrap_or_default() {
-            let own = node_checks.get(node.name.as_str());
-            let its = service_checks.get(&(node.name.as_str(), service.id.as_str()));
-            // Node checks first, as Consul lists them.
-            let checks = own
-                .into_iter()
-                .chain(its)
-                .flatten()
-                .map(|c| (*c).clone())
-                .collect();
-            out.entry(service.service.clone())
-                .or_default()
-                .push(HealthEntry {
-                    node: node.clone(),
-                    service,
-                    checks,
-                });
-        }
+
+    /// An instance's health: the worst of its node's checks and its own.
+    fn health(&self, node: &str, service_id: &str) -> Health {
+        let own = self.nodes.get(node).copied().unwrap_or(Health::Passing);
+        let its = self.instances.get(&(node, service_id)).copied();
+        own.max(its.unwrap_or(Health::Passing))
     }
-    out
+}
+
+/// Every instance of one `/v1/catalog/node-services/<node>` answer, with its service's name
+/// and the health `checks` give it: the same spec `/v1/health/service/<name>` would give.
+/// A node that is gone (`Node` null) has none. The answer is consumed, so a bulk read holds
+/// one node's raw answer at a time.
+pub fn node_instances(
+    answer: NodeServices,
+    checks: &CheckIndex<'_>,
+) -> Vec<(String, InstanceSpec)> {
+    let Some(node) = answer.node else {
+        return Vec::new();
+    };
+    answer
+        .services
+        .unwrap_or_default()
+        .into_iter()
+        .map(|service| {
+            let health = checks.health(&node.name, &service.id);
+            let spec = spec(&node, &service, health);
+            (service.service, spec)
+        })
+        .collect()
+}
+
+/// The routing layer's instance: empty address means the node's, `Meta.load` parsed when it
+/// is a finite, non-negative number.
+fn spec(node: &Node, service: &AgentService, health: Health) -> InstanceSpec {
+    let address = if service.address.is_empty() {
+        node.address.clone()
+    } else {
+        service.address.clone()
+    };
+    let load = service
+        .meta
+        .as_ref()
+        .and_then(|m| m.get("load"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|v| v.is_finite() && *v >= 0.0);
+    let w = service.weights.unwrap_or(Weights {
+        passing: 1,
+        warning: 1,
+    });
+    InstanceSpec {
+        id: service.id.clone(),
+        node: node.name.clone(),
+        address,
+        port: service.port,
+        tags: service.tags.clone().unwrap_or_default(),
+        load,
+        weight_passing: w.passing,
+        weight_warning: w.warning,
+        health,
+    }
 }
 
 impl HealthEntry {
-    /// Converts to the routing layer's instance: worst check wins, empty address means the
-    /// node's, `Meta.load` parsed when it is a finite, non-negative number.
+    /// Converts to the routing layer's instance; the worst check wins.
     pub fn to_spec(&self) -> InstanceSpec {
         let health = self
             .checks
@@ -277,33 +308,7 @@ impl HealthEntry {
             .map(|c| Health::from_consul(&c.status))
             .max()
             .unwrap_or(Health::Passing);
-        let address = if self.service.address.is_empty() {
-            self.node.address.clone()
-        } else {
-            self.service.address.clone()
-        };
-        let load = self
-            .service
-            .meta
-            .as_ref()
-            .and_then(|m| m.get("load"))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|v| v.is_finite() && *v >= 0.0);
-        let w = self.service.weights.unwrap_or(Weights {
-            passing: 1,
-            warning: 1,
-        });
-        InstanceSpec {
-            id: self.service.id.clone(),
-            node: self.node.name.clone(),
-            address,
-            port: self.service.port,
-            tags: self.service.tags.clone().unwrap_or_default(),
-            load,
-            weight_passing: w.passing,
-            weight_warning: w.warning,
-            health,
-        }
+        spec(&self.node, &self.service, health)
     }
 }
 
@@ -375,20 +380,22 @@ mod tests {
             check("n3", "x", "critical", ("chat-9", "chat")),
         ]))
         .unwrap();
-        let got = health_entries(nodes, &checks);
-        assert_eq!(got.len(), 2);
-        let chat = &got["chat"];
-        let on: Vec<&str> = chat.iter().map(|e| e.node.name.as_str()).collect();
-        assert_eq!(on, ["n1", "n2"]);
-        let ids = |e: &HealthEntry| -> Vec<String> {
-            e.checks.iter().map(|c| c.check_id.clone()).collect()
+        let index = CheckIndex::new(&checks);
+        let got: Vec<(String, InstanceSpec)> = nodes
+            .into_iter()
+            .flat_map(|n| node_instances(n, &index))
+            .collect();
+        let of = |svc: &str, node: &str| {
+            got.iter()
+                .find(|(s, i)| s == svc && i.node == node)
+                .map(|(_, i)| i.clone())
+                .expect("instance")
         };
-        assert_eq!(ids(&chat[0]), ["serfHealth", "c1"], "node checks first");
-        assert_eq!(ids(&chat[1]), ["serfHealth", "maintenance", "c1"]);
+        assert_eq!(got.len(), 3, "a gone node has none");
         // A node check counts for every instance on its node.
-        assert_eq!(chat[0].to_spec().health, Health::Warning);
-        assert_eq!(chat[1].to_spec().health, Health::Critical);
-        assert_eq!(got["mail"][0].to_spec().health, Health::Passing);
+        assert_eq!(of("chat", "n1").health, Health::Warning);
+        assert_eq!(of("chat", "n2").health, Health::Critical);
+        assert_eq!(of("mail", "n1").health, Health::Passing);
 
         // The same instance read through /v1/health/service gives the same spec.
         let direct: Vec<HealthEntry> = serde_json::from_value(serde_json::json!([{
@@ -398,7 +405,7 @@ mod tests {
                        check("n1", "c1", "warning", ("chat-1", "chat"))]
         }]))
         .unwrap();
-        assert_eq!(direct[0].to_spec(), chat[0].to_spec());
+        assert_eq!(direct[0].to_spec(), of("chat", "n1"));
     }
 
     #[test]

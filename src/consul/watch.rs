@@ -26,14 +26,16 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 
 use crate::config::ConsulConfig;
-use crate::routing::{build, BuildOptions, CatalogTags, Routes, RoutingTable, StateRegistry};
+use crate::routing::{
+    build, BuildOptions, CatalogTags, InstanceSpec, Routes, RoutingTable, StateRegistry,
+};
 
 use super::client::{ConsulClient, ConsulError};
 use super::model::{BulkRead, Model, Outcome, Reads};
 use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
 use super::table_metrics::TableMetrics;
-use super::types::{health_entries, Check, HealthEntry};
+use super::types::{node_instances, Check, CheckIndex, HealthEntry};
 
 /// Cold services (or, in a bulk read, nodes) read at once.
 const READ_CONCURRENCY: usize = 4;
@@ -218,11 +220,12 @@ impl Discovery {
         }
     }
 
-    fn apply_catalog(&self, new: CatalogTags) {
+    fn apply_catalog(&self, new: CatalogTags, index: u64) {
         let table = self.routes.load();
         let build = self.build.load();
         let mut st = self.lock();
         st.model.answered(Instant::now());
+        st.model.catalog_index(index);
         let out = st.model.apply_catalog(
             new,
             |name| build.is_excluded(name),
@@ -238,7 +241,7 @@ impl Discovery {
         self.act(st, out);
     }
 
-    fn apply_bulk(&self, bulk: &BulkRead) {
+    fn apply_bulk(&self, bulk: BulkRead) {
         let mut st = self.lock();
         st.model.answered(Instant::now());
         let out = st.model.apply_bulk(bulk);
@@ -275,7 +278,7 @@ impl Discovery {
             self.lock().model.blocking_ended(Instant::now());
             match r {
                 Ok(r) => match cat.judge(Instant::now(), r.index) {
-                    CatalogStep::Apply => self.apply_catalog(r.value),
+                    CatalogStep::Apply => self.apply_catalog(r.value, r.index),
                     CatalogStep::NoIndex => {
                         tracing::warn!("catalog answer without X-Consul-Index; retrying later");
                     }
@@ -283,7 +286,7 @@ impl Discovery {
                     CatalogStep::Confirm => match self.client.catalog_services_consistent().await {
                         Ok(confirmed) => {
                             cat.confirmed(confirmed.index);
-                            self.apply_catalog(confirmed.value);
+                            self.apply_catalog(confirmed.value, confirmed.index);
                         }
                         Err(e) => {
                             tracing::warn!(error = %e, "cannot confirm a rewound catalog; keeping the last table");
@@ -337,7 +340,7 @@ impl Discovery {
                 }
                 Reads::Bulk => {
                     match self.bulk_read().await {
-                        Ok(bulk) => self.apply_bulk(&bulk),
+                        Ok(bulk) => self.apply_bulk(bulk),
                         Err(e) => {
                             tracing::warn!(error = %e, "bulk read failed; reading the queued services one by one");
                             let mut st = self.lock();
@@ -384,8 +387,9 @@ impl Discovery {
         let nodes = self.client.catalog_nodes().await?.value;
         let count = nodes.len();
         let mut names = nodes.into_iter().map(|n| n.name);
+        let index = CheckIndex::new(&checks);
+        let mut services: HashMap<String, Vec<InstanceSpec>> = HashMap::new();
         let mut set = JoinSet::new();
-        let mut answers = Vec::with_capacity(count);
         loop {
             while set.len() < READ_CONCURRENCY {
                 let Some(name) = names.next() else { break };
@@ -398,10 +402,14 @@ impl Discovery {
             // Any failure fails the whole read (dropping the set aborts the rest); a read
             // that panicked counts as one.
             let answer = joined.map_err(|e| ConsulError::Transport(e.to_string()))??;
-            answers.push(answer.value);
+            // Made into specs at once: one node's raw answer is held at a time.
+            for (name, spec) in node_instances(answer.value, &index) {
+                services.entry(name).or_default().push(spec);
+            }
         }
+        drop(index);
         Ok(BulkRead {
-            services: health_entries(answers, &checks),
+            services,
             checks,
             nodes: count,
         })
@@ -578,7 +586,7 @@ mod tests {
             (Expose::Tagged, vec!["shown"]),
         ] {
             let d = discovery(expose);
-            d.apply_catalog(listing());
+            d.apply_catalog(listing(), 1);
             let st = d.lock();
             assert_eq!(
                 st.model.pending(),
@@ -607,7 +615,7 @@ mod tests {
         let d = discovery(crate::config::Expose::All);
         let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
         let names: Vec<String> = (0..500).map(|i| format!("bulk-test-{i:03}")).collect();
-        d.apply_catalog(names.iter().map(|n| (n.clone(), vec![])).collect());
+        d.apply_catalog(names.iter().map(|n| (n.clone(), vec![])).collect(), 1);
         assert_eq!(d.lock().model.next_reads(READ_CONCURRENCY), Reads::Bulk);
         tokio::time::sleep(Duration::from_millis(60)).await;
         // Every service but the last is on the one node.
@@ -616,10 +624,13 @@ mod tests {
             ..BulkRead::default()
         };
         for name in &names[..499] {
-            bulk.services
-                .insert(name.clone(), entries(name, &[("i1", "passing", 1)]));
+            let specs = entries(name, &[("i1", "passing", 1)])
+                .iter()
+                .map(HealthEntry::to_spec)
+                .collect();
+            bulk.services.insert(name.clone(), specs);
         }
-        d.apply_bulk(&bulk);
+        d.apply_bulk(bulk);
         tokio::time::sleep(Duration::from_millis(50)).await;
         // Live one coalescing window after the catalog, long before the deadline.
         let t = d.routes.load_full();
@@ -676,7 +687,7 @@ mod tests {
         let (a, b) = ("coalesce-test-a", "coalesce-test-b");
 
         let catalog: CatalogTags = [(a.to_owned(), vec![]), (b.to_owned(), vec![])].into();
-        d.apply_catalog(catalog);
+        d.apply_catalog(catalog, 1);
         tokio::time::sleep(ms(60)).await;
         let a_entries = [
             ("a1", "passing", 1),
@@ -716,7 +727,7 @@ mod tests {
         assert_eq!(t.services[a].instance_counts(), [2, 1, 1, 3, 1]);
 
         // b leaves Consul.
-        d.apply_catalog([(a.to_owned(), vec![])].into());
+        d.apply_catalog([(a.to_owned(), vec![])].into(), 2);
         tokio::time::sleep(ms(150)).await;
         assert_eq!(d.routes.load().generation, 3);
         assert!(!d.routes.load().services.contains_key(b));
