@@ -257,6 +257,14 @@ struct Source {
 }
 
 fn run(config: Config, source: Source) -> anyhow::Result<()> {
+    // With the kernel's transparent huge pages "always", each 2 MiB region the allocator
+    // touches is backed whole: measured at 10,000 services, 45 of the heap's 64 MB resident
+    // were huge pages around 22 MB of live data. The heap is small and the request path
+    // reuses its buffers, so huge pages buy nothing here. Only the router: `announce`'s app
+    // would inherit the flag.
+    if let Err(e) = rustix::thread::disable_transparent_huge_pages(true) {
+        tracing::debug!(error = %e, "cannot turn transparent huge pages off");
+    }
     // One worker: a current-thread runtime skips the work-stealing scheduler's cross-thread
     // wakeups entirely (measured: see README, Performance).
     let mut rt = if config.workers == 1 {

@@ -255,6 +255,18 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     assert!(body.contains(&format!("x-request-id: {id2}\n")), "{body}");
     assert_ne!(id1, id2);
     let h2_bytes = body.len();
+    // A request body counts as bytes_in on both paths.
+    let req = Request::post("http://obs-log.app.test/h2-post")
+        .body(Full::new(Bytes::from_static(b"hello world")))
+        .unwrap();
+    let resp = s.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    resp.into_body().collect().await.unwrap();
+    let req = Request::post("/h1-post")
+        .header("host", "obs-log.app.test")
+        .body(Full::new(Bytes::from_static(b"hello world")))
+        .unwrap();
+    assert_eq!(send(a, req).await.status, StatusCode::OK);
     // A local answer on each path.
     assert_eq!(
         get(a, "nobody.app.test", "/nope").await.status,
@@ -262,7 +274,7 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     );
     drop(s);
 
-    // Both paths count alike: three 2xx for the service.
+    // Both paths count alike: five 2xx for the service.
     let after = metrics(&router).await;
     let ok = |t: &str| {
         sample(
@@ -274,17 +286,17 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     // The HTTP/2 request is counted when its body has ended; give it a moment.
     let admin = router.admin_addr;
     let base = ok(&before);
-    wait_until(Duration::from_secs(5), "3 counted", || async move {
+    wait_until(Duration::from_secs(5), "5 counted", || async move {
         let t = get_admin(admin, "/metrics").await.1;
         sample(
             &t,
             "consul_router_requests_total",
             &[("service", "obs-log"), ("code", "2xx")],
         ) - base
-            == 3.0
+            == 5.0
     })
     .await;
-    assert!(ok(&after) - base >= 2.0);
+    assert!(ok(&after) - base >= 3.0);
 
     router.shutdown().await;
     let text = std::fs::read_to_string(&file).unwrap();
@@ -318,6 +330,10 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     assert_eq!(h2["status"], 200);
     assert_eq!(h2["request_id"], id2.as_str());
     assert_eq!(h2["bytes_out"].as_u64().unwrap(), h2_bytes as u64, "{h2}");
+    assert_eq!(h2["bytes_in"], 0, "{h2}");
+    for path in ["/h1-post", "/h2-post"] {
+        assert_eq!(find(path)["bytes_in"], 11, "{path}: {text}");
+    }
     assert_eq!(find("/kept")["request_id"], "from-nginx-42");
     let nope = find("/nope");
     assert_eq!(nope["status"], 404);

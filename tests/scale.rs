@@ -110,3 +110,67 @@ async fn bounded_watches_still_follow_every_service() {
     assert!(router.watch_count() <= 4);
     router.shutdown().await;
 }
+
+/// `/metrics` grows with the services that carry traffic or are in trouble, not with the
+/// catalog, and a service's series leave with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_traffic_not_the_catalog() {
+    let consul = ConsulAgent::start().await;
+    let backend = Backend::start("any").await;
+    let n = 40;
+    for i in 0..n {
+        let status = if i == 5 { "critical" } else { "passing" };
+        consul
+            .register_ttl(&format!("m{i}"), &format!("m{i}-a"), backend.port(), status)
+            .await;
+    }
+    let toml = "[consul]\nmax_watches = 4\nsweep_interval = \"1s\"";
+    let router = start_router(&consul.addr(), toml).await;
+    let (p, admin) = (router.proxy_addr, router.admin_addr);
+    let services = |text: &str| -> std::collections::BTreeSet<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| l.split("service=\"").nth(1))
+            .filter_map(|rest| rest.split('"').next())
+            .map(str::to_owned)
+            .collect()
+    };
+    let idle = get_admin(admin, "/metrics").await.1;
+    // Only the service in trouble shows, with its instances; nothing counted yet.
+    assert_eq!(services(&idle), ["m5".to_owned()].into(), "{idle}");
+    assert!(idle.contains("consul_router_instances{service=\"m5\",state=\"routable\"} 0"));
+    assert!(
+        idle.contains(&format!("consul_router_services {n}\n")),
+        "{idle}"
+    );
+    assert!(
+        idle.contains("consul_router_services_unroutable 1\n"),
+        "{idle}"
+    );
+    assert!(!idle.contains("consul_router_requests_total"), "{idle}");
+
+    for _ in 0..3 {
+        assert_eq!(get(p, "m1.app.test", "/").await.status, StatusCode::OK);
+        assert_eq!(get(p, "m2.app.test", "/").await.status, StatusCode::OK);
+    }
+    let used = get_admin(admin, "/metrics").await.1;
+    let want: std::collections::BTreeSet<String> = ["m1", "m2", "m5"].map(str::to_owned).into();
+    assert_eq!(services(&used), want, "{used}");
+    assert!(used.contains("consul_router_requests_total{service=\"m1\",code=\"2xx\"} 3\n"));
+    assert!(
+        !used.contains("code=\"5xx\""),
+        "a class appears once it happens: {used}"
+    );
+    // Per used service: requests, two histograms, retries and instances; far from 53 series
+    // for each of the 41 services.
+    let lines = used.lines().count();
+    assert!(lines < 300, "{lines} lines:\n{used}");
+
+    // m2 leaves Consul: its series leave /metrics with it.
+    consul.deregister("m2-a").await;
+    wait_until(Duration::from_secs(10), "m2's series gone", || async {
+        !services(&get_admin(admin, "/metrics").await.1).contains("m2")
+    })
+    .await;
+    router.shutdown().await;
+}

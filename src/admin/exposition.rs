@@ -89,56 +89,21 @@ fn gauge(out: &mut String, name: &str, help: &str) {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-    use std::sync::Arc;
-
     use super::*;
-    use crate::balance::Strategy;
-    use crate::config::Expose;
-    use crate::routing::{build, BuildOptions, CatalogTags, Health, InstanceSpec, StateRegistry};
-
-    fn spec(id: &str, health: Health) -> InstanceSpec {
-        InstanceSpec {
-            id: id.into(),
-            node: "n".into(),
-            address: "127.0.0.1".into(),
-            port: 1,
-            tags: vec![],
-            load: None,
-            weight_passing: 1,
-            weight_warning: 1,
-            health,
-        }
-    }
+    use crate::routing::testing::{spec, table};
+    use crate::routing::Health;
 
     /// `idle` (healthy, no traffic), `busy` (healthy, traffic), `half` (one critical),
     /// `down` (none routable) and `unread` (no instance read yet).
-    fn table() -> RoutingTable {
-        let p = Health::Passing;
-        let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> = [
-            ("idle", vec![spec("i1", p), spec("i2", p)]),
-            ("busy", vec![spec("b1", p)]),
-            ("half", vec![spec("h1", p), spec("h2", Health::Critical)]),
-            ("down", vec![spec("d1", Health::Warning)]),
+    fn services() -> RoutingTable {
+        let p = |id| spec(id, 1, Health::Passing, &[]);
+        table(vec![
+            ("idle", vec![p("i1"), p("i2")]),
+            ("busy", vec![p("b1")]),
+            ("half", vec![p("h1"), spec("h2", 1, Health::Critical, &[])]),
+            ("down", vec![spec("d1", 1, Health::Warning, &[])]),
             ("unread", vec![]),
-        ]
-        .into_iter()
-        .map(|(k, v)| (Arc::from(k), Arc::from(v)))
-        .collect();
-        let opts = BuildOptions {
-            domains: vec!["app.test".into()],
-            default_strategy: Strategy::Random,
-            include_warning: false,
-            max_idle_per_instance: 1,
-            exclude_services: vec![],
-            expose: Expose::All,
-        };
-        build(
-            &catalog,
-            &CatalogTags::new(),
-            &opts,
-            &mut StateRegistry::default(),
-        )
+        ])
     }
 
     fn lines_of<'a>(out: &'a str, service: &str) -> Vec<&'a str> {
@@ -148,7 +113,7 @@ mod tests {
 
     #[test]
     fn series_follow_traffic_and_trouble_not_the_catalog() {
-        let table = table();
+        let table = services();
         let unrouted = ServiceMetrics::default();
         let mut out = String::new();
         write_table(&mut out, &table, &unrouted);

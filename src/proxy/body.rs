@@ -8,6 +8,7 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -40,6 +41,8 @@ pub struct Closing {
     pub request_id: RequestId,
     /// The access log's fields, when it is on.
     pub log: Option<LogFields>,
+    /// The request body's data bytes so far (`None`: it had none).
+    pub received: Option<Arc<AtomicU64>>,
 }
 
 impl Closing {
@@ -52,7 +55,10 @@ impl Closing {
                 start: Some(self.start),
                 upstream: Some(self.upstream),
                 retries: self.retries,
-                bytes_in: 0,
+                bytes_in: self
+                    .received
+                    .as_ref()
+                    .map_or(0, |n| n.load(Ordering::Relaxed)),
                 bytes_out,
                 request_id: self.request_id.as_bytes(),
             },

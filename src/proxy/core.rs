@@ -414,40 +414,16 @@ impl Proxy {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
-
     use super::*;
-    use crate::config::{Config, Expose};
-    use crate::routing::{build, BuildOptions, CatalogTags, Health, InstanceSpec, StateRegistry};
+    use crate::config::Config;
+    use crate::routing::testing::{spec, table};
+    use crate::routing::Health;
 
     fn proxy_and_service() -> (Proxy, Arc<Service>) {
-        let spec = InstanceSpec {
-            id: "core-1".into(),
-            node: "n".into(),
-            address: "127.0.0.1".into(),
-            port: 1,
-            tags: vec![],
-            load: None,
-            weight_passing: 1,
-            weight_warning: 1,
-            health: Health::Passing,
-        };
-        let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> =
-            [(Arc::from("core-test"), Arc::from(vec![spec]))].into();
-        let opts = BuildOptions {
-            domains: vec!["app.test".into()],
-            default_strategy: Strategy::Random,
-            include_warning: false,
-            max_idle_per_instance: 1,
-            exclude_services: vec![],
-            expose: Expose::All,
-        };
-        let table = build(
-            &catalog,
-            &CatalogTags::new(),
-            &opts,
-            &mut StateRegistry::default(),
-        );
+        let table = table(vec![(
+            "core-test",
+            vec![spec("core-1", 1, Health::Passing, &[])],
+        )]);
         let service = table.services["core-test"].clone();
         let cfg = Config::default();
         let routes = Arc::new(crate::routing::Routes::new());

@@ -274,7 +274,13 @@ impl Proxy {
             return self.local_answer(e, Some(&service), routed.start, &request_id, log);
         }
 
-        let answer = match self.upstream.send(self, &service, routed.key, req).await {
+        // Only a request with a body pays for a counter of its bytes.
+        let received = (!hyper::body::Body::is_end_stream(req.body())).then(Arc::default);
+        let answer = match self
+            .upstream
+            .send(self, &service, routed.key, req, received.clone())
+            .await
+        {
             Ok(a) => a,
             Err(e) => {
                 tracing::debug!(service = %service.name, error = %e, "no backend answer");
@@ -319,6 +325,7 @@ impl Proxy {
             retries,
             request_id,
             log,
+            received,
         });
         let stall = self.upstream.response_timeout;
         response.map(|b| {

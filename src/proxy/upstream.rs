@@ -2,6 +2,8 @@
 //! bounded retry on another instance when nothing was sent.
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
 use std::time::Duration;
 
 use hyper::body::Incoming;
@@ -65,15 +67,17 @@ impl Upstream {
     /// Sends `req` to an instance of `svc` picked for `key`; after a failure, the core's
     /// retry rule (`Proxy::after_failure`) says whether another instance is tried. The
     /// request body is failed, and its backend connection closed, if the client stalls it
-    /// for `response_timeout`. Every failure is counted for the service.
+    /// for `response_timeout`. Every failure is counted for the service. The body's data
+    /// bytes are counted into `received`, if given.
     pub async fn send(
         &self,
         core: &Proxy,
         svc: &Service,
         key: u64,
         req: Request<Incoming>,
+        received: Option<Arc<AtomicU64>>,
     ) -> Result<Answer, ProxyError> {
-        let mut req = req.map(|b| Stall::new(b, self.response_timeout));
+        let mut req = req.map(|b| Stall::new(b, self.response_timeout).counting(received));
         let mut exclude = Exclude::default();
         let mut last = ProxyError::NoHealthyInstance;
         let mut tries = 0;

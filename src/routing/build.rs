@@ -328,11 +328,12 @@ fn choose_strategy(
     chosen
 }
 
+/// Instances and tables for other modules' tests.
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
-    use crate::balance::Exclude;
 
+    /// A passing-weight-1 instance on node `n1` at 127.0.0.1.
     pub(crate) fn spec(id: &str, port: u16, health: Health, tags: &[&str]) -> InstanceSpec {
         InstanceSpec {
             id: id.into(),
@@ -346,6 +347,35 @@ mod tests {
             health,
         }
     }
+
+    /// A table of `services` under the domain `app.test`, every service routed.
+    pub(crate) fn table(services: Vec<(&str, Vec<InstanceSpec>)>) -> RoutingTable {
+        let catalog: BTreeMap<Arc<str>, Arc<[InstanceSpec]>> = services
+            .into_iter()
+            .map(|(k, v)| (Arc::from(k), Arc::from(v)))
+            .collect();
+        let opts = BuildOptions {
+            domains: vec!["app.test".into()],
+            default_strategy: Strategy::Random,
+            include_warning: false,
+            max_idle_per_instance: 1,
+            exclude_services: vec![],
+            expose: Expose::All,
+        };
+        build(
+            &catalog,
+            &CatalogTags::new(),
+            &opts,
+            &mut StateRegistry::default(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::spec;
+    use super::*;
+    use crate::balance::Exclude;
 
     fn opts() -> BuildOptions {
         BuildOptions {

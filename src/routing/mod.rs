@@ -7,6 +7,8 @@ mod build;
 mod host;
 mod table;
 
+#[cfg(test)]
+pub(crate) use build::testing;
 pub use build::{build, BuildOptions, CatalogTags, StateRegistry};
 pub use host::{normalize, HostError, MAX_HOST};
 pub use table::{

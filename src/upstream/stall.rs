@@ -2,9 +2,12 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
+use bytes::Buf;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use tokio::time::{Instant, Sleep};
 
@@ -30,6 +33,8 @@ pub struct Stall<B> {
     /// Made at the first wait, then moved; one per body.
     sleep: Option<Pin<Box<Sleep>>>,
     waiting: bool,
+    /// Data bytes that passed, for the access log's `bytes_in`.
+    passed: Option<Arc<AtomicU64>>,
 }
 
 impl<B> Stall<B> {
@@ -40,7 +45,14 @@ impl<B> Stall<B> {
             timeout,
             sleep: None,
             waiting: false,
+            passed: None,
         }
+    }
+
+    /// Counts the data bytes that pass into `passed`.
+    pub fn counting(mut self, passed: Option<Arc<AtomicU64>>) -> Self {
+        self.passed = passed;
+        self
     }
 }
 
@@ -59,6 +71,10 @@ where
         let this = self.get_mut();
         if let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) {
             this.waiting = false;
+            if let (Some(passed), Some(Ok(f))) = (&this.passed, &frame) {
+                let n = f.data_ref().map_or(0, Buf::remaining);
+                passed.fetch_add(n as u64, Ordering::Relaxed);
+            }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
         if !this.waiting {
