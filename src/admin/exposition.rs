@@ -10,6 +10,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use crate::metrics::{escape_label, write_services, ServiceMetrics};
 use crate::routing::{Routes, RoutingTable, INSTANCE_STATES};
 
+/// The `service` label of requests no service took.
+const UNROUTED: &str = "unknown";
+
 /// The whole `/metrics` text.
 pub(super) fn render(prometheus: &PrometheusHandle, routes: &Routes) -> String {
     let mut out = prometheus.render();
@@ -77,8 +80,11 @@ fn write_table(out: &mut String, table: &RoutingTable, unrouted: &ServiceMetrics
         .iter()
         .filter_map(|(name, _, used)| used.map(|m| (name.clone(), m)))
         .collect();
-    if unrouted.requests().iter().any(|n| *n > 0) {
-        requests.push(("unknown".to_owned(), unrouted));
+    // A Consul service named "unknown" keeps the label: two series of one name and labels
+    // would make the whole text invalid.
+    let clash = table.services.contains_key(UNROUTED);
+    if !clash && unrouted.requests().iter().any(|n| *n > 0) {
+        requests.push((UNROUTED.to_owned(), unrouted));
     }
     write_services(out, &requests);
 }
@@ -161,5 +167,26 @@ mod tests {
         let n = types.len();
         types.dedup();
         assert_eq!(types.len(), n, "{out}");
+    }
+
+    #[test]
+    fn a_service_named_unknown_keeps_the_label() {
+        let table = table(vec![("unknown", vec![spec("u1", 1, Health::Passing, &[])])]);
+        table.services["unknown"].stats.metrics.get().count(200);
+        let unrouted = ServiceMetrics::default();
+        unrouted.count(404);
+        let mut out = String::new();
+        write_table(&mut out, &table, &unrouted);
+        let samples: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
+        let mut names: Vec<&str> = samples
+            .iter()
+            .filter_map(|l| l.rsplit_once(' ').map(|(k, _)| k))
+            .collect();
+        let n = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), n, "no series twice: {out}");
+        assert!(out.contains("consul_router_requests_total{service=\"unknown\",code=\"2xx\"} 1"));
+        assert!(!out.contains("code=\"4xx\""), "{out}");
     }
 }

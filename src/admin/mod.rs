@@ -88,11 +88,7 @@ impl Admin {
         match path {
             "/api/routes" => self.routes_json().await,
             "/api/stats" => self.stats_json().await,
-            "/metrics" => with_type(
-                StatusCode::OK,
-                exposition::render(&self.metrics, &self.routes).into(),
-                "text/plain; version=0.0.4; charset=utf-8",
-            ),
+            "/metrics" => self.metrics_text().await,
             _ => text(StatusCode::NOT_FOUND, "not found\n"),
         }
     }
@@ -133,6 +129,19 @@ impl Admin {
             HeaderValue::from_static(challenge),
         );
         Some(r)
+    }
+
+    /// `/metrics`, rendered off the runtime's workers: it walks the whole table.
+    async fn metrics_text(&self) -> Response<Full<Bytes>> {
+        let (metrics, routes) = (self.metrics.clone(), self.routes.clone());
+        match tokio::task::spawn_blocking(move || exposition::render(&metrics, &routes)).await {
+            Ok(text) => with_type(
+                StatusCode::OK,
+                text.into(),
+                "text/plain; version=0.0.4; charset=utf-8",
+            ),
+            Err(_) => text(StatusCode::INTERNAL_SERVER_ERROR, "cannot render metrics\n"),
+        }
     }
 
     /// `/api/routes`, serialised off the runtime's workers (the table may be large).

@@ -62,6 +62,9 @@ pub(crate) struct BulkRead {
     pub(crate) checks: Vec<Check>,
     /// How many nodes were read.
     pub(crate) nodes: usize,
+    /// The lowest `X-Consul-Index` of the node answers: with stale reads, a server behind
+    /// the catalog's index may have answered some of them.
+    pub(crate) index: u64,
 }
 
 /// A bulk read pays when it saves more than half the requests: it costs 2 + nodes requests
@@ -160,12 +163,11 @@ impl Model {
         self.blocking = Some((now, due));
     }
 
-    /// The catalog's query ended at `now`, answered or not. Until then, and no later than its
-    /// due time, the table was current.
-    pub(crate) fn blocking_ended(&mut self, now: Instant) {
-        if let Some((_, due)) = self.blocking.take() {
-            self.answered = self.answered.max(now.min(due));
-        }
+    /// The catalog's query ended, answered or not. Only an applied answer (which calls
+    /// [`Model::answered`]) says the table is current: a query that fails at once, again
+    /// and again while Consul refuses connections, must not keep the age at 0.
+    pub(crate) fn blocking_ended(&mut self) {
+        self.blocking = None;
     }
 
     /// How long the table may have been behind Consul: since the last answer, or 0 while the
@@ -341,7 +343,9 @@ impl Model {
     pub(crate) fn apply_bulk(&mut self, mut bulk: BulkRead) -> Outcome {
         let flight = self.bulk.take();
         self.nodes = Some(bulk.nodes);
-        if let Some(f) = &flight {
+        // It covers the catalog's index only if no node answer came from a server behind
+        // it; else the next sweep reads again.
+        if let Some(f) = flight.as_ref().filter(|f| bulk.index >= f.catalog_index) {
             self.read_index = f.catalog_index;
         }
         let mut out = Outcome::default();
@@ -806,6 +810,7 @@ mod tests {
         let mut read = BulkRead {
             nodes,
             checks: extra.to_vec(),
+            index: u64::MAX,
             ..BulkRead::default()
         };
         for (svc, id, node, status) in instances {
@@ -892,17 +897,28 @@ mod tests {
     #[test]
     fn the_sweep_waits_for_the_catalog_index_to_move() {
         let mut m = model(0);
+        let all = names("s", 10);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
         m.catalog_index(7);
-        let _ = m.apply_catalog(catalog(&["a", "b", "c"]), nothing_excluded, never);
+        let _ = m.apply_catalog(catalog(&all), nothing_excluded, never);
         assert_eq!(m.next_reads(4), Reads::Bulk);
-        let _ = m.apply_bulk(bulk(1, &[("a", "a1", "n1", "passing")], &[]));
+        let _ = m.apply_bulk(bulk(1, &[("s000", "a1", "n1", "passing")], &[]));
         // Nothing registered since the bulk read: the sweep has nothing to find.
         assert_eq!(m.sweep(), Outcome::default());
         assert!(m.pending().is_empty());
         // A Meta change somewhere moves the index: the next sweep reads every cold service.
         m.catalog_index(8);
         assert!(m.sweep().read);
-        assert_eq!(m.pending(), ["a", "b", "c"]);
+        assert_eq!(m.pending(), all);
+        // A node answered by a server behind index 8 (stale reads): not covered, so the
+        // next sweep reads again.
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        let behind = BulkRead {
+            index: 7,
+            ..bulk(1, &[("s000", "a1", "n1", "passing")], &[])
+        };
+        let _ = m.apply_bulk(behind);
+        assert!(m.sweep().read);
     }
 
     #[test]
@@ -1027,14 +1043,18 @@ mod tests {
         // Overdue: Consul should have answered by now.
         tokio::time::advance(s(30)).await;
         assert_eq!(m.answer_age(Instant::now()), s(20), "past its due time");
-        // It fails: current up to its due time, then aging.
-        m.blocking_ended(Instant::now());
-        assert_eq!(m.answer_age(Instant::now()), s(20));
-        m.answered(Instant::now());
-        m.blocking(Instant::now(), Instant::now() + s(100));
-        tokio::time::advance(s(10)).await;
-        m.blocking_ended(Instant::now());
-        tokio::time::advance(s(7)).await;
-        assert_eq!(m.answer_age(Instant::now()), s(7), "since the failure");
+        // It fails: the age counts from the last answer.
+        m.blocking_ended();
+        assert_eq!(m.answer_age(Instant::now()), s(120));
+        // Queries that fail at once (Consul refuses connections) never look current.
+        for _ in 0..5 {
+            m.blocking(Instant::now(), Instant::now() + s(100));
+            tokio::time::advance(Duration::from_millis(250)).await;
+            m.blocking_ended();
+        }
+        assert_eq!(
+            m.answer_age(Instant::now()),
+            s(120) + Duration::from_millis(1250)
+        );
     }
 }

@@ -265,20 +265,27 @@ impl Discovery {
 
     async fn catalog_loop(self: Arc<Self>) {
         let mut cat = CatalogPoll::default();
+        let mut current = false;
         loop {
             start_at(&mut cat.poll).await;
             let index = cat.poll.index();
-            if index > 0 {
+            // A blocking query counts as current only right after an applied answer: after a
+            // failure, a retry that hangs or fails at once must not read as fresh.
+            if index > 0 && current {
                 let now = Instant::now();
                 self.lock()
                     .model
                     .blocking(now, now + blocking_due(self.cfg.wait));
             }
             let r = self.client.catalog_services(index, self.cfg.wait).await;
-            self.lock().model.blocking_ended(Instant::now());
+            self.lock().model.blocking_ended();
+            current = false;
             match r {
                 Ok(r) => match cat.judge(Instant::now(), r.index) {
-                    CatalogStep::Apply => self.apply_catalog(r.value, r.index),
+                    CatalogStep::Apply => {
+                        self.apply_catalog(r.value, r.index);
+                        current = true;
+                    }
                     CatalogStep::NoIndex => {
                         tracing::warn!("catalog answer without X-Consul-Index; retrying later");
                     }
@@ -389,6 +396,7 @@ impl Discovery {
         let mut names = nodes.into_iter().map(|n| n.name);
         let index = CheckIndex::new(&checks);
         let mut services: HashMap<String, Vec<InstanceSpec>> = HashMap::new();
+        let mut lowest = u64::MAX;
         let mut set = JoinSet::new();
         loop {
             while set.len() < READ_CONCURRENCY {
@@ -402,6 +410,9 @@ impl Discovery {
             // Any failure fails the whole read (dropping the set aborts the rest); a read
             // that panicked counts as one.
             let answer = joined.map_err(|e| ConsulError::Transport(e.to_string()))??;
+            if answer.index > 0 {
+                lowest = lowest.min(answer.index);
+            }
             // Made into specs at once: one node's raw answer is held at a time.
             for (name, spec) in node_instances(answer.value, &index) {
                 services.entry(name).or_default().push(spec);
@@ -412,6 +423,7 @@ impl Discovery {
             services,
             checks,
             nodes: count,
+            index: lowest,
         })
     }
 
