@@ -140,6 +140,23 @@ async fn metrics_count_a_known_mix_exactly() {
         );
     }
 
+    // A request is counted once its response has gone out: the last one may still be
+    // closing as the client reads it.
+    let admin = router.admin_addr;
+    wait_until(
+        Duration::from_secs(5),
+        "every request counted",
+        || async move {
+            let t = get_admin(admin, "/metrics").await.1;
+            sample(
+                &t,
+                "consul_router_requests_total",
+                &[("service", "obs-retry"), ("code", "2xx")],
+            ) - retry_before
+                >= 20.0
+        },
+    )
+    .await;
     let after = metrics(&router).await;
     assert_eq!(count(&after, "obs-ok", "2xx") - ok_before, 3.0);
     assert_eq!(unknown_4xx(&after) - unknown_4xx(&before), 1.0);
@@ -256,13 +273,14 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     assert_ne!(id1, id2);
     let h2_bytes = body.len();
     // A request body counts as bytes_in on both paths.
-    let req = Request::post("http://obs-log.app.test/h2-post")
+    // The backend reads the body before it answers (`/collect`).
+    let req = Request::post("http://obs-log.app.test/collect?h2")
         .body(Full::new(Bytes::from_static(b"hello world")))
         .unwrap();
     let resp = s.send_request(req).await.unwrap();
     assert_eq!(resp.status(), StatusCode::OK);
     resp.into_body().collect().await.unwrap();
-    let req = Request::post("/h1-post")
+    let req = Request::post("/collect?h1")
         .header("host", "obs-log.app.test")
         .body(Full::new(Bytes::from_static(b"hello world")))
         .unwrap();
@@ -331,7 +349,7 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     assert_eq!(h2["request_id"], id2.as_str());
     assert_eq!(h2["bytes_out"].as_u64().unwrap(), h2_bytes as u64, "{h2}");
     assert_eq!(h2["bytes_in"], 0, "{h2}");
-    for path in ["/h1-post", "/h2-post"] {
+    for path in ["/collect?h1", "/collect?h2"] {
         assert_eq!(find(path)["bytes_in"], 11, "{path}: {text}");
     }
     assert_eq!(find("/kept")["request_id"], "from-nginx-42");
