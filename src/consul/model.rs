@@ -40,6 +40,17 @@ impl Outcome {
     }
 }
 
+/// Where the health feed's first query starts ([`Model::feed_start`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum FeedStart {
+    /// A bulk read is reading the checks now: wait for it.
+    Wait,
+    /// Block from this index: the bulk read's checks are the baseline.
+    From(u64),
+    /// Read at once.
+    Now,
+}
+
 /// What the reader of cold services does next ([`Model::next_reads`]).
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Reads {
@@ -65,6 +76,8 @@ pub(crate) struct BulkRead {
     /// The lowest `X-Consul-Index` of the node answers: with stale reads, a server behind
     /// the catalog's index may have answered some of them.
     pub(crate) index: u64,
+    /// The checks answer's `X-Consul-Index`.
+    pub(crate) checks_index: u64,
 }
 
 /// A bulk read pays when it saves more than half the requests: it costs 2 + nodes requests
@@ -114,6 +127,9 @@ pub(crate) struct Model {
     catalog_index: u64,
     /// The catalog index the last bulk read covered (0: none yet).
     read_index: u64,
+    /// The index of the checks answer that became the health feed's baseline in a bulk
+    /// read: the feed blocks from there instead of downloading the same answer again.
+    feed_seed: Option<u64>,
     /// The bulk read in flight.
     bulk: Option<InFlight>,
     /// A bulk read failed: read the queue one service at a time until it is empty, or until a
@@ -140,6 +156,7 @@ impl Model {
             nodes: None,
             catalog_index: 0,
             read_index: 0,
+            feed_seed: None,
             bulk: None,
             per_service: false,
             answered: now,
@@ -362,7 +379,10 @@ impl Model {
                 out = out.merge(self.queue_changed(&seed, &feed));
                 self.fingerprints = feed;
             }
-            None => self.fingerprints = seed,
+            None => {
+                self.fingerprints = seed;
+                self.feed_seed = (bulk.checks_index > 0).then_some(bulk.checks_index);
+            }
         }
         out
     }
@@ -470,6 +490,19 @@ impl Model {
             }
         }
         out
+    }
+
+    /// Where the health feed starts when it has no index yet: `Wait` while a bulk read is
+    /// in flight (it reads the same checks), `From(index)` of the last bulk read's checks
+    /// (its fingerprints are the baseline), else `Now`.
+    pub(crate) fn feed_start(&mut self) -> FeedStart {
+        if self.bulk.is_some() {
+            return FeedStart::Wait;
+        }
+        match self.feed_seed.take() {
+            Some(index) => FeedStart::From(index),
+            None => FeedStart::Now,
+        }
     }
 
     /// The index of the service list's latest answer.
@@ -892,6 +925,28 @@ mod tests {
         moved[2].status = "critical".into();
         assert!(m.apply_checks(&moved).read);
         assert_eq!(m.pending(), ["s002"]);
+    }
+
+    #[test]
+    fn the_health_feed_starts_from_the_bulk_reads_checks() {
+        let mut m = model(0);
+        let all = names("s", 10);
+        let all: Vec<&str> = all.iter().map(String::as_str).collect();
+        let _ = m.apply_catalog(catalog(&all), nothing_excluded, never);
+        assert_eq!(m.feed_start(), FeedStart::Now, "no bulk read yet");
+        assert_eq!(m.next_reads(4), Reads::Bulk);
+        assert_eq!(
+            m.feed_start(),
+            FeedStart::Wait,
+            "the bulk read reads the checks"
+        );
+        let read = BulkRead {
+            checks_index: 42,
+            ..bulk(1, &[("s000", "a1", "n1", "passing")], &[])
+        };
+        let _ = m.apply_bulk(read);
+        assert_eq!(m.feed_start(), FeedStart::From(42));
+        assert_eq!(m.feed_start(), FeedStart::Now, "taken once");
     }
 
     #[test]

@@ -31,7 +31,7 @@ use crate::routing::{
 };
 
 use super::client::{ConsulClient, ConsulError};
-use super::model::{BulkRead, Model, Outcome, Reads};
+use super::model::{BulkRead, FeedStart, Model, Outcome, Reads};
 use super::schedule::{CatalogPoll, CatalogStep, Poll, Publish, Rebuilds};
 use super::supervise::{supervise, AbortOnDrop, Backoff};
 use super::table_metrics::TableMetrics;
@@ -390,7 +390,8 @@ impl Discovery {
     /// Reads every instance and check: the checks first, so that whatever changes after them
     /// shows in the health feed's next diff; then the nodes, then each node's services.
     async fn bulk_read(&self) -> Result<BulkRead, ConsulError> {
-        let checks = self.client.health_state_any(0, Duration::ZERO).await?.value;
+        let checks = self.client.health_state_any(0, Duration::ZERO).await?;
+        let (checks_index, checks) = (checks.index, checks.value);
         let nodes = self.client.catalog_nodes().await?.value;
         let count = nodes.len();
         let mut names = nodes.into_iter().map(|n| n.name);
@@ -424,6 +425,7 @@ impl Discovery {
             checks,
             nodes: count,
             index: lowest,
+            checks_index,
         })
     }
 
@@ -435,6 +437,20 @@ impl Discovery {
                 poll.forget_index();
                 tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
+            }
+            if poll.index() == 0 {
+                let start = self.lock().model.feed_start();
+                match start {
+                    FeedStart::Wait => {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                        continue;
+                    }
+                    // The bulk read's checks are the baseline: no second download of them.
+                    FeedStart::From(index) => {
+                        poll.answered(Instant::now(), index);
+                    }
+                    FeedStart::Now => {}
+                }
             }
             start_at(&mut poll).await;
             match self
