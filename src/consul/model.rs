@@ -73,9 +73,6 @@ pub(crate) struct BulkRead {
     pub(crate) checks: Vec<Check>,
     /// How many nodes were read.
     pub(crate) nodes: usize,
-    /// The lowest `X-Consul-Index` of the node answers: with stale reads, a server behind
-    /// the catalog's index may have answered some of them.
-    pub(crate) index: u64,
     /// The checks answer's `X-Consul-Index`.
     pub(crate) checks_index: u64,
 }
@@ -360,9 +357,11 @@ impl Model {
     pub(crate) fn apply_bulk(&mut self, mut bulk: BulkRead) -> Outcome {
         let flight = self.bulk.take();
         self.nodes = Some(bulk.nodes);
-        // It covers the catalog's index only if no node answer came from a server behind
-        // it; else the next sweep reads again.
-        if let Some(f) = flight.as_ref().filter(|f| bulk.index >= f.catalog_index) {
+        // Every registration up to the catalog index it started at is in it. (A node answer
+        // carries that node's own index, lower when the node changed less recently, so it
+        // cannot tell a lagging server; with stale reads, the next registration anywhere
+        // makes the sweep read again.)
+        if let Some(f) = &flight {
             self.read_index = f.catalog_index;
         }
         let mut out = Outcome::default();
@@ -843,7 +842,6 @@ mod tests {
         let mut read = BulkRead {
             nodes,
             checks: extra.to_vec(),
-            index: u64::MAX,
             ..BulkRead::default()
         };
         for (svc, id, node, status) in instances {
@@ -965,15 +963,6 @@ mod tests {
         m.catalog_index(8);
         assert!(m.sweep().read);
         assert_eq!(m.pending(), all);
-        // A node answered by a server behind index 8 (stale reads): not covered, so the
-        // next sweep reads again.
-        assert_eq!(m.next_reads(4), Reads::Bulk);
-        let behind = BulkRead {
-            index: 7,
-            ..bulk(1, &[("s000", "a1", "n1", "passing")], &[])
-        };
-        let _ = m.apply_bulk(behind);
-        assert!(m.sweep().read);
     }
 
     #[test]

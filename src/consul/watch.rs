@@ -397,7 +397,6 @@ impl Discovery {
         let mut names = nodes.into_iter().map(|n| n.name);
         let index = CheckIndex::new(&checks);
         let mut services: HashMap<String, Vec<InstanceSpec>> = HashMap::new();
-        let mut lowest = u64::MAX;
         let mut set = JoinSet::new();
         loop {
             while set.len() < READ_CONCURRENCY {
@@ -411,9 +410,6 @@ impl Discovery {
             // Any failure fails the whole read (dropping the set aborts the rest); a read
             // that panicked counts as one.
             let answer = joined.map_err(|e| ConsulError::Transport(e.to_string()))??;
-            if answer.index > 0 {
-                lowest = lowest.min(answer.index);
-            }
             // Made into specs at once: one node's raw answer is held at a time.
             for (name, spec) in node_instances(answer.value, &index) {
                 services.entry(name).or_default().push(spec);
@@ -424,7 +420,6 @@ impl Discovery {
             services,
             checks,
             nodes: count,
-            index: lowest,
             checks_index,
         })
     }
