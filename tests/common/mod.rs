@@ -71,12 +71,30 @@ pub struct ConsulAgent {
 }
 
 impl ConsulAgent {
+    /// A dev agent on free ports. Ports are found free and then released, so a test
+    /// running beside may take one first: an agent that exits, or has no leader in time,
+    /// is tried again on other ports.
     pub async fn start() -> ConsulAgent {
-        let ports = [free_port(), free_port(), free_port()];
-        Self::start_on(free_port(), ports).await
+        for limit in [30, 30, 60] {
+            let ports = [free_port(), free_port(), free_port()];
+            let limit = Duration::from_secs(limit);
+            if let Some(agent) = Self::try_start_on(free_port(), ports, limit).await {
+                return agent;
+            }
+        }
+        panic!("no consul dev agent got a leader in 3 tries");
     }
 
     async fn start_on(http_port: u16, ports: [u16; 3]) -> ConsulAgent {
+        Self::try_start_on(http_port, ports, Duration::from_secs(60))
+            .await
+            .expect("timed out waiting for consul leader")
+    }
+
+    /// Starts an agent and waits up to `limit` for its leader (generous: a loaded 2-core
+    /// machine starting several dev agents at once is slow); `None` if it exited first or
+    /// had none by then (it is killed).
+    async fn try_start_on(http_port: u16, ports: [u16; 3], limit: Duration) -> Option<ConsulAgent> {
         let node = format!("t{http_port}");
         let child = Command::new(consul_bin())
             .args([
@@ -105,24 +123,34 @@ impl ConsulAgent {
             .spawn()
             .expect("start consul agent");
         let client = ConsulClient::new(&consul_config(http_port)).expect("consul client");
-        let agent = ConsulAgent {
+        let mut agent = ConsulAgent {
             child: Some(child),
             http_port,
             ports,
             node,
             client,
         };
-        // Generous: a loaded 2-core machine starting several dev agents at once is slow.
-        wait_until(Duration::from_secs(60), "consul leader", || async {
-            agent.client.leader().await.is_ok_and(|l| !l.is_empty())
+        let deadline = Instant::now() + limit;
+        loop {
+            let up = agent.client.leader().await.is_ok_and(|l| !l.is_empty())
                 && agent
                     .client
                     .health_service("consul", 0, Duration::ZERO)
                     .await
-                    .is_ok()
-        })
-        .await;
-        agent
+                    .is_ok();
+            if up {
+                return Some(agent);
+            }
+            let exited = agent
+                .child
+                .as_mut()
+                .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))));
+            if exited || Instant::now() > deadline {
+                eprintln!("consul dev agent on port {http_port}: no leader (exited: {exited})");
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     pub fn addr(&self) -> String {
