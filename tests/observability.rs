@@ -4,6 +4,7 @@
 
 mod common;
 
+use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -43,6 +44,20 @@ async fn metrics(router: &consul_router::Running) -> String {
 async fn dead_port() -> u16 {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// Waits until `service` has counted `want` 2xx requests: a request is counted once its
+/// response has gone out (on HTTP/2, once its body ended), so the last may still be closing.
+async fn wait_counted(admin: SocketAddr, service: &'static str, want: f64) {
+    wait_until(Duration::from_secs(5), "requests counted", || async move {
+        let t = get_admin(admin, "/metrics").await.1;
+        sample(
+            &t,
+            "consul_router_requests_total",
+            &[("service", service), ("code", "2xx")],
+        ) >= want
+    })
+    .await;
 }
 
 async fn wait_routable(router: &consul_router::Running, host: &str, want: StatusCode) {
@@ -142,21 +157,7 @@ async fn metrics_count_a_known_mix_exactly() {
 
     // A request is counted once its response has gone out: the last one may still be
     // closing as the client reads it.
-    let admin = router.admin_addr;
-    wait_until(
-        Duration::from_secs(5),
-        "every request counted",
-        || async move {
-            let t = get_admin(admin, "/metrics").await.1;
-            sample(
-                &t,
-                "consul_router_requests_total",
-                &[("service", "obs-retry"), ("code", "2xx")],
-            ) - retry_before
-                >= 20.0
-        },
-    )
-    .await;
+    wait_counted(router.admin_addr, "obs-retry", retry_before + 20.0).await;
     let after = metrics(&router).await;
     assert_eq!(count(&after, "obs-ok", "2xx") - ok_before, 3.0);
     assert_eq!(unknown_4xx(&after) - unknown_4xx(&before), 1.0);
@@ -302,18 +303,9 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
         )
     };
     // The HTTP/2 request is counted when its body has ended; give it a moment.
-    let admin = router.admin_addr;
     let base = ok(&before);
-    wait_until(Duration::from_secs(5), "5 counted", || async move {
-        let t = get_admin(admin, "/metrics").await.1;
-        sample(
-            &t,
-            "consul_router_requests_total",
-            &[("service", "obs-log"), ("code", "2xx")],
-        ) - base
-            == 5.0
-    })
-    .await;
+    wait_counted(router.admin_addr, "obs-log", base + 5.0).await;
+    assert_eq!(ok(&metrics(&router).await) - base, 5.0, "five, no more");
     assert!(ok(&after) - base >= 3.0);
 
     router.shutdown().await;
