@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod consul;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
@@ -281,7 +282,12 @@ fn build_options(cfg: &Config) -> BuildOptions {
 
 fn spawn_proxy(listener: TcpListener, proxy: Arc<ArcSwap<proxy::Proxy>>) -> Listener {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(server::serve_proxy(listener, proxy, stopped));
+    let task = tokio::spawn(listener::serve(
+        listener,
+        proxy,
+        listener::Layers::plain(),
+        stopped,
+    ));
     Listener { stop, task }
 }
 
