@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod consul;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
