@@ -82,6 +82,7 @@ pub struct RouterBuilder {
     consul: Option<String>,
     config: ConfigSource,
     args: Vec<OsString>,
+    keep: Vec<Box<dyn std::fmt::Debug + Send + Sync>>,
 }
 
 #[derive(Debug)]
@@ -140,6 +141,12 @@ impl RouterBuilder {
         self
     }
 
+    /// Keeps `thing` (a directory it runs in, say) until the process is gone.
+    pub fn keep(mut self, thing: impl std::fmt::Debug + Send + Sync + 'static) -> Self {
+        self.keep.push(Box::new(thing));
+        self
+    }
+
     /// An environment variable for the process (e.g. NOTIFY_SOCKET, RUST_LOG).
     pub fn env(mut self, key: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         self.cmd.env(key, value);
@@ -181,6 +188,9 @@ impl RouterBuilder {
         let mut process = Process::spawn("consul-router", &mut self.cmd);
         if let Some(dir) = dir {
             process = process.keep(dir);
+        }
+        for thing in self.keep {
+            process = process.keep(thing);
         }
         (process, config)
     }
@@ -264,6 +274,7 @@ impl RouterProcess {
             consul: None,
             config: ConfigSource::Flags,
             args: Vec::new(),
+            keep: Vec::new(),
         }
     }
 
