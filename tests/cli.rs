@@ -1,29 +1,18 @@
 //! The binary's command line: bad configuration is refused with the key's name and exit 2; the
 //! access log and log format flags.
 
-use std::process::Command;
+mod common;
+
 use std::time::Duration;
 
+use common::*;
 use consul_router::access_log::{Format, Protocol, Record};
 use consul_router::config::{Config, Overrides};
+use rustix::process::Signal;
 
+/// Runs `consul-router ARGS` to its end: (exit status, all output).
 fn run(args: &[&str]) -> (i32, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_consul-router"))
-        .args(args)
-        .env_remove("CONSUL_HTTP_ADDR")
-        .output()
-        .expect("run consul-router");
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.code().unwrap_or(-1), text)
-}
-
-fn write(name: &str, text: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("cr-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, text).unwrap();
-    p
+    common::run(router_command().args(args))
 }
 
 #[test]
@@ -46,8 +35,9 @@ fn bad_config_names_the_key_and_exits_2() {
         ("wait.toml", "[consul]\nwait = \"1h\"\n", "consul.wait"),
         ("type.toml", "workers = \"four\"\n", "workers"),
     ];
+    let dir = TempDir::new("cli");
     for (file, text, key) in cases {
-        let p = write(file, text);
+        let p = dir.write(file, text);
         let (code, out) = run(&["--config", p.to_str().unwrap(), "--check-config"]);
         assert_eq!(code, 2, "{file}: {out}");
         assert!(out.contains(key), "{file}: {out}");
@@ -95,14 +85,6 @@ fn busy_port_is_a_clear_error() {
 // The access log and log format from the command line: bad values exit 2 naming the key,
 // SIGUSR1 reopens the file, JSON logs parse, and `start`/`Running` own the writer.
 
-/// A fresh directory for one test.
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("cr-al-cli-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
 #[test]
 fn access_log_and_log_format_are_validated() {
     for (args, key) in [
@@ -120,13 +102,14 @@ fn access_log_and_log_format_are_validated() {
         ("alf-type.toml", "access_log_file = 5\n", "access_log_file"),
         ("lf.toml", "log_format = \"logfmt\"\n", "log_format"),
     ];
+    let dir = TempDir::new("al-cli");
     for (file, text, key) in cases {
-        let p = write(file, text);
+        let p = dir.write(file, text);
         let (code, out) = run(&["--config", p.to_str().unwrap(), "--check-config"]);
         assert_eq!(code, 2, "{file}: {out}");
         assert!(out.contains(key), "{file}: {out}");
     }
-    let p = write(
+    let p = dir.write(
         "al-ok.toml",
         "access_log = \"json\"\naccess_log_file = \"\"\nlog_format = \"json\"\n",
     );
@@ -159,7 +142,8 @@ fn access_log_file_that_cannot_be_opened_exits_2() {
     ]);
     assert_eq!(code, 0, "{out}");
     // A writable path checks OK and is not left behind.
-    let ok = temp_dir("check").join("check.log");
+    let dir = TempDir::new("al-cli-check");
+    let ok = dir.join("check.log");
     let (code, out) = run(&[
         "--access-log",
         "text",
@@ -189,96 +173,32 @@ fn access_log_file_that_cannot_be_opened_exits_2() {
     );
 }
 
-/// A router process, killed if the test fails before it exits.
-struct Router(Option<std::process::Child>);
+/// How long a router process may take to drain and exit after SIGTERM.
+const STOP_WITHIN: Duration = Duration::from_secs(30);
 
-impl Router {
-    fn spawn(args: &[&str]) -> Self {
-        let child = Command::new(env!("CARGO_BIN_EXE_consul-router"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--admin-listen",
-                "127.0.0.1:0",
-                // Nothing listens there: discovery retries, the router runs.
-                "--consul",
-                "http://127.0.0.1:1",
-            ])
-            .args(args)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env_remove("RUST_LOG")
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run consul-router");
-        Router(Some(child))
-    }
-
-    fn child(&mut self) -> &mut std::process::Child {
-        self.0.as_mut().expect("running")
-    }
-
-    fn signal(&mut self, name: &str) {
-        let pid = self.child().id();
-        let status = Command::new("sh")
-            .args(["-c", &format!("kill -{name} {pid}")])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// SIGTERM, then the exit code and both outputs.
-    fn stop(mut self) -> (i32, String, String) {
-        self.signal("TERM");
-        let out = self.0.take().unwrap().wait_with_output().unwrap();
-        (
-            out.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    }
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
-    let until = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < until,
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-#[test]
-fn sigusr1_reopens_the_access_log_file_and_json_logs_parse() {
-    let dir = temp_dir("rotate");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigusr1_reopens_the_access_log_file_and_json_logs_parse() {
+    let dir = TempDir::new("al-cli-rotate");
     let path = dir.join("access.log");
     let rotated = dir.join("access.log.1");
-    let mut router = Router::spawn(&[
-        "--access-log",
-        "json",
-        "--access-log-file",
-        path.to_str().unwrap(),
-        "--log-format",
-        "json",
-    ]);
-    wait_for("the access log file", || path.exists());
+    let router = RouterProcess::builder()
+        .args(["--access-log", "json", "--access-log-file"])
+        .arg(&path)
+        .args(["--log-format", "json"])
+        .start()
+        .await;
+    wait_until(Duration::from_secs(15), "the access log file", || async {
+        path.exists()
+    })
+    .await;
     // logrotate's default: rename, then postrotate sends SIGUSR1.
     std::fs::rename(&path, &rotated).unwrap();
-    router.signal("USR1");
-    wait_for("the reopened file", || path.exists());
-    let (code, stdout, stderr) = router.stop();
+    router.signal(Signal::USR1);
+    wait_until(Duration::from_secs(15), "the reopened file", || async {
+        path.exists()
+    })
+    .await;
+    let (code, stdout, stderr) = router.stop(STOP_WITHIN).await;
     assert_eq!(code, 0, "{stdout}\n{stderr}");
     // The router's own logs are JSON, one object per line; the start line went to stderr.
     assert!(stderr.contains("consul-router: proxy on"), "{stderr}");
@@ -293,32 +213,21 @@ fn sigusr1_reopens_the_access_log_file_and_json_logs_parse() {
     assert!(messages.contains(&"consul-router started"), "{stdout}");
     assert!(messages.contains(&"access log reopened"), "{stdout}");
     assert!(events.iter().all(|e| e["level"].is_string()), "{stdout}");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
-#[test]
-fn access_log_on_stdout_moves_the_other_output_to_stderr() {
-    let mut router = Router::spawn(&["--access-log", "text"]);
-    // The start line is on stderr; read it as it comes.
-    let stderr = router.child().stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let reader = std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        let mut all = String::new();
-        for line in std::io::BufReader::new(stderr).lines() {
-            let line = line.unwrap();
-            if line.starts_with("consul-router: proxy on") {
-                let _ = tx.send(());
-            }
-            all.push_str(&line);
-            all.push('\n');
-        }
-        all
-    });
-    rx.recv_timeout(std::time::Duration::from_secs(15))
-        .expect("the start line on stderr");
-    let (code, stdout, _) = router.stop();
-    let stderr = reader.join().unwrap();
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn access_log_on_stdout_moves_the_other_output_to_stderr() {
+    let router = RouterProcess::builder()
+        .args(["--access-log", "text"])
+        .start()
+        .await;
+    router
+        .stderr
+        .wait_line(Duration::from_secs(15), "the start line on stderr", |l| {
+            l.starts_with("consul-router: proxy on")
+        })
+        .await;
+    let (code, stdout, stderr) = router.stop(STOP_WITHIN).await;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(stdout, "", "only access lines on stdout");
     assert!(stderr.contains("consul-router started"), "{stderr}");
@@ -348,7 +257,7 @@ fn record(status: u16) -> Record<'static> {
 
 #[tokio::test]
 async fn start_opens_the_log_and_shutdown_writes_it_out() {
-    let dir = temp_dir("start");
+    let dir = TempDir::new("al-cli-start");
     let path = dir.join("access.log");
     let o = Overrides {
         listen: Some("127.0.0.1:0".into()),
@@ -386,5 +295,4 @@ async fn start_opens_the_log_and_shutdown_writes_it_out() {
         .unwrap();
     assert!(!running.access_log().is_on());
     running.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -12,7 +12,6 @@ use common::*;
 use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::Frame;
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -93,41 +92,6 @@ fn has_goaway(seen: &Seen) -> bool {
     seen.frames.iter().any(|(ty, _, _)| *ty == GOAWAY)
 }
 
-/// An HTTP/2 (prior knowledge) client connection to the router; the handle resolves when
-/// the connection ends.
-async fn h2_client<B>(
-    addr: SocketAddr,
-) -> (
-    hyper::client::conn::http2::SendRequest<B>,
-    tokio::task::JoinHandle<()>,
-)
-where
-    B: hyper::body::Body + Unpin + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    let stream = TcpStream::connect(addr).await.expect("connect");
-    let (sender, conn) =
-        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-            .await
-            .expect("h2 handshake");
-    let task = tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (sender, task)
-}
-
-async fn routed(router: &consul_router::Running, host: &str) {
-    wait_until(Duration::from_secs(10), host, || async {
-        router
-            .routes
-            .load()
-            .lookup(host)
-            .is_some_and(|s| s.routable > 0)
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_without_streams_is_closed_and_settings_carry_the_stream_limit() {
     let consul = ConsulAgent::start().await;
@@ -203,6 +167,7 @@ fn drip_backend(
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(1);
         tokio::spawn(async move {
             for i in 0..chunks {
+                // The scenario: a body that keeps flowing, slowly.
                 tokio::time::sleep(every).await;
                 if tx
                     .send(Ok(Frame::data(Bytes::from(format!("chunk {i}\n")))))
@@ -227,8 +192,8 @@ async fn open_streams_outlive_the_idle_timeout() {
     let _drip = drip_backend(drip, 6, Duration::from_millis(500));
     consul.register("drip", "drip-1", drip_port, &[]).await;
     let router = start_router(&consul.addr(), "[proxy]\nheader_timeout = \"1s\"").await;
-    routed(&router, "slow.app.test").await;
-    routed(&router, "drip.app.test").await;
+    wait_routable(&router, "slow.app.test").await;
+    wait_routable(&router, "drip.app.test").await;
 
     let (mut sender, conn) = h2_client::<Full<Bytes>>(router.proxy_addr).await;
     // An answer after 2.5 × header_timeout.
@@ -279,33 +244,6 @@ async fn open_streams_outlive_the_idle_timeout() {
     router.shutdown().await;
 }
 
-/// Reads a request head from `s` (and whatever follows it in the same reads).
-async fn read_head(s: &mut TcpStream) -> (String, Vec<u8>) {
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        let n = s.read(&mut chunk).await.expect("read head");
-        assert!(n > 0, "EOF before the head");
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..end]).into_owned();
-            return (head, buf[end + 4..].to_vec());
-        }
-    }
-}
-
-/// Reads from `s` until EOF or an error; the bytes read.
-async fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        match s.read(&mut chunk).await {
-            Ok(0) | Err(_) => return got,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
-
 /// A scripted backend on raw TCP. `/stall`: a response head with 100 bytes announced, 5 sent,
 /// then nothing. `/upload`: a chunked response head at once, a chunk every 200 ms while the
 /// request body is read. Each connection's bytes after the head, and the time from its
@@ -341,6 +279,7 @@ fn raw_backend(
                         let (mut r, mut w) = s.into_split();
                         let drip = tokio::spawn(async move {
                             loop {
+                                // The scenario: a response that keeps flowing.
                                 tokio::time::sleep(Duration::from_millis(200)).await;
                                 if w.write_all(b"5\r\ntick\n\r\n").await.is_err() {
                                     return;
@@ -377,7 +316,7 @@ async fn stalled_bodies_are_cut() {
     let (_backend, mut ended) = raw_backend(listener);
     consul.register("raw", "raw-1", port, &[]).await;
     let router = start_router(&consul.addr(), "[proxy]\nresponse_timeout = \"1s\"").await;
-    routed(&router, "raw.app.test").await;
+    wait_routable(&router, "raw.app.test").await;
     let bound = Duration::from_secs(1) + CLOSE_SLACK;
 
     // The backend stalls its response body: the client's stream fails, and the backend

@@ -9,14 +9,14 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{get, wait_until, Backend, ConsulAgent};
+use common::{get, is_root, wait_until, Backend, ConsulAgent, RouterProcess, TempDir};
+use rustix::process::Signal;
 
 /// The static binary, built at most once per test process.
 fn static_bin() -> &'static Path {
@@ -113,43 +113,21 @@ async fn health(admin: SocketAddr) -> (i32, String) {
     common::output(cmd).await
 }
 
-/// The static router as a child process, and the root it runs in; both gone on drop.
-struct Router {
-    child: Child,
-    root: PathBuf,
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.root);
-    }
-}
-
-fn running_as_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .is_ok_and(|o| o.stdout.trim_ascii() == b"0")
-}
-
 /// Starts the static binary as a router on free ports, as the image runs it: alone in an
 /// empty root with the sample configuration, as 65532:65532, finding Consul by a name in
 /// /etc/hosts (which Docker writes). Without root (no chroot), it runs in place instead.
-/// Its addresses come from its start line; its output is drained so it never blocks.
-async fn start_static_router(consul_port: u16) -> (Router, SocketAddr, SocketAddr) {
-    let root = std::env::temp_dir().join(format!("cr-static-root-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
+/// Its addresses come from its start line; the root goes with the process.
+async fn start_static_router(consul_port: u16) -> RouterProcess {
+    let root = TempDir::new("static-root");
     std::fs::create_dir_all(root.join("etc/consul-router")).unwrap();
     std::fs::copy(static_bin(), root.join("consul-router")).unwrap();
     let config = root.join("etc/consul-router/consul-router.toml");
     std::fs::copy("config/consul-router.toml", &config).unwrap();
     std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost consul.test\n").unwrap();
-    let (mut cmd, config, consul_host) = if running_as_root() {
+    let (mut cmd, config, consul_host) = if is_root() {
         let mut c = Command::new("chroot");
         c.arg("--userspec=65532:65532")
-            .arg(&root)
+            .arg(root.path())
             .arg("/consul-router");
         (
             c,
@@ -160,33 +138,16 @@ async fn start_static_router(consul_port: u16) -> (Router, SocketAddr, SocketAdd
         let c = Command::new(root.join("consul-router"));
         (c, config.display().to_string(), "127.0.0.1")
     };
-    let child = cmd
-        .args(["--config", &config, "--domain", "app.test"])
-        .args(["--consul", &format!("http://{consul_host}:{consul_port}")])
-        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+    cmd.args(["--config", &config, "--domain", "app.test"])
         .args(["--workers", "2"])
         .env_remove("CONSUL_HTTP_ADDR")
-        .env_remove("CONSUL_HTTP_TOKEN")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start the static router");
-    let mut router = Router { child, root };
-    let stdout = router.child.stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(rest) = line.strip_prefix("consul-router: proxy on http://") {
-                let _ = tx.send(rest.to_owned());
-            }
-        }
-    });
-    let banner = tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(30)))
+        .env_remove("CONSUL_HTTP_TOKEN");
+    RouterProcess::builder()
+        .command(cmd)
+        .consul(&format!("http://{consul_host}:{consul_port}"))
+        .keep(root)
+        .start()
         .await
-        .unwrap()
-        .expect("start line within 30 s");
-    let (proxy, admin) = banner.split_once(", admin on http://").expect("start line");
-    (router, proxy.parse().unwrap(), admin.parse().unwrap())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -196,23 +157,19 @@ async fn static_binary_routes_on_real_consul_and_answers_health() {
     consul
         .register("hello", "hello-1", backend.port(), &[])
         .await;
-    let (mut router, proxy, admin) = start_static_router(consul.http_port).await;
+    let router = start_static_router(consul.http_port).await;
+    let (proxy, admin) = (router.proxy_addr, router.admin_addr);
 
-    // `health` turns 0 once the first table is live.
-    let start = Instant::now();
-    loop {
+    // `health` turns 0 once the first table is live; 1 until then.
+    wait_until(Duration::from_secs(60), "health to say healthy", || async {
         let (code, out) = health(admin).await;
+        assert!(code == 0 || code == 1, "{code}: {out}");
         if code == 0 {
             assert!(out.contains("healthy: 200"), "{out}");
-            break;
         }
-        assert_eq!(code, 1, "{out}");
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "never healthy: {out}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        code == 0
+    })
+    .await;
 
     // Real traffic through the musl build (and its allocator) on several connections.
     wait_until(Duration::from_secs(20), "hello routed", || async {
@@ -234,20 +191,8 @@ async fn static_binary_routes_on_real_consul_and_answers_health() {
     assert_eq!(common::who(&g), "static-backend");
 
     // SIGTERM drains and exits 0; then the admin port is closed and `health` says 1.
-    let pid = router.child.id().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = tokio::task::spawn_blocking(move || {
-        let status = router.child.wait();
-        (router, status)
-    })
-    .await
-    .unwrap()
-    .1
-    .unwrap();
+    router.signal(Signal::TERM);
+    let status = router.wait_exit(Duration::from_secs(60)).await;
     assert!(status.success(), "{status}");
     let (code, out) = health(admin).await;
     assert_eq!(code, 1, "{out}");

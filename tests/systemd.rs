@@ -4,65 +4,16 @@
 
 mod common;
 
-use std::io::BufRead as _;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
+use rustix::process::Signal;
 use tokio::net::UnixDatagram;
 
-/// A fresh directory for one test.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cr-systemd-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
-}
-
-/// A router process, killed if the test fails before it exits.
-struct Router(Option<Child>);
-
-impl Router {
-    fn child(&mut self) -> &mut Child {
-        self.0.as_mut().expect("running")
-    }
-}
-
-impl Router {
-    /// Waits (15 s at most) for the process to exit after SIGTERM, with status 0.
-    async fn exits_cleanly(&mut self) {
-        let end = Instant::now() + Duration::from_secs(15);
-        let status = loop {
-            if let Some(status) = self.child().try_wait().unwrap() {
-                break status;
-            }
-            assert!(Instant::now() < end, "no exit within 15 s of SIGTERM");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        self.0 = None;
-        assert_eq!(status.code(), Some(0), "{status:?}");
-    }
-}
-
-/// Sends `sig` (`-TERM`, `-HUP`) to `pid` with kill(1).
-fn signal(pid: &str, sig: &str) {
-    assert!(Command::new("kill")
-        .args([sig, pid])
-        .status()
-        .unwrap()
-        .success());
-}
-
-impl Drop for Router {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.0.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+/// How long the router may take to exit after SIGTERM.
+const STOP_WITHIN: Duration = Duration::from_secs(15);
 
 /// The next notification, or `None` after `limit`.
 async fn next(sock: &UnixDatagram, limit: Duration) -> Option<String> {
@@ -96,41 +47,17 @@ async fn notifies_ready_after_the_first_table_and_stopping_on_sigterm() {
     let mut consul = ConsulAgent::start().await;
     consul.kill();
 
-    let dir = temp_dir("notify");
+    let dir = TempDir::new("systemd-notify");
     let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
-    let mut router = Router(Some(
-        Command::new(env!("CARGO_BIN_EXE_consul-router"))
-            .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
-            .args(["--consul", &consul.addr(), "--domain", "app.test"])
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env_remove("RUST_LOG")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run consul-router"),
-    ));
-
-    // The start line names the admin address; keep reading so the pipe never fills.
-    let stdout = router.child().stdout.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            if let Some((_, admin)) = line.split_once("admin on http://") {
-                let _ = tx.send(admin.trim().to_owned());
-            }
-        }
-    });
-    let admin: std::net::SocketAddr =
-        tokio::task::spawn_blocking(move || rx.recv_timeout(Duration::from_secs(15)))
-            .await
-            .unwrap()
-            .expect("the start line")
-            .parse()
-            .unwrap();
+    // The start line names the admin address.
+    let router = RouterProcess::builder()
+        .consul(&consul.addr())
+        .args(["--domain", "app.test"])
+        .env("NOTIFY_SOCKET", &sock_path)
+        .start()
+        .await;
+    let admin = router.admin_addr;
 
     // Not ready while Consul is away: a status, no READY=1, and /healthz says 503.
     let first = next(&sock, Duration::from_secs(10))
@@ -162,15 +89,14 @@ async fn notifies_ready_after_the_first_table_and_stopping_on_sigterm() {
     );
 
     // SIGTERM: STOPPING=1 as the drain starts, then exit status 0.
-    let pid = router.child().id().to_string();
-    signal(&pid, "-TERM");
+    router.signal(Signal::TERM);
     let (stopping, before) = until(&sock, "STOPPING=1", Duration::from_secs(15)).await;
     assert!(before.is_empty(), "{before:?}");
     assert!(stopping.contains("STATUS=draining"), "{stopping:?}");
-    router.exits_cleanly().await;
-    // Nothing after STOPPING=1 (no late READY=1).
+    let status = router.wait_exit(STOP_WITHIN).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
+    // Nothing after STOPPING=1 (no late READY=1): a window, as absence has no event.
     assert_eq!(next(&sock, Duration::from_millis(200)).await, None);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
@@ -210,7 +136,7 @@ fn unit_file_passes_systemd_analyze_verify() {
     assert!(stop > 35, "TimeoutStopSec={stop}");
 
     // verify checks that the Exec binaries exist: point them at the one cargo built.
-    let dir = temp_dir("verify");
+    let dir = TempDir::new("systemd-verify");
     let bin = dir.join("bin");
     std::fs::create_dir_all(&bin).unwrap();
     std::os::unix::fs::symlink(
@@ -239,16 +165,6 @@ fn unit_file_passes_systemd_analyze_verify() {
     } else {
         assert!(!ok, "verify must refuse a unit whose binary is missing");
     }
-    let _ = std::fs::remove_dir_all(&dir);
-}
-
-/// A loopback port free now (bound, then released).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// GET with `Host: host` on an open keep-alive connection.
@@ -291,7 +207,7 @@ async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
     let backend = Backend::start("hup-1").await;
     consul.register("hup", "hup-1", backend.port(), &[]).await;
 
-    let dir = temp_dir("reload");
+    let dir = TempDir::new("systemd-reload");
     let sock_path = dir.join("notify.sock");
     let sock = UnixDatagram::bind(&sock_path).unwrap();
     let conf = dir.join("consul-router.toml");
@@ -305,34 +221,18 @@ async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
     };
     let (listen, admin) = (free_port(), free_port());
     write_conf(listen, admin, "app.test", "");
-    let mut router = Router(Some(
-        Command::new(env!("CARGO_BIN_EXE_consul-router"))
-            .arg("--config")
-            .arg(&conf)
-            .env("NOTIFY_SOCKET", &sock_path)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("run consul-router"),
-    ));
-    // Every log line, to find the refusal's.
-    let stdout = router.child().stdout.take().unwrap();
-    let (tx, lines) = std::sync::mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { return };
-            let _ = tx.send(line);
-        }
-    });
+    // Every log line (RUST_LOG=info), to find the refusal's.
+    let router = RouterProcess::builder()
+        .config_file(&conf)
+        .env("NOTIFY_SOCKET", &sock_path)
+        .env("RUST_LOG", "info")
+        .start()
+        .await;
     until(&sock, "READY=1", Duration::from_secs(45)).await;
     let proxy: std::net::SocketAddr = format!("127.0.0.1:{listen}").parse().unwrap();
     let mut kept = open(proxy).await;
     assert_eq!(get_on(&mut kept, "hup.app.test").await, StatusCode::OK);
-    let pid = router.child().id().to_string();
-    let hup = || signal(&pid, "-HUP");
+    let hup = || router.signal(Signal::HUP);
 
     // A new domain and a moved admin listener, with Consul gone: the table is rebuilt from
     // what the router holds, and the connection on the unchanged proxy listener stays.
@@ -363,24 +263,19 @@ async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
     );
 
     // A bad file: refused with the key named, and the running configuration stays.
-    while lines.try_recv().is_ok() {}
+    let mark = router.stdout.len();
     std::fs::write(&conf, "strategy = \"round-robin\"\n").unwrap();
     hup();
     let (reloading, _) = until(&sock, "RELOADING=1", Duration::from_secs(10)).await;
     assert!(monotonic_usec(&reloading) > first_usec);
     let (ready, _) = until(&sock, "READY=1", Duration::from_secs(10)).await;
     assert!(ready.contains("STATUS=reload refused"), "{ready:?}");
-    let refusal = tokio::task::spawn_blocking(move || {
-        let end = Instant::now() + Duration::from_secs(5);
-        while let Ok(line) = lines.recv_timeout(end.saturating_duration_since(Instant::now())) {
-            if line.contains("reload refused") {
-                return line;
-            }
-        }
-        panic!("no refusal logged");
-    })
-    .await
-    .unwrap();
+    let refusal = router
+        .stdout
+        .wait_line_since(mark, Duration::from_secs(5), "the refusal logged", |l| {
+            l.contains("reload refused")
+        })
+        .await;
     assert!(refusal.contains("strategy: "), "{refusal}");
     assert_eq!(get_on(&mut kept, "hup.new.test").await, StatusCode::OK);
     assert_eq!(get_admin(admin2, "/healthz").await.0, StatusCode::OK);
@@ -397,7 +292,7 @@ async fn sighup_reloads_keeps_connections_and_refuses_a_bad_file() {
     );
     assert!(tokio::net::TcpStream::connect(proxy).await.is_err());
 
-    signal(&pid, "-TERM");
-    router.exits_cleanly().await;
-    let _ = std::fs::remove_dir_all(&dir);
+    router.signal(Signal::TERM);
+    let status = router.wait_exit(STOP_WITHIN).await;
+    assert_eq!(status.code(), Some(0), "{status:?}");
 }
