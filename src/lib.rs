@@ -225,9 +225,10 @@ impl Running {
 }
 
 /// Each top-level key (sections as one) and whether it differs between `a` and `b`.
-fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 17] {
+fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 19] {
     [
         ("listen", a.listen != b.listen),
+        ("proxy_protocol", a.proxy_protocol != b.proxy_protocol),
         ("admin_listen", a.admin_listen != b.admin_listen),
         ("admin_token", a.admin_token != b.admin_token),
         ("domains", a.domains != b.domains),
@@ -247,6 +248,7 @@ fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 17] {
         ("log_format", a.log_format != b.log_format),
         ("consul", a.consul != b.consul),
         ("proxy", a.proxy != b.proxy),
+        ("tls", a.tls != b.tls),
     ]
 }
 
