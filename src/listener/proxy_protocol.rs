@@ -22,21 +22,7 @@ pub const V2_MAX_PAYLOAD: usize = 2048;
 /// Spare room for each read: enough for a header and a typical request head.
 const READ_CHUNK: usize = 2048;
 
-/// Whether a listener expects a PROXY protocol header (`proxy_protocol` in the config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ProxyProtocol {
-    /// No header: the socket's peer is the client.
-    #[default]
-    Off,
-    /// A v1 (text) header is required.
-    V1,
-    /// A v2 (binary) header is required.
-    V2,
-    /// A v1 or v2 header if the connection starts with one, else the plain stream. Any
-    /// client that reaches the listener directly can then claim any address.
-    Optional,
-}
+pub use crate::config::ProxyProtocol;
 
 /// The client's and the proxy's addresses as the header gives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -17,6 +17,7 @@ use crate::config::{Config, UnderscoreHeaders};
 use crate::routing::{normalize, HostError, Routes, Service, MAX_HOST};
 use crate::upstream::{parse_load, ReportedLoad};
 
+use super::answer::LocalAnswer;
 use super::attempts::{AttemptRules, Attempts};
 use super::error::{Error, ErrorType};
 use super::fields::{self, Forwarding, PeerText, Scheme};
@@ -59,6 +60,8 @@ pub struct Core {
     access_log: AccessLog,
     /// `proxy.load_header`: read as the instance's load, never relayed.
     load_header: Option<http::HeaderName>,
+    /// `tls.redirect_http`: the TLS listener's port plain requests are redirected to.
+    redirect_https: Option<u16>,
 }
 
 impl Core {
@@ -79,6 +82,36 @@ impl Core {
             salt: fastrand::u32(..),
             access_log,
             load_header: cfg.proxy.load_header.clone(),
+            redirect_https: cfg
+                .tls
+                .as_ref()
+                .filter(|t| t.redirect_http)
+                .map(|t| t.listen.port()),
+        }
+    }
+
+    /// Whether a request on `conn` gets a redirect to https: `tls.redirect_http` is on, the
+    /// connection is plain, and the peer is not a trusted proxy (which says the scheme it
+    /// saw in X-Forwarded-Proto, and redirects itself).
+    fn redirects(&self, conn: &ConnFacts) -> bool {
+        self.redirect_https.is_some() && conn.scheme == Scheme::Http && !conn.trusted
+    }
+
+    /// A 308 to the same host and target on the TLS listener.
+    fn redirect(&self, host: &str, target: &[u8], service: Option<Arc<Service>>) -> Refused {
+        let port = match self.redirect_https {
+            Some(443) | None => String::new(),
+            Some(p) => format!(":{p}"),
+        };
+        let target = String::from_utf8_lossy(target);
+        let location = format!("https://{host}{port}{target}");
+        let answer = http::HeaderValue::from_str(&location)
+            .ok()
+            .map(|l| Box::new(LocalAnswer::redirect(l)));
+        Refused {
+            error: ErrorType::RedirectHttps.into(),
+            service,
+            answer,
         }
     }
 
@@ -291,6 +324,8 @@ pub struct Refused {
     pub error: Error,
     /// The service, when the host named one.
     pub service: Option<Arc<Service>>,
+    /// The answer, when it is not the error's own (a redirect; rare, hence boxed).
+    pub answer: Option<Box<LocalAnswer>>,
 }
 
 impl<E: Into<Error>> From<E> for Refused {
@@ -298,7 +333,17 @@ impl<E: Into<Error>> From<E> for Refused {
         Refused {
             error: error.into(),
             service: None,
+            answer: None,
         }
+    }
+}
+
+impl Refused {
+    /// The answer the client gets.
+    pub fn answer(&mut self) -> LocalAnswer {
+        self.answer
+            .take()
+            .map_or_else(|| self.error.answer(), |a| *a)
     }
 }
 
@@ -403,6 +448,9 @@ impl Core {
                 None => return Err(HostError::Missing.into()),
             };
             match table.lookup(host) {
+                Some(s) if self.redirects(conn) => {
+                    return Err(self.redirect(host, path, Some(s.clone())))
+                }
                 Some(s) => s.clone(),
                 None => return Err(ErrorType::UnknownHost.into()),
             }
@@ -413,6 +461,7 @@ impl Core {
             return Err(Refused {
                 error: ErrorType::NoHealthyInstance.into(),
                 service: Some(service),
+                answer: None,
             });
         }
         let client = if conn.trusted {

@@ -23,6 +23,8 @@ pub enum ErrorType {
     UnknownHost,
     /// CONNECT tunnels are not offered.
     ConnectMethod,
+    /// A plain request to a host served on TLS (`tls.redirect_http`).
+    RedirectHttps,
     /// The first routing table has not been built yet.
     NotReady,
     /// The service is known but no instance may take traffic.
@@ -47,6 +49,7 @@ impl ErrorType {
             ErrorType::ConnectMethod => {
                 (StatusCode::METHOD_NOT_ALLOWED, "CONNECT is not supported\n")
             }
+            ErrorType::RedirectHttps => (StatusCode::PERMANENT_REDIRECT, "redirecting to https\n"),
             ErrorType::NotReady => (
                 StatusCode::SERVICE_UNAVAILABLE,
                 "routing table not loaded yet\n",

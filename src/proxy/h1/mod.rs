@@ -206,21 +206,17 @@ impl<S: ClientIo> Conn<'_, S> {
                     keep
                 }
                 Step::Local {
-                    refused,
+                    mut refused,
                     close,
                     len,
                     request_id,
                 } => {
                     self.cpos += len;
                     let start = std::time::Instant::now();
-                    self.answer_error(
-                        &refused.error,
-                        refused.service.as_deref(),
-                        close,
-                        start,
-                        &request_id,
-                    )
-                    .await
+                    let answer = refused.answer();
+                    let service = refused.service.as_deref();
+                    self.answer_local(answer, service, close, start, &request_id)
+                        .await
                 }
                 // Sets `idle_since` itself, with the clock reading it pools the backend with.
                 Step::Forward(ex) => self.forward(ex).await,
@@ -451,21 +447,27 @@ impl<S: ClientIo> Conn<'_, S> {
         tracing::debug!(service = %ex.routed.service.name, error = %last, "no backend answer");
         let close = !ex.keep_alive || !ex.body.is_done();
         let service = &ex.routed.service;
-        self.answer_error(&last, Some(service), close, ex.routed.start, &ex.request_id)
-            .await
+        let answer = last.answer();
+        self.answer_local(
+            answer,
+            Some(service),
+            close,
+            ex.routed.start,
+            &ex.request_id,
+        )
+        .await
     }
 
-    /// Answers `error` locally and closes the request for `service`; closes the connection
-    /// after it when told to or when shutting down. False when the connection closes.
-    async fn answer_error(
+    /// Answers locally and closes the request for `service`; closes the connection after it
+    /// when told to or when shutting down. False when the connection closes.
+    async fn answer_local(
         &mut self,
-        error: &Error,
+        answer: LocalAnswer,
         service: Option<&Service>,
         close: bool,
         start: std::time::Instant,
         request_id: &RequestId,
     ) -> bool {
-        let answer = error.answer();
         let close = close || self.closing();
         let keep = self.answer(&answer, close, Some(request_id)).await;
         let done = Finished {

@@ -18,7 +18,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use super::answer::{AnswerBody, LocalAnswer};
-use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, RequestId, Routed};
+use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
 use super::error::{Error, ErrorType};
 use super::fields::PeerText;
 use super::target;
@@ -40,8 +40,10 @@ pub async fn handle(
     let routed = route(core, &req, conn);
     let routed = match routed {
         Ok(r) => r,
-        Err((error, service)) => {
-            return local(core, &error, service.as_deref(), start, &request_id, log);
+        Err(mut refused) => {
+            let answer = refused.answer();
+            let service = refused.service.as_deref();
+            return local(core, answer, service, start, &request_id, log);
         }
     };
     let log = log.map(|mut l| {
@@ -51,7 +53,7 @@ pub async fn handle(
     if let Err(e) = prepare_request(core, &mut req, conn, &routed, &request_id) {
         return local(
             core,
-            &e,
+            e.answer(),
             Some(&routed.service),
             routed.start,
             &request_id,
@@ -74,7 +76,14 @@ pub async fn handle(
         Ok(a) => a,
         Err(e) => {
             tracing::debug!(service = %service.name, error = %e, "no backend answer");
-            return local(core, &e, Some(service), routed.start, &request_id, log);
+            return local(
+                core,
+                e.answer(),
+                Some(service),
+                routed.start,
+                &request_id,
+                log,
+            );
         }
     };
     let upstream_time = routed.start.elapsed();
@@ -88,7 +97,14 @@ pub async fn handle(
             .metrics
             .get()
             .upstream_error(ErrorKind::BadResponse);
-        return local(core, &e, Some(service), routed.start, &request_id, log);
+        return local(
+            core,
+            e.answer(),
+            Some(service),
+            routed.start,
+            &request_id,
+            log,
+        );
     }
     fields::rewrite_response(response.headers_mut());
     if let Some(name) = core.load_header_name() {
@@ -123,28 +139,23 @@ pub async fn handle(
 }
 
 /// The target check and routing, as on the HTTP/1 path.
-fn route(
-    core: &Core,
-    req: &Request<Incoming>,
-    conn: &ConnFacts,
-) -> Result<Routed, (Error, Option<Arc<Service>>)> {
+fn route(core: &Core, req: &Request<Incoming>, conn: &ConnFacts) -> Result<Routed, Refused> {
     let method = req.method().as_str();
     let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
     // `:path` must be origin-form, or `*` for OPTIONS: the same rule as a request line.
     match target::check(method, path) {
         Ok(target::Target::Origin | target::Target::Asterisk | target::Target::Connect) => {}
         Ok(target::Target::Absolute { .. }) | Err(_) => {
-            return Err((ErrorType::BadTarget.into(), None));
+            return Err(ErrorType::BadTarget.into());
         }
     }
-    let host = request_host(req).map_err(|e| (Error::from(e), None))?;
+    let host = request_host(req)?;
     let xff = req
         .headers()
         .get_all(fields::X_FORWARDED_FOR)
         .iter()
         .map(HeaderValue::as_bytes);
     core.route(conn, method, host, path.as_bytes(), xff)
-        .map_err(|r| (r.error, r.service))
 }
 
 /// The access log's copy of a request's fields.
@@ -174,13 +185,12 @@ fn log_fields(req: &Request<Incoming>, conn: &ConnFacts) -> LogFields {
 /// A local answer on the HTTP/2 path, closed in the core like any request.
 fn local(
     core: &Core,
-    error: &Error,
+    answer: LocalAnswer,
     service: Option<&Service>,
     start: Instant,
     request_id: &RequestId,
     log: Option<LogFields>,
 ) -> Response<ProxyBody> {
-    let answer = error.answer();
     let bytes_out = answer.body_len().unwrap_or(0) as u64;
     let resp = answer_response(answer, request_id);
     core.finish(
