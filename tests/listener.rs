@@ -260,7 +260,7 @@ async fn tls_termination() {
     std::fs::write(&broken, "junk").unwrap();
     let bad = tls_toml(free_port(), &[(broken.clone(), default.1.clone())], "");
     let cfg = router_config(&consul.addr(), &bad);
-    let err = consul_router::start(cfg).await.err().expect("refused");
+    let err = consul_router::start(cfg).await.expect_err("refused");
     assert!(
         err.to_string().contains(&broken.display().to_string()),
         "{err}"
