@@ -110,7 +110,7 @@ fn push_quoted(out: &mut Vec<u8>, value: &[u8]) {
 ///
 /// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent
 /// "$http_referer" "$http_user_agent" host="…" service="…" instance="…" bytes_in=N rt=S.mmm
-/// urt=S.mmm retries=N rid="…"`
+/// urt=S.mmm retries=N rid="…"`, then on a TLS connection ` tls="…" alpn="…"`.
 pub fn write_text(rec: &Record<'_>, out: &mut Vec<u8>) {
     let (secs, _) = epoch(rec.time);
     push_ip(out, rec.client);
@@ -149,6 +149,13 @@ pub fn write_text(rec: &Record<'_>, out: &mut Vec<u8>) {
     push_u64(out, rec.retries.into());
     out.extend_from_slice(b" rid=");
     push_quoted(out, rec.request_id);
+    // Only on TLS connections, so that plain lines keep their shape.
+    if !rec.tls_version.is_empty() {
+        out.extend_from_slice(b" tls=");
+        push_quoted(out, rec.tls_version.as_bytes());
+        out.extend_from_slice(b" alpn=");
+        push_quoted(out, rec.alpn.as_bytes());
+    }
     out.push(b'\n');
 }
 
@@ -206,12 +213,12 @@ fn push_json(out: &mut Vec<u8>, value: &[u8]) {
     out.push(b'"');
 }
 
-/// The JSON line: one object, keys always present and in this order.
+/// The JSON line: one object, its keys in this order and always present but the TLS ones.
 ///
 /// `{"time":"2026-11-22T10:00:00.123Z","client":…,"host":…,"service":…,"instance":…,
 /// "method":…,"path":…,"protocol":"HTTP/1.1","status":200,"bytes_in":0,"bytes_out":0,
 /// "duration_us":0,"upstream_duration_us":0|null,"retries":0,"request_id":…,"referer":…,
-/// "user_agent":…}`
+/// "user_agent":…}`, with `"tls_version"` and `"alpn"` last, each only when not empty.
 pub fn write_json(rec: &Record<'_>, out: &mut Vec<u8>) {
     let (secs, ms) = epoch(rec.time);
     out.extend_from_slice(b"{\"time\":\"");
@@ -259,6 +266,14 @@ pub fn write_json(rec: &Record<'_>, out: &mut Vec<u8>) {
     push_json(out, rec.referer);
     out.extend_from_slice(b",\"user_agent\":");
     push_json(out, rec.user_agent);
+    if !rec.tls_version.is_empty() {
+        out.extend_from_slice(b",\"tls_version\":");
+        push_json(out, rec.tls_version.as_bytes());
+    }
+    if !rec.alpn.is_empty() {
+        out.extend_from_slice(b",\"alpn\":");
+        push_json(out, rec.alpn.as_bytes());
+    }
     out.extend_from_slice(b"}\n");
 }
 
@@ -292,6 +307,8 @@ pub(super) mod tests {
             request_id: b"4bf92f35",
             referer: b"https://example.net/",
             user_agent: b"curl/8.0",
+            tls_version: "",
+            alpn: "",
         }
     }
 
@@ -328,6 +345,40 @@ pub(super) mod tests {
              \"upstream_duration_us\":10250,\"retries\":1,\"request_id\":\"4bf92f35\",\
              \"referer\":\"https://example.net/\",\"user_agent\":\"curl/8.0\"}\n"
         );
+    }
+
+    #[test]
+    fn tls_fields_only_on_tls() {
+        let tls = Record {
+            tls_version: "TLSv1.3",
+            alpn: "h2",
+            ..record()
+        };
+        let t = text(&tls);
+        assert!(
+            t.ends_with(" rid=\"4bf92f35\" tls=\"TLSv1.3\" alpn=\"h2\"\n"),
+            "{t}"
+        );
+        assert_eq!(parse_text(&t).len(), 19, "{t}");
+        let j = json(&tls);
+        assert!(
+            j.ends_with(
+                ",\"user_agent\":\"curl/8.0\",\"tls_version\":\"TLSv1.3\",\"alpn\":\"h2\"}\n"
+            ),
+            "{j}"
+        );
+        // TLS without ALPN: the text field is there as `-`, the JSON key is not.
+        let no_alpn = Record { alpn: "", ..tls };
+        assert!(text(&no_alpn).ends_with(" tls=\"TLSv1.3\" alpn=\"-\"\n"));
+        let v: serde_json::Value = serde_json::from_str(&json(&no_alpn)).unwrap();
+        assert_eq!(v["tls_version"], "TLSv1.3");
+        assert!(v.get("alpn").is_none(), "{v}");
+        // Plain: neither, in either format (the lines above are the plain ones).
+        assert!(!text(&record()).contains("tls="));
+        assert!(!json(&record()).contains("tls_version"));
+        // A base for callers that fill only some fields.
+        let d = Record::default();
+        assert_eq!((d.tls_version, d.alpn, d.status), ("", "", 0));
     }
 
     #[test]

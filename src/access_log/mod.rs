@@ -136,6 +136,37 @@ pub struct Record<'a> {
     pub referer: &'a [u8],
     /// The `User-Agent` field.
     pub user_agent: &'a [u8],
+    /// The TLS version of the client's connection (`TLSv1.3`); empty on a plain one.
+    pub tls_version: &'a str,
+    /// The protocol ALPN chose on the client's TLS connection (`h2`); empty when none.
+    pub alpn: &'a str,
+}
+
+/// Empty fields, the epoch and the unspecified address: a base for `..Default::default()`.
+impl Default for Record<'_> {
+    fn default() -> Self {
+        Record {
+            time: std::time::UNIX_EPOCH,
+            client: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            host: "",
+            service: "",
+            instance: "",
+            method: "",
+            path: "",
+            protocol: Protocol::Http11,
+            status: 0,
+            bytes_in: 0,
+            bytes_out: 0,
+            duration: Duration::ZERO,
+            upstream: None,
+            retries: 0,
+            request_id: b"",
+            referer: b"",
+            user_agent: b"",
+            tls_version: "",
+            alpn: "",
+        }
+    }
 }
 
 /// A handle on the access log; cheap to clone. The default is a log that is off.

@@ -407,6 +407,8 @@ impl Proxy {
                 request_id: done.request_id,
                 referer: log.part(3),
                 user_agent: log.part(4),
+                tls_version: "",
+                alpn: "",
             });
         }
     }
