@@ -14,6 +14,7 @@ pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
+mod reload;
 pub mod routing;
 pub mod server;
 pub mod tls;
@@ -32,6 +33,8 @@ use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::consul::{AbortOnDrop, ConsulClient, ConsulError, Discovery, DiscoveryHandle};
 use crate::routing::{BuildOptions, Routes};
+
+pub use crate::reload::Reloaded;
 
 /// Why the router could not start.
 #[derive(Debug, thiserror::Error)]
@@ -118,15 +121,7 @@ async fn start_tls(
     cfg: &config::TlsConfig,
     proxy: Arc<ArcSwap<proxy::Proxy>>,
 ) -> Result<(TlsSide, SocketAddr), StartError> {
-    let specs: Vec<tls::CertSpec> = cfg
-        .certs
-        .iter()
-        .map(|c| tls::CertSpec {
-            cert: c.cert.clone(),
-            key: c.key.clone(),
-        })
-        .collect();
-    let store = tls::CertStore::load(&specs)?;
+    let store = tls::CertStore::load(&cfg.certs)?;
     let tls = Arc::new(listener::Tls::new(store)?);
     let (socket, addr) = bind(cfg.listen).await?;
     let (stop, stopped) = watch::channel(false);
@@ -154,20 +149,11 @@ async fn poll_certs(tls: Arc<listener::Tls>) {
     }
 }
 
-fn log_reload(report: &tls::ReloadReport) {
+pub(crate) fn log_reload(report: &tls::ReloadReport) {
     if !report.reloaded.is_empty() {
         tracing::info!(entries = ?report.reloaded, "TLS certificates reloaded");
     }
     // Each refusal was logged with its file by the store; the old certificate stays.
-}
-
-/// What a reload changed, by configuration key.
-#[derive(Debug, Default)]
-pub struct Reloaded {
-    /// Keys whose new values are in force.
-    pub applied: Vec<&'static str>,
-    /// Keys that changed but take effect only at the next start.
-    pub need_restart: Vec<&'static str>,
 }
 
 impl Running {
@@ -206,121 +192,6 @@ impl Running {
     pub fn watched_services(&self) -> Vec<String> {
         self.discovery.discovery().watched()
     }
-
-    /// Puts `cfg` in force (SIGHUP). Whatever can fail is done first (binding moved
-    /// listeners, opening a new access log file, a new Consul client), so an error leaves the
-    /// old configuration whole. Then: moved listeners take over and the old ones drain; new
-    /// connections get the new proxy settings while open ones keep theirs; the table is
-    /// rebuilt from the answers already held with the new domains and policies (a changed
-    /// `[consul]` section restarts discovery, keeping the live table until the new one is
-    /// ready); the admin token changes at once. `workers` and `log_format` need a restart.
-    pub async fn reload(&mut self, cfg: Config) -> Result<Reloaded, StartError> {
-        let old = &self.config;
-        let mut done = Reloaded::default();
-        for (key, changed) in changed_keys(old, &cfg) {
-            if changed {
-                match key {
-                    "workers" | "log_format" | "tls" | "proxy_protocol" => {
-                        done.need_restart.push(key)
-                    }
-                    _ => done.applied.push(key),
-                }
-            }
-        }
-        let proxy_bind = if cfg.listen != old.listen {
-            Some(bind(cfg.listen).await?)
-        } else {
-            None
-        };
-        let admin_bind = if cfg.admin_listen != old.admin_listen {
-            Some(bind(cfg.admin_listen).await?)
-        } else {
-            None
-        };
-        let access_log =
-            if (cfg.access_log, &cfg.access_log_file) != (old.access_log, &old.access_log_file) {
-                open_access_log(&cfg)?
-            } else {
-                self.access_log.clone()
-            };
-        let consul = if cfg.consul != old.consul {
-            Some(ConsulClient::new(&cfg.consul)?)
-        } else {
-            None
-        };
-
-        // SIGHUP re-reads the certificate files (a bad one keeps the old certificate).
-        if let Some(side) = &self.tls {
-            log_reload(&side.tls.store.reload());
-        }
-        // Nothing can fail from here on.
-        self.access_log = access_log;
-        self.proxy.store(Arc::new(proxy::Proxy::new(
-            &cfg,
-            self.routes.clone(),
-            self.access_log.clone(),
-        )));
-        if let Some((listener, addr)) = proxy_bind {
-            let new = spawn_proxy(listener, self.proxy.clone(), cfg.proxy_protocol);
-            let old = std::mem::replace(&mut self.proxy_listener, new);
-            self.retired.push(old.retire());
-            self.proxy_addr = addr;
-        }
-        if let Some((listener, addr)) = admin_bind {
-            let new = spawn_admin(listener, self.admin.clone());
-            let old = std::mem::replace(&mut self.admin_listener, new);
-            self.retired.push(old.retire());
-            self.admin_addr = addr;
-        }
-        self.retired.retain(|t| !t.is_finished());
-        self.admin.set_token(cfg.admin_token.clone());
-        if cfg.proxy.idle_timeout != old.proxy.idle_timeout {
-            let reaper = tokio::spawn(reap_idle(self.routes.clone(), cfg.proxy.idle_timeout));
-            self.reaper = AbortOnDrop(reaper.abort_handle());
-        }
-        match consul {
-            Some(client) => {
-                self.discovery = Discovery::new(
-                    client,
-                    cfg.consul.clone(),
-                    build_options(&cfg),
-                    self.routes.clone(),
-                )
-                .spawn();
-            }
-            None => self.discovery.reconfigure(build_options(&cfg)),
-        }
-        self.config = cfg;
-        Ok(done)
-    }
-}
-
-/// Each top-level key (sections as one) and whether it differs between `a` and `b`.
-fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 19] {
-    [
-        ("listen", a.listen != b.listen),
-        ("proxy_protocol", a.proxy_protocol != b.proxy_protocol),
-        ("admin_listen", a.admin_listen != b.admin_listen),
-        ("admin_token", a.admin_token != b.admin_token),
-        ("domains", a.domains != b.domains),
-        ("strategy", a.strategy != b.strategy),
-        ("workers", a.workers != b.workers),
-        ("trusted_proxies", a.trusted_proxies != b.trusted_proxies),
-        ("include_warning", a.include_warning != b.include_warning),
-        ("hash_query", a.hash_query != b.hash_query),
-        ("exclude_services", a.exclude_services != b.exclude_services),
-        ("expose", a.expose != b.expose),
-        (
-            "underscore_headers",
-            a.underscore_headers != b.underscore_headers,
-        ),
-        ("access_log", a.access_log != b.access_log),
-        ("access_log_file", a.access_log_file != b.access_log_file),
-        ("log_format", a.log_format != b.log_format),
-        ("consul", a.consul != b.consul),
-        ("proxy", a.proxy != b.proxy),
-        ("tls", a.tls != b.tls),
-    ]
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {

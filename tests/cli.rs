@@ -252,6 +252,8 @@ fn record(status: u16) -> Record<'static> {
         request_id: b"r1",
         referer: b"",
         user_agent: b"test",
+        tls_version: "",
+        alpn: "",
     }
 }
 

@@ -167,8 +167,10 @@ async fn tls_termination() {
     let port = free_port();
     let certs = [default.clone(), wild.clone(), exact.clone()];
     // The redirect is for clients, not for a trusted proxy (loopback is one by default).
+    let log = dir.join("access.log");
     let toml = format!(
-        "trusted_proxies = [\"10.9.9.9/32\"]\n{}",
+        "trusted_proxies = [\"10.9.9.9/32\"]\naccess_log = \"text\"\naccess_log_file = \"{}\"\n{}",
+        log.display(),
         tls_toml(port, &certs, "redirect_http = true\n")
     );
     let mut router = start_router(&consul.addr(), &toml).await;
@@ -216,6 +218,17 @@ async fn tls_termination() {
         sent(&g, "x-forwarded-port"),
         Some(port.to_string().as_str())
     );
+    // The access log has the TLS version and ALPN of each request.
+    wait_until(Duration::from_secs(10), "TLS fields logged", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            text.contains("GET /two HTTP/2.0")
+                && text.contains("tls=\"TLSv1.3\" alpn=\"h2\"")
+                && text.contains("tls=\"TLSv1.3\" alpn=\"http/1.1\"")
+        }
+    })
+    .await;
     // No ALPN at all: HTTP/1.1.
     let tls = tls_connect(addr, Some("tbl.app.test"), &[]).await;
     assert_eq!(

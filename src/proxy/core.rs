@@ -384,6 +384,8 @@ pub struct LogFields {
     pub client: IpAddr,
     /// The client's protocol.
     pub protocol: Protocol,
+    /// The TLS version and ALPN protocol, empty on plain connections.
+    pub tls: (&'static str, &'static str),
 }
 
 impl Default for LogFields {
@@ -394,13 +396,17 @@ impl Default for LogFields {
             time: SystemTime::UNIX_EPOCH,
             client: IpAddr::from([0, 0, 0, 0]),
             protocol: Protocol::Http11,
+            tls: ("", ""),
         }
     }
 }
 
 impl LogFields {
-    /// Copies a request's fields: method, path (as sent), host, `Referer`, `User-Agent`.
-    pub fn fill(&mut self, client: IpAddr, protocol: Protocol, parts: [&[u8]; 5]) {
+    /// Copies a request's fields: method, path (as sent), host, `Referer`, `User-Agent`, and
+    /// the connection's TLS details.
+    pub fn fill(&mut self, conn: &ConnFacts, protocol: Protocol, parts: [&[u8]; 5]) {
+        let client = conn.peer_ip;
+        self.tls = conn.tls.as_ref().map_or(("", ""), |t| (t.version, t.alpn));
         self.time = SystemTime::now();
         self.client = client;
         self.protocol = protocol;
@@ -542,6 +548,8 @@ impl Core {
                 request_id: done.request_id,
                 referer: log.part(3),
                 user_agent: log.part(4),
+                tls_version: log.tls.0,
+                alpn: log.tls.1,
             });
         }
     }

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::SystemTime;
 
@@ -25,15 +25,8 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 
 /// One `[[tls.certs]]` entry: a PEM certificate chain (leaf first) and its PEM private key
-/// (PKCS#8, SEC1 or PKCS#1).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CertSpec {
-    /// The certificate chain file.
-    pub cert: PathBuf,
-    /// The private key file.
-    pub key: PathBuf,
-}
+/// (PKCS#8, SEC1 or PKCS#1), as the configuration validated it.
+pub use crate::config::CertPaths as CertSpec;
 
 /// Name maps; foldhash is seeded per process, so client-chosen names cannot collide on
 /// purpose.
@@ -539,7 +532,7 @@ mod tests {
         );
     }
 
-    fn tmpdir(name: &str) -> PathBuf {
+    fn tmpdir(name: &str) -> std::path::PathBuf {
         let dir = std::env::temp_dir().join(format!("cr-tls-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -193,7 +193,7 @@ impl<S: ClientIo> Conn<'_, S> {
                     let answer = LocalAnswer::text(e.status(), e.text());
                     let keep = self.answer(&answer, true, None).await;
                     if self.core.logs() {
-                        self.log.fill(self.info.peer_ip, Protocol::Http11, [b""; 5]);
+                        self.log.fill(&self.info, Protocol::Http11, [b""; 5]);
                     }
                     let done = Finished {
                         status: e.status().as_u16(),
@@ -265,7 +265,7 @@ impl<S: ClientIo> Conn<'_, S> {
                 head.field("referer").unwrap_or(b""),
                 head.field("user-agent").unwrap_or(b""),
             ];
-            self.log.fill(self.info.peer_ip, protocol, parts);
+            self.log.fill(&self.info, protocol, parts);
         }
         let has_body = !head.body.is_done();
         let request_id = core.request_id(&self.info, head.request_id());

@@ -167,7 +167,7 @@ fn log_fields(req: &Request<Incoming>, conn: &ConnFacts) -> LogFields {
     };
     let mut log = LogFields::default();
     log.fill(
-        conn.peer_ip,
+        conn,
         Protocol::Http2,
         [
             req.method().as_str().as_bytes(),
