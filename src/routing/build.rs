@@ -81,17 +81,6 @@ impl StateRegistry {
     }
 }
 
-/// Whether `name` can be the single label before a domain: lowercase letters, digits, dashes.
-pub fn is_dns_label(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 63
-        && !name.starts_with('-')
-        && !name.ends_with('-')
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
 /// Builds a table from `catalog` (service name → instances; an empty list is a known service
 /// with no instance). `catalog_tags` are the service list's tags, which decide exposure
 /// before a service's instances have been read. Services not exposed are left out entirely:

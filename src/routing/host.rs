@@ -67,6 +67,17 @@ fn check_port(rest: &[u8]) -> Result<(), HostError> {
     }
 }
 
+/// Whether `name` can be the single label before a domain: lowercase letters, digits, dashes.
+pub fn is_dns_label(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

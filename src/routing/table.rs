@@ -235,7 +235,7 @@ impl RoutingTable {
             let Some(label) = prefix.strip_suffix('.') else {
                 continue;
             };
-            if crate::routing::build::is_dns_label(label) {
+            if super::host::is_dns_label(label) {
                 if let Some(s) = self.services.get(label) {
                     return Some(s);
                 }
@@ -248,7 +248,7 @@ impl RoutingTable {
     pub fn host_map(&self) -> BTreeMap<String, &Arc<Service>> {
         let mut out = BTreeMap::new();
         for (name, svc) in &self.services {
-            if crate::routing::build::is_dns_label(name) {
+            if super::host::is_dns_label(name) {
                 for d in self.domains.iter() {
                     out.insert(format!("{name}.{d}"), svc);
                 }
