@@ -149,7 +149,7 @@ fn benches(c: &mut Criterion) {
                     scheme: Scheme::Http,
                     port: "80",
                 };
-                h2::fields::rewrite_request(&mut h, &fwd, &host);
+                h2::fields::rewrite_request(&mut h, &fwd, &host, &[]);
                 black_box((h, ip))
             },
             criterion::BatchSize::SmallInput,

@@ -6,7 +6,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use ipnet::IpNet;
@@ -195,6 +195,20 @@ pub struct ConnFacts {
     id: u64,
     /// Requests started on it (HTTP/2 streams run concurrently, hence atomic).
     seq: AtomicU64,
+    /// Header values of the facts above, made on the first HTTP/2 request.
+    values: OnceLock<ConnValues>,
+}
+
+/// A connection's facts as header values, shared by its HTTP/2 requests (a clone is a
+/// reference count, where making one is an allocation).
+#[derive(Debug)]
+pub struct ConnValues {
+    /// The peer's address.
+    pub peer: http::HeaderValue,
+    /// The local port.
+    pub port: http::HeaderValue,
+    /// `http` or `https`.
+    pub scheme: http::HeaderValue,
 }
 
 impl ConnFacts {
@@ -215,6 +229,7 @@ impl ConnFacts {
             port_len: digits.len() as u8,
             id: core.conns.fetch_add(1, Ordering::Relaxed),
             seq: AtomicU64::new(0),
+            values: OnceLock::new(),
         }
     }
 
@@ -223,6 +238,20 @@ impl ConnFacts {
         self.scheme = Scheme::Https;
         self.tls = Some(tls);
         self
+    }
+
+    /// This connection's facts as header values.
+    pub fn values(&self) -> &ConnValues {
+        self.values.get_or_init(|| {
+            let value = |b: &[u8]| {
+                http::HeaderValue::from_bytes(b).unwrap_or(http::HeaderValue::from_static(""))
+            };
+            ConnValues {
+                peer: value(self.peer_text.as_bytes()),
+                port: value(self.port_text().as_bytes()),
+                scheme: http::HeaderValue::from_static(self.scheme.as_str()),
+            }
+        })
     }
 
     /// The local port as text.

@@ -19,8 +19,14 @@ const STACK_VALUE: usize = 512;
 
 /// Rewrites a request's fields for the backend as [`request_fate`] says, then sets the
 /// router's own ([`set_fields`]), X-Forwarded-Host from `host`. HTTP/2 has no hop-by-hop
-/// fields (the h2 crate refuses them), but the rules are applied all the same.
-pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>, host: &HeaderValue) {
+/// fields (the h2 crate refuses them), but the rules are applied all the same. A value
+/// equal to one of `known` (made once per connection or request) is shared, not copied.
+pub fn rewrite_request(
+    headers: &mut HeaderMap,
+    fwd: &Forwarding<'_>,
+    host: &HeaderValue,
+    known: &[&HeaderValue],
+) {
     let mut kept = Kept::default();
     let mut drop = false;
     for name in headers.keys() {
@@ -47,6 +53,7 @@ pub fn rewrite_request(headers: &mut HeaderMap, fwd: &Forwarding<'_>, host: &Hea
     let chain_text = xff.take();
     let mut w = MapWriter {
         headers,
+        known,
         field: SetField::ForwardedFor,
         buf: [0; STACK_VALUE],
         len: 0,
@@ -170,6 +177,7 @@ impl<'b> Value<'b> {
 /// [`set_fields`] inserting into a `HeaderMap`.
 struct MapWriter<'m> {
     headers: &'m mut HeaderMap,
+    known: &'m [&'m HeaderValue],
     field: SetField,
     buf: [u8; STACK_VALUE],
     len: usize,
@@ -195,9 +203,14 @@ impl FieldWriter for MapWriter<'_> {
     }
 
     fn end(&mut self) {
-        let value = match &self.spill {
-            Some(v) => HeaderValue::from_bytes(v),
-            None => HeaderValue::from_bytes(&self.buf[..self.len]),
+        let bytes = match &self.spill {
+            Some(v) => &v[..],
+            None => &self.buf[..self.len],
+        };
+        let value = match self.known.iter().find(|k| k.as_bytes() == bytes) {
+            // A shared copy: no allocation.
+            Some(k) => Ok((*k).clone()),
+            None => HeaderValue::from_bytes(bytes),
         };
         if let Ok(value) = value {
             self.headers

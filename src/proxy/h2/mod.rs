@@ -50,7 +50,10 @@ pub async fn handle(
         l.client = routed.client;
         l
     });
-    if let Err(e) = prepare_request(core, &mut req, conn, &routed, &request_id) {
+    // Made once: sent to the backend and returned to the client.
+    let id_value =
+        HeaderValue::from_bytes(request_id.as_bytes()).unwrap_or(HeaderValue::from_static("-"));
+    if let Err(e) = prepare_request(core, &mut req, conn, &routed, &request_id, &id_value) {
         return local(
             core,
             e.answer(),
@@ -113,7 +116,9 @@ pub async fn handle(
                 .report(value.as_bytes());
         }
     }
-    set_request_id(response.headers_mut(), &request_id);
+    response
+        .headers_mut()
+        .insert(fields::X_REQUEST_ID, id_value);
     let closing = Box::new(body::Closing {
         core: core.clone(),
         status: response.status().as_u16(),
@@ -255,6 +260,7 @@ fn prepare_request(
     conn: &ConnFacts,
     routed: &Routed,
     request_id: &RequestId,
+    id_value: &HeaderValue,
 ) -> Result<(), Error> {
     if let Some(auth) = req.uri().authority() {
         let host = HeaderValue::from_str(auth.as_str()).map_err(|_| HostError::Invalid)?;
@@ -283,6 +289,8 @@ fn prepare_request(
         &client_text
     };
     let fwd = core.forwarding(conn, client, request_id);
-    fields::rewrite_request(headers, &fwd, &host);
+    let v = conn.values();
+    let known = [&host, &v.peer, &v.port, &v.scheme, id_value];
+    fields::rewrite_request(headers, &fwd, &host, &known);
     Ok(())
 }
