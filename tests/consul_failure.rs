@@ -9,6 +9,8 @@ use common::fake_consul::{FakeConsul, Mode};
 use common::*;
 use http::StatusCode;
 
+/// Asserts that `host` is served by `want` on every request for `dur`: proving that nothing
+/// breaks during a window, so it polls for the whole of it rather than wait for an event.
 async fn serves_for(p: std::net::SocketAddr, host: &str, want: &str, dur: Duration) {
     let end = std::time::Instant::now() + dur;
     while std::time::Instant::now() < end {
