@@ -33,10 +33,7 @@ async fn real_consul_killed_and_restarted() {
     consul.register("chat", "a", a.port(), &[]).await;
     let router = start_router(&consul.addr(), "[consul]\nwait = \"2s\"").await;
     let p = router.proxy_addr;
-    wait_until(Duration::from_secs(5), "routed", || async {
-        get(p, "chat.app.test", "/").await.status == StatusCode::OK
-    })
-    .await;
+    wait_status(p, "chat.app.test", StatusCode::OK).await;
 
     // Consul disappears mid-test: routing goes on from the last good table.
     consul.kill();

@@ -196,10 +196,7 @@ async fn connect_failures_retry_elsewhere_then_502() {
     consul.register("gone", "gone-1", free_port(), &[]).await;
     let router = start_router(&consul.addr(), "").await;
     let p = router.proxy_addr;
-    wait_until(Duration::from_secs(5), "mixed routed", || async {
-        get(p, "mixed.app.test", "/").await.status == StatusCode::OK
-    })
-    .await;
+    wait_status(p, "mixed.app.test", StatusCode::OK).await;
     // With 2 retries, every request finds the live instance, whichever it tries first.
     for _ in 0..50 {
         let g = get(p, "mixed.app.test", "/").await;

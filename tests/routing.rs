@@ -25,10 +25,7 @@ async fn routes_hosts_and_answers_bad_requests() {
         .await;
     let router = start_router(&consul.addr(), "").await;
     let p = router.proxy_addr;
-    wait_until(Duration::from_secs(5), "chat routed", || async {
-        get(p, "chat.app.test", "/").await.status == StatusCode::OK
-    })
-    .await;
+    wait_status(p, "chat.app.test", StatusCode::OK).await;
 
     // Case, port and trailing dot do not matter.
     for host in [
