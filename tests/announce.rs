@@ -95,16 +95,12 @@ fn alive(pid: i32) -> bool {
 
 /// Reads the pid a child script wrote to `file`.
 async fn read_pid(file: &Path) -> i32 {
-    let mut pid = None;
-    wait_until(Duration::from_secs(10), "the app's pid file", || {
-        pid = std::fs::read_to_string(file)
+    wait_for(Duration::from_secs(10), "the app's pid file", || async {
+        std::fs::read_to_string(file)
             .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let found = pid.is_some();
-        async move { found }
+            .and_then(|s| s.trim().parse().ok())
     })
-    .await;
-    pid.unwrap()
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
