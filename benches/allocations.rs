@@ -148,7 +148,12 @@ fn main() {
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let proxy_addr = l.local_addr().unwrap();
         let (_stop, stopped) = tokio::sync::watch::channel(false);
-        tokio::spawn(consul_router::server::serve_proxy(l, proxy, stopped));
+        tokio::spawn(consul_router::listener::serve(
+            l,
+            proxy,
+            consul_router::listener::Layers::plain(),
+            stopped,
+        ));
 
         let (direct_n, direct_b) = run(origin, true).await;
         let (proxied_n, proxied_b) = run(proxy_addr, false).await;

@@ -9,7 +9,8 @@ use criterion::{criterion_group, criterion_main, Criterion};
 use http::{HeaderMap, HeaderValue};
 
 use consul_router::balance::{Exclude, Strategy};
-use consul_router::proxy::{h1, headers};
+use consul_router::proxy::fields::{self, Forwarding, PeerText, Scheme};
+use consul_router::proxy::{h1, h2};
 use consul_router::routing::{
     build, normalize, BuildOptions, Health, InstanceSpec, StateRegistry, MAX_HOST,
 };
@@ -96,23 +97,25 @@ fn benches(c: &mut Criterion) {
         X-Forwarded-Proto: https\r\nUser-Agent: Mozilla/5.0 (X11; Linux x86_64)\r\n\
         Accept: text/html,application/xhtml+xml\r\nAccept-Language: en-US,en;q=0.5\r\n\
         Accept-Encoding: gzip, deflate, br\r\nCookie: session=abcdef0123456789\r\n\r\n";
-    let peer_text = h1::head::PeerText::new(peer);
+    let peer_text = PeerText::new(peer);
     let mut out = Vec::with_capacity(1024);
     c.bench_function("headers/h1-parse+rewrite", |b| {
         b.iter(|| {
             let mut slots = h1::head::slots();
-            let head = h1::head::parse_request(black_box(raw), &mut slots)
+            let head = h1::request::parse_request(black_box(raw), &mut slots)
                 .unwrap()
                 .unwrap();
             // As the fast path does for a trusted peer: the client from the chain, as text.
-            let ip = headers::client_ip_in(head.forwarded_for(), peer, &trusted);
-            let client = h1::head::PeerText::new(ip);
-            let fwd = h1::head::Forwarding {
+            let ip = fields::client_ip_in(head.forwarded_for(), peer, &trusted);
+            let client = PeerText::new(ip);
+            let fwd = Forwarding {
                 peer: &peer_text,
                 trusted: true,
                 client: &client,
                 drop_underscores: false,
                 request_id: b"5f3a9c01-1a-7",
+                scheme: Scheme::Http,
+                port: "80",
             };
             out.clear();
             head.write_backend(&mut out, &fwd);
@@ -127,13 +130,26 @@ fn benches(c: &mut Criterion) {
             black_box(r.parse(black_box(raw)).unwrap());
         })
     });
-    c.bench_function("headers/strip+forwarded", |b| {
+    c.bench_function("headers/h2-rewrite", |b| {
         b.iter_batched(
             || base.clone(),
             |mut h| {
-                headers::strip_hop_by_hop(&mut h, false);
-                let ip = headers::client_ip(&h, peer, &trusted);
-                headers::set_forwarded(&mut h, peer, true, &host, peer);
+                let chain = h
+                    .get_all("x-forwarded-for")
+                    .iter()
+                    .map(HeaderValue::as_bytes);
+                let ip = fields::client_ip_in(chain, peer, &trusted);
+                let client = PeerText::new(ip);
+                let fwd = Forwarding {
+                    peer: &peer_text,
+                    trusted: true,
+                    client: &client,
+                    drop_underscores: false,
+                    request_id: b"5f3a9c01-1a-7",
+                    scheme: Scheme::Http,
+                    port: "80",
+                };
+                h2::fields::rewrite_request(&mut h, &fwd, &host);
                 black_box((h, ip))
             },
             criterion::BatchSize::SmallInput,

@@ -16,6 +16,10 @@ fi
 if ! command -v promtool >/dev/null && [ ! -x /usr/bin/promtool ] && [ "$(id -u)" = 0 ]; then
   { apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus; } >/dev/null 2>&1 || true
 fi
+# HAProxy (tests/listener.rs puts it in front with send-proxy and send-proxy-v2).
+if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ] && [ "$(id -u)" = 0 ]; then
+  { apt-get update -qq && apt-get install -y -qq --no-install-recommends haproxy; } >/dev/null 2>&1 || true
+fi
 CONSUL_BIN="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 export CONSUL_BIN
 echo "test.sh: using $("$CONSUL_BIN" version | head -1) at $CONSUL_BIN"

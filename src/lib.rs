@@ -10,6 +10,7 @@ pub mod balance;
 pub mod config;
 pub mod consul;
 pub mod health;
+pub mod listener;
 pub mod metrics;
 pub mod notify;
 pub mod proxy;
@@ -46,6 +47,9 @@ pub enum StartError {
     /// The Consul client could not be set up.
     #[error(transparent)]
     Consul(#[from] ConsulError),
+    /// A TLS certificate or key could not be loaded (a configuration error: exit status 2).
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// The access log file could not be opened (a configuration error: exit status 2).
     #[error("access_log_file: cannot open {}: {source}", path.display())]
     AccessLog {
@@ -63,6 +67,8 @@ pub struct Running {
     pub proxy_addr: SocketAddr,
     /// Where the admin API listens.
     pub admin_addr: SocketAddr,
+    /// Where the TLS listener listens, when `[tls]` is set.
+    pub tls_addr: Option<SocketAddr>,
     /// The live routing table.
     pub routes: Arc<Routes>,
     config: Config,
@@ -71,6 +77,8 @@ pub struct Running {
     admin: Arc<admin::Admin>,
     proxy_listener: Listener,
     admin_listener: Listener,
+    /// The TLS listener, its certificates, and the task that watches their files.
+    tls: Option<TlsSide>,
     /// Listeners a reload replaced, still draining their connections.
     retired: Vec<JoinHandle<()>>,
     discovery: DiscoveryHandle,
@@ -96,6 +104,63 @@ impl Listener {
     }
 }
 
+/// The TLS listener of a running router.
+#[derive(Debug)]
+struct TlsSide {
+    listener: Listener,
+    tls: Arc<listener::Tls>,
+    _poll: AbortOnDrop,
+}
+
+/// Loads `[tls]`'s certificates (every file checked now: a bad one stops the start), binds
+/// its listener and serves it; certificate files are polled for changes.
+async fn start_tls(
+    cfg: &config::TlsConfig,
+    proxy: Arc<ArcSwap<proxy::Proxy>>,
+) -> Result<(TlsSide, SocketAddr), StartError> {
+    let specs: Vec<tls::CertSpec> = cfg
+        .certs
+        .iter()
+        .map(|c| tls::CertSpec {
+            cert: c.cert.clone(),
+            key: c.key.clone(),
+        })
+        .collect();
+    let store = tls::CertStore::load(&specs)?;
+    let tls = Arc::new(listener::Tls::new(store)?);
+    let (socket, addr) = bind(cfg.listen).await?;
+    let (stop, stopped) = watch::channel(false);
+    let layers = listener::Layers {
+        proxy_protocol: cfg.proxy_protocol,
+        tls: Some(tls.clone()),
+    };
+    let task = tokio::spawn(listener::serve(socket, proxy, layers, stopped));
+    let poll = tokio::spawn(poll_certs(tls.clone()));
+    let side = TlsSide {
+        listener: Listener { stop, task },
+        tls,
+        _poll: AbortOnDrop(poll.abort_handle()),
+    };
+    Ok((side, addr))
+}
+
+/// Reloads certificates whose files changed, every [`listener::CERT_POLL`].
+async fn poll_certs(tls: Arc<listener::Tls>) {
+    loop {
+        tokio::time::sleep(listener::CERT_POLL).await;
+        if let Some(report) = tls.store.reload_if_changed() {
+            log_reload(&report);
+        }
+    }
+}
+
+fn log_reload(report: &tls::ReloadReport) {
+    if !report.reloaded.is_empty() {
+        tracing::info!(entries = ?report.reloaded, "TLS certificates reloaded");
+    }
+    // Each refusal was logged with its file by the store; the old certificate stays.
+}
+
 /// What a reload changed, by configuration key.
 #[derive(Debug, Default)]
 pub struct Reloaded {
@@ -111,8 +176,9 @@ impl Running {
     pub async fn shutdown(self) {
         // A router that stops before its first table never says READY=1.
         drop(self.notify_ready);
+        let tls = self.tls.map(|t| t.listener.retire());
         let tasks = [self.proxy_listener.retire(), self.admin_listener.retire()];
-        for task in tasks.into_iter().chain(self.retired) {
+        for task in tasks.into_iter().chain(tls).chain(self.retired) {
             let _ = task.await;
         }
         drop(self.discovery);
@@ -154,7 +220,9 @@ impl Running {
         for (key, changed) in changed_keys(old, &cfg) {
             if changed {
                 match key {
-                    "workers" | "log_format" => done.need_restart.push(key),
+                    "workers" | "log_format" | "tls" | "proxy_protocol" => {
+                        done.need_restart.push(key)
+                    }
                     _ => done.applied.push(key),
                 }
             }
@@ -181,6 +249,10 @@ impl Running {
             None
         };
 
+        // SIGHUP re-reads the certificate files (a bad one keeps the old certificate).
+        if let Some(side) = &self.tls {
+            log_reload(&side.tls.store.reload());
+        }
         // Nothing can fail from here on.
         self.access_log = access_log;
         self.proxy.store(Arc::new(proxy::Proxy::new(
@@ -189,7 +261,7 @@ impl Running {
             self.access_log.clone(),
         )));
         if let Some((listener, addr)) = proxy_bind {
-            let new = spawn_proxy(listener, self.proxy.clone());
+            let new = spawn_proxy(listener, self.proxy.clone(), cfg.proxy_protocol);
             let old = std::mem::replace(&mut self.proxy_listener, new);
             self.retired.push(old.retire());
             self.proxy_addr = addr;
@@ -224,9 +296,10 @@ impl Running {
 }
 
 /// Each top-level key (sections as one) and whether it differs between `a` and `b`.
-fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 17] {
+fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 19] {
     [
         ("listen", a.listen != b.listen),
+        ("proxy_protocol", a.proxy_protocol != b.proxy_protocol),
         ("admin_listen", a.admin_listen != b.admin_listen),
         ("admin_token", a.admin_token != b.admin_token),
         ("domains", a.domains != b.domains),
@@ -246,6 +319,7 @@ fn changed_keys(a: &Config, b: &Config) -> [(&'static str, bool); 17] {
         ("log_format", a.log_format != b.log_format),
         ("consul", a.consul != b.consul),
         ("proxy", a.proxy != b.proxy),
+        ("tls", a.tls != b.tls),
     ]
 }
 
@@ -279,9 +353,17 @@ fn build_options(cfg: &Config) -> BuildOptions {
     }
 }
 
-fn spawn_proxy(listener: TcpListener, proxy: Arc<ArcSwap<proxy::Proxy>>) -> Listener {
+fn spawn_proxy(
+    listener: TcpListener,
+    proxy: Arc<ArcSwap<proxy::Proxy>>,
+    proxy_protocol: config::ProxyProtocol,
+) -> Listener {
     let (stop, stopped) = watch::channel(false);
-    let task = tokio::spawn(server::serve_proxy(listener, proxy, stopped));
+    let layers = listener::Layers {
+        proxy_protocol,
+        tls: None,
+    };
+    let task = tokio::spawn(listener::serve(listener, proxy, layers, stopped));
     Listener { stop, task }
 }
 
@@ -319,7 +401,14 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         routes.clone(),
         access_log.clone(),
     )));
-    let proxy_listener = spawn_proxy(proxy_listener, proxy.clone());
+    let proxy_listener = spawn_proxy(proxy_listener, proxy.clone(), cfg.proxy_protocol);
+    let (tls, tls_addr) = match &cfg.tls {
+        Some(t) => {
+            let (side, addr) = start_tls(t, proxy.clone()).await?;
+            (Some(side), Some(addr))
+        }
+        None => (None, None),
+    };
     let admin = Arc::new(
         admin::Admin::new(routes.clone(), prometheus.clone()).with_token(cfg.admin_token.clone()),
     );
@@ -332,6 +421,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     Ok(Running {
         proxy_addr,
         admin_addr,
+        tls_addr,
+        tls,
         routes,
         config: cfg,
         proxy,

@@ -137,8 +137,10 @@ fn main() -> ExitCode {
     match run(config, source) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            // An access log file that cannot be opened is a configuration error.
-            if let Some(e @ StartError::AccessLog { .. }) = e.downcast_ref::<StartError>() {
+            // An access log file or certificate that cannot be read is a configuration error.
+            if let Some(e @ (StartError::AccessLog { .. } | StartError::Tls(_))) =
+                e.downcast_ref::<StartError>()
+            {
                 eprintln!("consul-router: configuration error: {e}");
                 return ExitCode::from(2);
             }

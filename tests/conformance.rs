@@ -32,7 +32,7 @@ const UNDERSCORES: &str = "trusted_proxies = [\"10.9.9.9/32\"]\nunderscore_heade
 /// What an untrusted peer's request gets appended, for `Host: host`.
 fn tail(host: &str) -> String {
     format!(
-        "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: {host}\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n"
+        "X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: {host}\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n"
     )
 }
 
@@ -341,7 +341,7 @@ async fn request_heads_reach_the_backend_exactly_as_specified() {
         (
             "an upgrade keeps Upgrade and says Connection: upgrade last",
             b"GET /ws HTTP/1.1\r\nHost: raw.app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\r\n".to_vec(),
-            b"GET /ws HTTP/1.1\r\nHost: raw.app.test\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\nConnection: upgrade\r\n\r\n".to_vec(),
+            b"GET /ws HTTP/1.1\r\nHost: raw.app.test\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\nConnection: upgrade\r\n\r\n".to_vec(),
         ),
     ];
     for (name, req, want) in &untrusted {
@@ -355,27 +355,27 @@ async fn request_heads_reach_the_backend_exactly_as_specified() {
         (
             "a trusted peer's chain, host and proto kept; X-Real-IP from the chain",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1\r\nX-Forwarded-Host: public.example\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.7\r\nX-Real-IP: 6.6.6.6\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-Host: public.example\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.7\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1, 127.0.0.1\r\nX-Real-IP: 10.0.0.1\r\nX-Request-Id: *\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-Host: public.example\r\nX-Forwarded-Proto: https\r\nForwarded: for=203.0.113.7\r\nX-Forwarded-For: 203.0.113.7, 10.0.0.1, 127.0.0.1\r\nX-Forwarded-Port: *\r\nX-Real-IP: 10.0.0.1\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "trusted addresses at the right of the chain are skipped for X-Real-IP",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 203.0.113.7\r\nX-Request-Id: *\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 203.0.113.7, 127.0.0.9, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 203.0.113.7\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "an all-trusted chain: X-Real-IP is its left-most address (as nginx real_ip_recursive)",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.5\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.5, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.5\r\nX-Request-Id: *\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.5, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 127.0.0.5\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "two X-Forwarded-For fields join in order",
             b"GET / HTTP/1.1\r\nX-Forwarded-For: 198.51.100.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 198.51.100.2\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 198.51.100.1, 198.51.100.2, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 198.51.100.2\r\nX-Request-Id: *\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 198.51.100.1, 198.51.100.2, 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 198.51.100.2\r\nX-Request-Id: *\r\n\r\n",
         ),
         (
             "lookalikes are dropped even from a trusted peer",
             b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX_Forwarded_For: 6.6.6.6\r\nX_Real_IP: 6.6.6.6\r\nX_Forwarded_Host: evil\r\nx_forwarded_proto: https\r\n\r\n",
-            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\nX-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n",
         ),
     ];
     for (name, req, want) in trusted {

@@ -15,7 +15,8 @@
 //! differently, fails a property.
 
 use consul_router::proxy::h1::framing::Framing;
-use consul_router::proxy::h1::head::{parse_request, slots};
+use consul_router::proxy::h1::head::slots;
+use consul_router::proxy::h1::request::parse_request;
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;
 

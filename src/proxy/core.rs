@@ -1,22 +1,26 @@
-//! The request core: the policy both protocol paths share, in one place. Routing and the
-//! balancing key, the client's address, the request ID, the retry rule, and the one
-//! `finish` that closes every request (metrics, access log). The HTTP/1 fast path and the
-//! HTTP/2 path call these with borrowed facts; nothing here allocates or locks.
+//! The request core: the policy both protocol paths share, in one place. The connection's
+//! facts, routing and the balancing key, the client's address, the request ID, the
+//! attempts on backends (`attempts.rs`), and the one `finish` that closes every request
+//! (metrics, access log). The HTTP/1 fast path and the HTTP/2 path call these with
+//! borrowed facts; nothing here allocates or locks, and nothing here knows either path.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::access_log::Record;
+use ipnet::IpNet;
 
+use crate::access_log::{AccessLog, Record};
 use crate::balance::{hash_bytes, Strategy};
-use crate::routing::{normalize, HostError, Service, MAX_HOST};
-use crate::upstream::{parse_load, ErrorKind, ReportedLoad};
+use crate::config::{Config, UnderscoreHeaders};
+use crate::routing::{normalize, HostError, Routes, Service, MAX_HOST};
+use crate::upstream::{parse_load, ReportedLoad};
 
-use super::h1::head::PeerText;
-use super::headers;
-use super::{Proxy, ProxyError};
+use super::answer::LocalAnswer;
+use super::attempts::{AttemptRules, Attempts};
+use super::error::{Error, ErrorType};
+use super::fields::{self, Forwarding, PeerText, Scheme};
 
 pub use crate::access_log::Protocol;
 
@@ -38,35 +42,192 @@ impl LoadHeader<'_> {
     }
 }
 
-/// Facts about one client connection, fixed for its life.
+/// The policy both protocol paths share, with its settings.
 #[derive(Debug)]
-pub struct ClientConn {
-    /// The peer's address.
+pub struct Core {
+    routes: Arc<Routes>,
+    trusted: Box<[IpNet]>,
+    hash_query: bool,
+    /// Drop every request field name with `_` (else only the lookalikes).
+    drop_underscores: bool,
+    /// Retries and timeouts toward backends.
+    rules: AttemptRules,
+    /// Client connections accepted, numbering them for request IDs.
+    conns: AtomicU64,
+    /// This process's request ID prefix.
+    salt: u32,
+    /// Where `finish` writes each request's line (off by default).
+    access_log: AccessLog,
+    /// `proxy.load_header`: read as the instance's load, never relayed.
+    load_header: Option<http::HeaderName>,
+    /// `tls.redirect_http`: the TLS listener's port plain requests are redirected to.
+    redirect_https: Option<u16>,
+}
+
+impl Core {
+    /// The core for `cfg`, reading `routes`, logging requests to `access_log`.
+    pub fn new(cfg: &Config, routes: Arc<Routes>, access_log: AccessLog) -> Self {
+        Core {
+            routes,
+            trusted: cfg.trusted_proxies.clone().into_boxed_slice(),
+            hash_query: cfg.hash_query,
+            drop_underscores: cfg.underscore_headers == UnderscoreHeaders::All,
+            rules: AttemptRules {
+                retries: cfg.proxy.retries,
+                connect_timeout: cfg.proxy.connect_timeout,
+                response_timeout: cfg.proxy.response_timeout,
+                idle_timeout: cfg.proxy.idle_timeout,
+            },
+            conns: AtomicU64::new(0),
+            salt: fastrand::u32(..),
+            access_log,
+            load_header: cfg.proxy.load_header.clone(),
+            redirect_https: cfg
+                .tls
+                .as_ref()
+                .filter(|t| t.redirect_http)
+                .map(|t| t.listen.port()),
+        }
+    }
+
+    /// Whether a request on `conn` gets a redirect to https: `tls.redirect_http` is on, the
+    /// connection is plain, and the peer is not a trusted proxy (which says the scheme it
+    /// saw in X-Forwarded-Proto, and redirects itself).
+    fn redirects(&self, conn: &ConnFacts) -> bool {
+        self.redirect_https.is_some() && conn.scheme == Scheme::Http && !conn.trusted
+    }
+
+    /// A 308 to the same host and target on the TLS listener.
+    fn redirect(&self, host: &str, target: &[u8], service: Option<Arc<Service>>) -> Refused {
+        let port = match self.redirect_https {
+            Some(443) | None => String::new(),
+            Some(p) => format!(":{p}"),
+        };
+        let target = String::from_utf8_lossy(target);
+        let location = format!("https://{host}{port}{target}");
+        let answer = http::HeaderValue::from_str(&location)
+            .ok()
+            .map(|l| Box::new(LocalAnswer::redirect(l)));
+        Refused {
+            error: ErrorType::RedirectHttps.into(),
+            service,
+            answer,
+        }
+    }
+
+    /// Whether `ip` is one of `trusted_proxies`.
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        fields::is_trusted(ip, &self.trusted)
+    }
+
+    /// The rules attempts on backends follow.
+    pub fn rules(&self) -> &AttemptRules {
+        &self.rules
+    }
+
+    /// The attempts of a request `routed` here; `replayable` as [`Attempts::new`].
+    pub fn attempts<'a>(&'a self, routed: &'a Routed, replayable: bool) -> Attempts<'a> {
+        Attempts::new(
+            &self.rules,
+            &routed.service,
+            routed.key,
+            routed.start,
+            replayable,
+        )
+    }
+
+    /// The request's ID: a trusted peer's `X-Request-Id` if usable, else a fresh one.
+    pub fn request_id(&self, conn: &ConnFacts, sent: Option<&[u8]>) -> RequestId {
+        sent.filter(|_| conn.trusted)
+            .and_then(RequestId::from_peer)
+            .unwrap_or_else(|| conn.next_request_id(self.salt))
+    }
+
+    /// How a request's forwarding fields are written, for `client` (from [`Routed`]).
+    pub fn forwarding<'a>(
+        &self,
+        conn: &'a ConnFacts,
+        client: &'a PeerText,
+        request_id: &'a RequestId,
+    ) -> Forwarding<'a> {
+        Forwarding {
+            peer: &conn.peer_text,
+            trusted: conn.trusted,
+            client,
+            drop_underscores: self.drop_underscores,
+            request_id: request_id.as_bytes(),
+            scheme: conn.scheme,
+            port: conn.port_text(),
+        }
+    }
+}
+
+/// What TLS said about a connection, when it came over TLS.
+#[derive(Debug, Clone, Default)]
+pub struct TlsFacts {
+    /// The server name the client asked for.
+    pub sni: Option<Box<str>>,
+    /// The protocol chosen by ALPN (`h2`, `http/1.1`), empty if none.
+    pub alpn: &'static str,
+    /// `TLSv1.2` or `TLSv1.3`.
+    pub version: &'static str,
+}
+
+/// Facts about one client connection, built once by the listener and fixed for its life.
+#[derive(Debug)]
+pub struct ConnFacts {
+    /// The client's address: the TCP peer, or the source a trusted PROXY header gave.
     pub peer: SocketAddr,
     /// The peer's IP (IPv4-mapped IPv6 as IPv4).
     pub peer_ip: IpAddr,
     /// The peer's IP as text, formatted once.
     pub peer_text: PeerText,
-    /// Whether the peer is a trusted proxy.
+    /// Whether the peer is a trusted proxy (its forwarding fields are believed).
     pub trusted: bool,
+    /// `https` when TLS was terminated here.
+    pub scheme: Scheme,
+    /// TLS details, when TLS was terminated here.
+    pub tls: Option<TlsFacts>,
+    /// The port the client connected to, as text (`X-Forwarded-Port`).
+    port: [u8; 5],
+    port_len: u8,
     /// This connection's number, for request IDs.
     id: u64,
     /// Requests started on it (HTTP/2 streams run concurrently, hence atomic).
     seq: AtomicU64,
 }
 
-impl ClientConn {
-    /// Facts for a new connection from `peer`.
-    pub fn new(proxy: &Proxy, peer: SocketAddr) -> Self {
-        let peer_ip = headers::canonical(peer.ip());
-        ClientConn {
+impl ConnFacts {
+    /// Facts for a new plain connection from `peer` to local `port`.
+    pub fn new(core: &Core, peer: SocketAddr, port: u16) -> Self {
+        let peer_ip = fields::canonical(peer.ip());
+        let mut text = [0u8; 5];
+        let digits = port.to_string();
+        text[..digits.len()].copy_from_slice(digits.as_bytes());
+        ConnFacts {
             peer,
             peer_ip,
             peer_text: PeerText::new(peer_ip),
-            trusted: headers::is_trusted(peer_ip, &proxy.trusted),
-            id: proxy.conns.fetch_add(1, Ordering::Relaxed),
+            trusted: fields::is_trusted(peer_ip, &core.trusted),
+            scheme: Scheme::Http,
+            tls: None,
+            port: text,
+            port_len: digits.len() as u8,
+            id: core.conns.fetch_add(1, Ordering::Relaxed),
             seq: AtomicU64::new(0),
         }
+    }
+
+    /// The same facts for a connection that came over TLS.
+    pub fn with_tls(mut self, tls: TlsFacts) -> Self {
+        self.scheme = Scheme::Https;
+        self.tls = Some(tls);
+        self
+    }
+
+    /// The local port as text.
+    pub fn port_text(&self) -> &str {
+        std::str::from_utf8(&self.port[..usize::from(self.port_len)]).unwrap_or("")
     }
 
     /// A fresh request ID: the process's salt, this connection's number and the request's
@@ -160,45 +321,30 @@ pub struct Routed {
 #[derive(Debug)]
 pub struct Refused {
     /// Why.
-    pub error: ProxyError,
+    pub error: Error,
     /// The service, when the host named one.
     pub service: Option<Arc<Service>>,
+    /// The answer, when it is not the error's own (a redirect; rare, hence boxed).
+    pub answer: Option<Box<LocalAnswer>>,
 }
 
-impl From<ProxyError> for Refused {
-    fn from(error: ProxyError) -> Self {
+impl<E: Into<Error>> From<E> for Refused {
+    fn from(error: E) -> Self {
         Refused {
-            error,
+            error: error.into(),
             service: None,
+            answer: None,
         }
     }
 }
 
-/// What to do after an attempt on a backend failed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Next {
-    /// Nothing reached the backend: try another instance.
-    OtherInstance,
-    /// A kept-alive connection broke before any response byte and the request can be
-    /// replayed: try once more on a fresh connection to the same instance.
-    FreshConnection,
-    /// Answer the client with the error.
-    Answer,
-}
-
-/// One failed attempt, as the retry rule sees it.
-#[derive(Debug, Clone, Copy)]
-pub struct Failed {
-    /// What went wrong.
-    pub kind: ErrorKind,
-    /// The connection came from the idle pool.
-    pub reused: bool,
-    /// The request did not get through whole, so no backend acted on it.
-    pub unsent: bool,
-    /// The request has no body and an idempotent method.
-    pub replayable: bool,
-    /// Attempts made so far for this request, this one included.
-    pub tries: u32,
+impl Refused {
+    /// The answer the client gets.
+    pub fn answer(&mut self) -> LocalAnswer {
+        self.answer
+            .take()
+            .map_or_else(|| self.error.answer(), |a| *a)
+    }
 }
 
 /// A finished request, for metrics and the access log.
@@ -275,47 +421,51 @@ impl LogFields {
     }
 }
 
-impl Proxy {
+impl Core {
     /// Routes a request: the routing table's service for its host, the balancing key and
     /// the client's address. `path` is the origin-form target (query included) and `xff`
     /// the X-Forwarded-For values in order.
     pub fn route<'x>(
         &self,
-        conn: &ClientConn,
+        conn: &ConnFacts,
         method: &str,
         host: Option<&[u8]>,
         path: &[u8],
         xff: impl DoubleEndedIterator<Item = &'x [u8]>,
     ) -> Result<Routed, Refused> {
         if method == "CONNECT" {
-            return Err(ProxyError::Connect405.into());
+            return Err(ErrorType::ConnectMethod.into());
         }
         let service = {
             let table = self.routes.load();
             if !table.ready {
-                return Err(ProxyError::NotReady.into());
+                return Err(ErrorType::NotReady.into());
             }
             let mut buf = [0u8; MAX_HOST + 2];
             let host = match host.map(|h| normalize(h, &mut buf)) {
                 Some(Ok(h)) => h,
-                Some(Err(e)) => return Err(ProxyError::BadHost(e).into()),
-                None => return Err(ProxyError::BadHost(HostError::Missing).into()),
+                Some(Err(e)) => return Err(e.into()),
+                None => return Err(HostError::Missing.into()),
             };
             match table.lookup(host) {
+                Some(s) if self.redirects(conn) => {
+                    return Err(self.redirect(host, path, Some(s.clone())))
+                }
                 Some(s) => s.clone(),
-                None => return Err(ProxyError::UnknownHost.into()),
+                None => return Err(ErrorType::UnknownHost.into()),
             }
         };
         let start = Instant::now();
         service.stats.touch_at(start);
         if service.routable == 0 {
             return Err(Refused {
-                error: ProxyError::NoHealthyInstance,
+                error: ErrorType::NoHealthyInstance.into(),
                 service: Some(service),
+                answer: None,
             });
         }
         let client = if conn.trusted {
-            headers::client_ip_in(xff, conn.peer_ip, &self.trusted)
+            fields::client_ip_in(xff, conn.peer_ip, &self.trusted)
         } else {
             conn.peer_ip
         };
@@ -339,26 +489,6 @@ impl Proxy {
         })
     }
 
-    /// The retry rule: what follows a failed attempt. Counts the error, and the retry if
-    /// there is one, for the service.
-    pub fn after_failure(&self, service: &Service, f: Failed) -> Next {
-        service.stats.metrics.get().upstream_error(f.kind);
-        let unsent = f.unsent || f.kind.before_send();
-        let next = if f.reused && f.kind == ErrorKind::Reset && (unsent || f.replayable) {
-            // A kept-alive connection the backend closed as we took it: common, and not
-            // the instance's fault.
-            Next::FreshConnection
-        } else if unsent && f.tries <= self.upstream.retries {
-            Next::OtherInstance
-        } else {
-            Next::Answer
-        };
-        if next != Next::Answer {
-            service.stats.metrics.get().retry();
-        }
-        next
-    }
-
     /// Where a response's load header goes: its name (lowercase; empty when off) and the
     /// instance that answered.
     pub fn load_header<'a>(&'a self, instance: &'a ReportedLoad) -> LoadHeader<'a> {
@@ -369,6 +499,11 @@ impl Proxy {
                 .map_or(&b""[..], |h| h.as_str().as_bytes()),
             instance,
         }
+    }
+
+    /// The load header's name, when the feature is on.
+    pub fn load_header_name(&self) -> Option<&http::HeaderName> {
+        self.load_header.as_ref()
     }
 
     /// Whether `finish` wants [`LogFields`] (the access log is on).
@@ -415,64 +550,32 @@ impl Proxy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::routing::testing::{spec, table};
-    use crate::routing::Health;
 
-    fn proxy_and_service() -> (Proxy, Arc<Service>) {
-        let table = table(vec![(
-            "core-test",
-            vec![spec("core-1", 1, Health::Passing, &[])],
-        )]);
-        let service = table.services["core-test"].clone();
-        let cfg = Config::default();
-        let routes = Arc::new(crate::routing::Routes::new());
-        let proxy = Proxy::new(&cfg, routes, crate::access_log::AccessLog::off());
-        (proxy, service)
-    }
-
-    #[test]
-    fn the_retry_rule() {
-        let (proxy, svc) = proxy_and_service();
-        let f = |kind, reused, unsent, replayable, tries| Failed {
-            kind,
-            reused,
-            unsent,
-            replayable,
-            tries,
-        };
-        // retries = 2 by default: a refused connect goes elsewhere twice, then is answered.
-        let refused = |tries| f(ErrorKind::ConnectRefused, false, true, false, tries);
-        assert_eq!(proxy.after_failure(&svc, refused(1)), Next::OtherInstance);
-        assert_eq!(proxy.after_failure(&svc, refused(2)), Next::OtherInstance);
-        assert_eq!(proxy.after_failure(&svc, refused(3)), Next::Answer);
-        // A stale pooled connection: once more, fresh, if nothing was done or it can replay.
-        let stale = f(ErrorKind::Reset, true, false, true, 1);
-        assert_eq!(proxy.after_failure(&svc, stale), Next::FreshConnection);
-        let stale_post = f(ErrorKind::Reset, true, false, false, 1);
-        assert_eq!(proxy.after_failure(&svc, stale_post), Next::Answer);
-        // A reset on a fresh connection after the request went out, or a timeout: answered.
-        let reset = f(ErrorKind::Reset, false, false, true, 1);
-        assert_eq!(proxy.after_failure(&svc, reset), Next::Answer);
-        let slow = f(ErrorKind::ResponseTimeout, true, false, true, 1);
-        assert_eq!(proxy.after_failure(&svc, slow), Next::Answer);
+    fn core() -> Core {
+        let routes = Arc::new(Routes::new());
+        Core::new(&Config::default(), routes, AccessLog::off())
     }
 
     #[test]
     fn request_ids() {
-        let (proxy, _) = proxy_and_service();
+        let core = core();
         let peer: SocketAddr = "127.0.0.1:5000".parse().unwrap();
-        let conn = ClientConn::new(&proxy, peer);
+        let conn = ConnFacts::new(&core, peer, 8080);
+        assert_eq!(conn.port_text(), "8080");
         let a = conn.next_request_id(0x5f3a_9c01);
         let b = conn.next_request_id(0x5f3a_9c01);
         assert!(a.as_str().starts_with("5f3a9c01-"), "{}", a.as_str());
         assert!(a.as_str().ends_with("-0") && b.as_str().ends_with("-1"));
         assert_ne!(a.as_str(), b.as_str());
-        let other = ClientConn::new(&proxy, peer).next_request_id(0x5f3a_9c01);
+        let other = ConnFacts::new(&core, peer, 80).next_request_id(0x5f3a_9c01);
         assert_ne!(a.as_str(), other.as_str());
         assert_eq!(RequestId::from_peer(b" abc-1 ").unwrap().as_str(), "abc-1");
         assert!(RequestId::from_peer(b"").is_none());
         assert!(RequestId::from_peer(b"a b").is_none());
         assert!(RequestId::from_peer(&[b'x'; 65]).is_none());
+        // A peer's ID is taken only from a trusted peer (loopback is, by default).
+        assert_eq!(core.request_id(&conn, Some(b"mine")).as_str(), "mine");
+        let far = ConnFacts::new(&core, "203.0.113.9:5000".parse().unwrap(), 80);
+        assert_ne!(core.request_id(&far, Some(b"mine")).as_str(), "mine");
     }
 }

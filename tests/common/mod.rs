@@ -14,6 +14,7 @@
 //! - `net`, `temp`, `tools`: free ports and TCP states, temporary directories, programs.
 #![allow(dead_code, unused_imports)]
 
+pub mod certs;
 pub mod fake_consul;
 
 pub mod backend;

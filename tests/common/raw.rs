@@ -22,14 +22,18 @@ pub const LATER: Duration = Duration::from_millis(60);
 /// Longest wait for any answer in [`talk`] and [`exactly`].
 pub const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
-/// `bytes` with the value of every `X-Request-Id` line the router wrote (1 to 64 visible
-/// ASCII bytes) replaced by `*`: request IDs are generated, so expected bytes say `*`.
+/// `bytes` with the value of every `X-Request-Id` and `X-Forwarded-Port` line the router
+/// wrote (1 to 64 visible ASCII bytes) replaced by `*`: request IDs are generated and the
+/// router's port is bound to 0, so expected bytes say `*`.
 pub fn mask_ids(bytes: &[u8]) -> Vec<u8> {
-    const NAME: &[u8] = b"\nX-Request-Id: ";
+    mask(&mask(bytes, b"\nX-Request-Id: "), b"\nX-Forwarded-Port: ")
+}
+
+fn mask(bytes: &[u8], name: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
-    while let Some(at) = find(&bytes[i..], NAME) {
-        let start = i + at + NAME.len();
+    while let Some(at) = find(&bytes[i..], name) {
+        let start = i + at + name.len();
         out.extend_from_slice(&bytes[i..start]);
         i = start;
         if let Some(len) = find(&bytes[start..], b"\r\n") {

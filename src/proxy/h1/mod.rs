@@ -2,37 +2,76 @@
 //! writes the rewritten head to a pooled backend connection and relays both bodies
 //! verbatim, all in that task. There is no header map, no second task per backend
 //! connection and no channel between the two sides: a small request costs one read and one
-//! write on each socket. Connections that open with the HTTP/2 preface are handed back for
-//! hyper to serve.
+//! write on each socket. The connection may be plain TCP or TLS ([`ClientIo`]); the
+//! listener has already read its first bytes and decided it is HTTP/1.
 
 pub mod framing;
 pub mod head;
 mod relay;
+pub mod request;
+pub mod response;
 mod timer;
 
-use std::net::SocketAddr;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
-use http::StatusCode;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
 use framing::Framing;
-use head::{parse_request, slots, write_local, Forwarding, HeadError, PeerText};
+use head::{slots, HeadError};
+use request::parse_request;
+use response::write_local;
 
 use relay::{respond, upload, write_pair, End, Tally, UploadError};
 use timer::Timer;
 
-use super::core::{ClientConn, Failed, Finished, LogFields, Next, Protocol, Refused, RequestId};
-use super::{Proxy, ProxyError};
-use crate::balance::Exclude;
+use super::answer::LocalAnswer;
+use super::attempts::Next;
+use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
+use super::error::{Error, ErrorType};
+use super::fields::PeerText;
 use crate::routing::Service;
 use crate::upstream::{connect_tcp, BackendConn, ErrorKind, InFlight};
+
+/// A client connection the fast path can serve: plain TCP or TLS.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// The read and write halves, for relaying a request body while the response comes.
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    );
+}
+
+impl ClientIo for TcpStream {
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    ) {
+        // Borrowed halves: no lock, no allocation.
+        self.split()
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> ClientIo for tokio_rustls::server::TlsStream<S> {
+    fn halves(
+        &mut self,
+    ) -> (
+        impl AsyncRead + Unpin + Send + '_,
+        impl AsyncWrite + Unpin + Send + '_,
+    ) {
+        // One TLS session cannot be split; tokio's split shares it behind a small lock,
+        // taken only while a body is relayed in both directions at once.
+        tokio::io::split(self)
+    }
+}
 
 /// Client read buffer to start with; it grows for larger heads, up to [`head::MAX_HEAD`].
 const CLIENT_BUF: usize = 4 * 1024;
@@ -45,30 +84,15 @@ const BODY_BUF: usize = 64 * 1024;
 /// drained so the client sees the answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(1);
 
-/// The HTTP/2 client preface.
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// How a client connection left the fast path.
-#[derive(Debug)]
-pub enum Ended {
-    /// Closed (or to be dropped).
-    Closed,
-    /// It spoke the HTTP/2 preface: the stream and the bytes already read from it.
-    Http2(TcpStream, Vec<u8>),
-}
-
 /// What one request needs once its head has been read and rewritten.
 struct Exchange {
-    service: Arc<Service>,
-    key: u64,
+    routed: Routed,
     body: Framing,
     keep_alive: bool,
     upgrade: bool,
     head_request: bool,
     replayable: bool,
     http10: bool,
-    /// When the head was complete.
-    start: std::time::Instant,
     /// The request's ID, sent to the backend and back to the client.
     request_id: RequestId,
 }
@@ -86,26 +110,17 @@ enum Step {
     Bad(HeadError),
     /// Forward it; the backend head is in the write buffer.
     Forward(Exchange),
-    /// The HTTP/2 preface.
-    Http2,
-}
-
-/// Why one attempt on a backend connection did not produce a complete exchange.
-enum Failure {
-    /// Nothing usable came back and the request may go to another connection.
-    /// (`unsent`: the request did not get through whole, so no backend acted on it.)
-    Retry { error: ProxyError, unsent: bool },
-    /// Nothing was sent to the client yet: answer with this error.
-    Answer(ProxyError),
-    /// The client's side broke, or the response broke after its head was sent.
-    Abort,
 }
 
 /// Per-connection state: buffers reused by every request on the connection.
-struct Conn<'p> {
-    proxy: &'p Proxy,
-    client: TcpStream,
-    info: ClientConn,
+struct Conn<'p, S> {
+    core: &'p Core,
+    /// `proxy.header_timeout`.
+    header_timeout: Duration,
+    /// Connections joined after a 101.
+    upgraded: &'p metrics::Gauge,
+    client: S,
+    info: ConnFacts,
     /// The access log's copy of the current request's fields (only when it is on).
     log: LogFields,
     /// Bytes read from the client; `cbuf[cpos..]` are not consumed yet.
@@ -122,98 +137,92 @@ struct Conn<'p> {
     idle_since: std::time::Instant,
 }
 
-impl Proxy {
-    /// Serves one client connection on the HTTP/1 fast path until it closes, or hands it
-    /// back if it opens with the HTTP/2 preface.
-    pub async fn serve_h1(
-        &self,
-        client: TcpStream,
-        peer: SocketAddr,
-        shutdown: watch::Receiver<bool>,
-    ) -> Ended {
-        let mut conn = Conn {
-            proxy: self,
-            client,
-            info: ClientConn::new(self, peer),
-            log: LogFields::default(),
-            cbuf: Vec::with_capacity(CLIENT_BUF),
-            cpos: 0,
-            bbuf: Vec::new(),
-            wbuf: Vec::with_capacity(1024),
-            timer: Timer::new(),
-            shutdown,
-            idle_since: std::time::Instant::now(),
-        };
-        match conn.run().await {
-            Some(preface) => Ended::Http2(conn.client, preface),
-            None => Ended::Closed,
-        }
+/// Serves one client connection on the HTTP/1 fast path until it closes. `read` holds the
+/// bytes the listener already read from it.
+pub async fn serve<S: ClientIo>(
+    proxy: &super::Proxy,
+    client: S,
+    read: Vec<u8>,
+    info: ConnFacts,
+    shutdown: watch::Receiver<bool>,
+) {
+    let mut cbuf = read;
+    if cbuf.capacity() < CLIENT_BUF {
+        cbuf.reserve(CLIENT_BUF - cbuf.len());
     }
+    let mut conn = Conn {
+        core: &proxy.core,
+        header_timeout: proxy.header_timeout,
+        upgraded: &proxy.upgraded,
+        client,
+        info,
+        log: LogFields::default(),
+        cbuf,
+        cpos: 0,
+        bbuf: Vec::new(),
+        wbuf: Vec::with_capacity(1024),
+        timer: Timer::new(),
+        shutdown,
+        idle_since: std::time::Instant::now(),
+    };
+    conn.run().await;
 }
 
-impl Conn<'_> {
-    /// The request loop; returns the bytes read so far if the client speaks HTTP/2.
-    async fn run(&mut self) -> Option<Vec<u8>> {
-        let mut first = true;
+impl<S: ClientIo> Conn<'_, S> {
+    /// The request loop, until the connection closes.
+    async fn run(&mut self) {
         loop {
             // The whole head, and the idle time before it, must fit in the header timeout.
             let mut deadline = None;
             let step = loop {
                 self.wbuf.clear();
-                if let Some(step) = self.prepare(first) {
+                if let Some(step) = self.prepare() {
                     break step;
                 }
                 let due = *deadline.get_or_insert_with(|| {
-                    Instant::from_std(self.idle_since) + self.proxy.header_timeout
+                    Instant::from_std(self.idle_since) + self.header_timeout
                 });
                 if !self.read_head_bytes(due).await {
-                    return None;
+                    return;
                 }
             };
-            first = false;
             let keep = match step {
-                Step::Http2 => return Some(std::mem::take(&mut self.cbuf)),
                 Step::Bad(e) => {
                     tracing::debug!(peer = %self.info.peer, error = %e, "bad request head");
                     let start = std::time::Instant::now();
-                    let keep = self
-                        .answer_raw(e.status(), short_text(e.status()), true, None)
-                        .await;
-                    if self.proxy.logs() {
+                    let answer = LocalAnswer::text(e.status(), e.text());
+                    let keep = self.answer(&answer, true, None).await;
+                    if self.core.logs() {
                         self.log.fill(self.info.peer_ip, Protocol::Http11, [b""; 5]);
                     }
                     let done = Finished {
                         status: e.status().as_u16(),
                         start: Some(start),
-                        bytes_out: short_text(e.status()).len() as u64,
+                        bytes_out: e.text().len() as u64,
                         ..Finished::default()
                     };
-                    self.proxy
-                        .finish(&done, self.proxy.logs().then_some(&self.log));
+                    self.core
+                        .finish(&done, self.core.logs().then_some(&self.log));
                     keep
                 }
                 Step::Local {
-                    refused,
+                    mut refused,
                     close,
                     len,
                     request_id,
                 } => {
                     self.cpos += len;
                     let start = std::time::Instant::now();
-                    self.answer_error(
-                        refused.error,
-                        refused.service.as_deref(),
-                        close,
-                        start,
-                        &request_id,
-                    )
-                    .await
+                    let answer = refused.answer();
+                    let service = refused.service.as_deref();
+                    self.answer_local(answer, service, close, start, &request_id)
+                        .await
                 }
                 // Sets `idle_since` itself, with the clock reading it pools the backend with.
                 Step::Forward(ex) => self.forward(ex).await,
             };
             if !keep {
-                return None;
+                return;
             }
         }
     }
@@ -226,16 +235,8 @@ impl Conn<'_> {
 
     /// Parses the next head in the client buffer and, when complete, routes it and writes
     /// the backend's head into `wbuf`. `None` until the head is complete.
-    fn prepare(&mut self, first: bool) -> Option<Step> {
+    fn prepare(&mut self) -> Option<Step> {
         let buf = &self.cbuf[self.cpos..];
-        if first && buf.len() >= 4 && buf.starts_with(b"PRI ") {
-            if buf.len() < H2_PREFACE.len() && H2_PREFACE.starts_with(buf) {
-                return None;
-            }
-            if buf.starts_with(H2_PREFACE) {
-                return Some(Step::Http2);
-            }
-        }
         let mut slots = slots();
         let head = match parse_request(buf, &mut slots) {
             Ok(Some(h)) => h,
@@ -250,8 +251,8 @@ impl Conn<'_> {
                 return Some(Step::Bad(HeadError::BadFraming));
             }
         }
-        let proxy = self.proxy;
-        if proxy.logs() {
+        let core = self.core;
+        if core.logs() {
             let protocol = if head.http10 {
                 Protocol::Http10
             } else {
@@ -267,12 +268,8 @@ impl Conn<'_> {
             self.log.fill(self.info.peer_ip, protocol, parts);
         }
         let has_body = !head.body.is_done();
-        let request_id = match head.request_id().filter(|_| self.info.trusted) {
-            Some(v) => RequestId::from_peer(v),
-            None => None,
-        }
-        .unwrap_or_else(|| self.info.next_request_id(proxy.salt));
-        let routed = proxy.route(
+        let request_id = core.request_id(&self.info, head.request_id());
+        let routed = core.route(
             &self.info,
             head.method,
             head.host,
@@ -286,12 +283,7 @@ impl Conn<'_> {
                 // that asked to close, the connection closes after it. Whatever follows a
                 // CONNECT head is tunnel bytes, not a request: close. A bad Host makes a
                 // malformed message: close, as for any 400.
-                let close = has_body
-                    || !head.keep_alive
-                    || matches!(
-                        refused.error,
-                        ProxyError::Connect405 | ProxyError::BadHost(_)
-                    );
+                let close = has_body || !head.keep_alive || refused.error.kind.is_malformed();
                 return Some(Step::Local {
                     refused,
                     close,
@@ -308,24 +300,16 @@ impl Conn<'_> {
             client_text = PeerText::new(routed.client);
             &client_text
         };
-        let fwd = Forwarding {
-            peer: &self.info.peer_text,
-            trusted: self.info.trusted,
-            client,
-            drop_underscores: proxy.drop_underscores,
-            request_id: request_id.as_bytes(),
-        };
+        let fwd = core.forwarding(&self.info, client, &request_id);
         head.write_backend(&mut self.wbuf, &fwd);
         let ex = Exchange {
-            service: routed.service,
-            key: routed.key,
+            routed,
             body: head.body,
             keep_alive: head.keep_alive,
             upgrade: head.upgrade,
             head_request: head.is_head(),
             replayable: !has_body && head.is_idempotent(),
             http10: head.http10,
-            start: routed.start,
             request_id,
         };
         self.cpos += head.len;
@@ -369,24 +353,23 @@ impl Conn<'_> {
         }
     }
 
-    /// Writes a local answer; false when the connection closes after it.
-    async fn answer_raw(
+    /// Writes a local answer (a streamed body chunked); false when the connection closes
+    /// after it.
+    async fn answer(
         &mut self,
-        status: StatusCode,
-        text: &str,
+        answer: &LocalAnswer,
         close: bool,
         request_id: Option<&RequestId>,
     ) -> bool {
         self.wbuf.clear();
         write_local(
             &mut self.wbuf,
-            status,
-            text,
+            answer,
             close,
             request_id.map(RequestId::as_bytes),
         );
         let write = self.client.write_all(&self.wbuf);
-        let limit = self.proxy.header_timeout;
+        let limit = self.header_timeout;
         if !matches!(self.timer.within(limit, write).await, Some(Ok(()))) {
             return false;
         }
@@ -415,98 +398,88 @@ impl Conn<'_> {
         let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
-    /// Sends one request to the service and relays the answer; false when the client
-    /// connection must close.
+    /// Sends one request to the service by the core's attempts and relays the answer;
+    /// false when the client connection must close.
     async fn forward(&mut self, ex: Exchange) -> bool {
-        let proxy = self.proxy;
-        let up = &proxy.upstream;
-        let mut exclude = Exclude::default();
-        let mut last = ProxyError::NoHealthyInstance;
-        let mut tries = 0;
-        'instances: while let Some((pos, inst)) = ex.service.pick(ex.key, exclude) {
-            exclude.add(pos);
+        let core = self.core;
+        let mut attempts = core.attempts(&ex.routed, ex.replayable);
+        let mut last = Error::new(ErrorType::NoHealthyInstance);
+        'instances: while let Some(inst) = attempts.next_instance() {
             let in_flight = InFlight::new(inst.state.clone());
             // A pooled connection first. One the backend closed as we took it gets one fresh
             // retry on the same instance when the request can be replayed.
-            let mut pooled = inst.state.idle.take(up.idle_timeout, ex.start);
+            let mut pooled = attempts.idle(&inst.state.idle);
             loop {
-                tries += 1;
+                attempts.begin();
                 let reused = pooled.is_some();
-                let attempt = match pooled.take() {
+                let backend = match pooled.take() {
                     Some(b) => Ok(b),
-                    None => connect_tcp(inst.socket, &inst.address, inst.port, up.connect_timeout)
-                        .await
-                        .map(|stream| BackendConn { stream })
-                        .map_err(ProxyError::from),
+                    None => {
+                        let limit = attempts.rules().connect_timeout;
+                        connect_tcp(inst.socket, &inst.address, inst.port, limit)
+                            .await
+                            .map(|stream| BackendConn { stream })
+                            .map_err(Error::from)
+                    }
                 };
-                let (error, unsent) = match attempt {
-                    Ok(backend) => match self
-                        .exchange(&ex, backend, &in_flight, reused, (&inst.id, tries - 1))
-                        .await
-                    {
-                        Ok(keep) => return keep,
-                        Err(Failure::Abort) => return false,
-                        Err(Failure::Answer(e)) => {
-                            if let Some(kind) = e.upstream_kind() {
-                                ex.service.stats.metrics.get().upstream_error(kind);
-                            }
-                            return self.fail(&ex, e).await;
+                let mut error = match backend {
+                    Ok(backend) => {
+                        let who = (&*inst.id, attempts.retries());
+                        match self.exchange(&ex, backend, &in_flight, who).await {
+                            Ok(keep) => return keep,
+                            Err(e) if e.kind == ErrorType::Aborted => return false,
+                            Err(e) => e,
                         }
-                        Err(Failure::Retry { error, unsent }) => (error, unsent),
-                    },
-                    Err(e) => (e, true),
+                    }
+                    Err(e) => e,
                 };
-                tracing::debug!(service = %ex.service.name, instance = %inst.id, error = %error, reused, "attempt failed");
-                let kind = error.upstream_kind().unwrap_or(ErrorKind::Reset);
-                let failed = Failed {
-                    kind,
-                    reused,
-                    unsent,
-                    replayable: ex.replayable,
-                    tries,
-                };
+                error.reused = reused;
+                tracing::debug!(service = %ex.routed.service.name, instance = %inst.id, error = %error, reused, "attempt failed");
+                let next = attempts.failed(&error);
                 last = error;
-                match proxy.after_failure(&ex.service, failed) {
+                match next {
                     Next::FreshConnection => continue,
                     Next::OtherInstance => continue 'instances,
                     Next::Answer => break 'instances,
                 }
             }
         }
-        self.fail(&ex, last).await
-    }
-
-    /// Answers a request that no backend answered.
-    async fn fail(&mut self, ex: &Exchange, e: ProxyError) -> bool {
-        tracing::debug!(service = %ex.service.name, error = %e, "no backend answer");
+        tracing::debug!(service = %ex.routed.service.name, error = %last, "no backend answer");
         let close = !ex.keep_alive || !ex.body.is_done();
-        self.answer_error(e, Some(&ex.service), close, ex.start, &ex.request_id)
-            .await
+        let service = &ex.routed.service;
+        let answer = last.answer();
+        self.answer_local(
+            answer,
+            Some(service),
+            close,
+            ex.routed.start,
+            &ex.request_id,
+        )
+        .await
     }
 
-    /// Answers `error` locally and closes the request for `service`; closes the connection
-    /// after it when told to or when shutting down. False when the connection closes.
-    async fn answer_error(
+    /// Answers locally and closes the request for `service`; closes the connection after it
+    /// when told to or when shutting down. False when the connection closes.
+    async fn answer_local(
         &mut self,
-        error: ProxyError,
+        answer: LocalAnswer,
         service: Option<&Service>,
         close: bool,
         start: std::time::Instant,
         request_id: &RequestId,
     ) -> bool {
-        let (status, text) = error.answer();
         let close = close || self.closing();
-        let keep = self.answer_raw(status, text, close, Some(request_id)).await;
+        let keep = self.answer(&answer, close, Some(request_id)).await;
         let done = Finished {
             service,
-            status: status.as_u16(),
+            status: answer.status.as_u16(),
             start: Some(start),
-            bytes_out: text.len() as u64,
+            bytes_out: answer.body_len().unwrap_or(0) as u64,
             request_id: request_id.as_bytes(),
             ..Finished::default()
         };
-        self.proxy
-            .finish(&done, self.proxy.logs().then_some(&self.log));
+        self.core
+            .finish(&done, self.core.logs().then_some(&self.log));
         keep
     }
 
@@ -516,37 +489,33 @@ impl Conn<'_> {
         ex: &Exchange,
         mut backend: BackendConn,
         in_flight: &InFlight,
-        reused: bool,
         (instance, retries): (&str, u32),
-    ) -> Result<bool, Failure> {
+    ) -> Result<bool, Error> {
         // The head and whatever body bytes are already here go out in one (vectored) write,
         // the body straight from the read buffer. The head stays in `wbuf` for a retry.
         let mut body = ex.body;
         let avail = &self.cbuf[self.cpos..];
         let n = body
             .advance(avail)
-            .map_err(|_| Failure::Answer(ProxyError::BadBody))?;
-        let timeout = self.proxy.upstream.response_timeout;
+            .map_err(|_| Error::new(ErrorType::BadBody))?;
+        let timeout = self.core.rules().response_timeout;
         let write = write_pair(&mut backend.stream, &self.wbuf, &avail[..n]);
         match self.timer.within(timeout, write).await {
             Some(Ok(())) => {}
             Some(Err(e)) => {
-                return Err(Failure::Retry {
-                    error: ProxyError::Upstream(e.to_string()),
-                    unsent: true,
-                });
+                return Err(Error::upstream(ErrorKind::Reset).because(e).unsent());
             }
-            None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
+            None => return Err(Error::upstream(ErrorKind::ResponseTimeout)),
         }
         self.cpos += n;
 
         let closing = self.closing();
-        let replayable = reused && ex.replayable;
         // Whether any response byte went to the client: until then a broken request body
         // can still be answered with a 400. (An atomic only so the future stays Send.)
         let sent = AtomicBool::new(false);
         let mut tally = Tally::default();
         let mut bytes_in = n as u64;
+        let load = self.core.load_header(&in_flight.state().load);
         let (result, uploaded) = if body.is_done() {
             let r = respond(
                 &mut self.client,
@@ -556,16 +525,15 @@ impl Conn<'_> {
                 &mut self.timer,
                 timeout,
                 ex,
-                replayable,
                 closing,
                 &sent,
                 &mut tally,
-                self.proxy.load_header(&in_flight.state().load),
+                load,
             )
             .await;
             (r, true)
         } else {
-            let (mut cr, mut cw) = self.client.split();
+            let (mut cr, mut cw) = self.client.halves();
             let (mut br, mut bw) = backend.stream.split();
             let mut upload = pin!(upload(
                 &mut cr,
@@ -584,11 +552,10 @@ impl Conn<'_> {
                 &mut self.timer,
                 timeout,
                 ex,
-                false,
                 closing,
                 &sent,
                 &mut tally,
-                self.proxy.load_header(&in_flight.state().load),
+                load,
             ));
             let mut uploaded = false;
             let r = loop {
@@ -599,11 +566,11 @@ impl Conn<'_> {
                         Ok(()) => uploaded = true,
                         Err(UploadError::Framing(_)) if !sent.load(Ordering::Relaxed) => {
                             tracing::debug!(peer = %self.info.peer, "malformed request body");
-                            break Err(Failure::Answer(ProxyError::BadBody));
+                            break Err(Error::new(ErrorType::BadBody));
                         }
                         Err(e) => {
                             tracing::debug!(peer = %self.info.peer, error = %e, "request body broke off");
-                            break Err(Failure::Abort);
+                            break Err(Error::new(ErrorType::Aborted));
                         }
                     },
                 }
@@ -612,12 +579,12 @@ impl Conn<'_> {
         };
         let relayed = match result {
             Ok(r) => r,
-            Err(Failure::Abort) => {
+            Err(e) if e.kind == ErrorType::Aborted => {
                 // Cut off: the status that went out, or 499 (as nginx) if none did.
                 let status = if tally.status == 0 { 499 } else { tally.status };
                 tally.status = status;
                 self.finish(ex, &tally, (instance, retries), bytes_in);
-                return Err(Failure::Abort);
+                return Err(e);
             }
             Err(e) => return Err(e),
         };
@@ -652,19 +619,19 @@ impl Conn<'_> {
         (instance, retries): (&str, u32),
         bytes_in: u64,
     ) {
-        self.proxy.finish(
+        self.core.finish(
             &Finished {
-                service: Some(&ex.service),
+                service: Some(&ex.routed.service),
                 instance,
                 status: tally.status,
-                start: Some(ex.start),
+                start: Some(ex.routed.start),
                 upstream: tally.upstream,
                 retries,
                 bytes_in,
                 bytes_out: tally.bytes_out,
                 request_id: ex.request_id.as_bytes(),
             },
-            self.proxy.logs().then_some(&self.log),
+            self.core.logs().then_some(&self.log),
         );
     }
 
@@ -679,20 +646,11 @@ impl Conn<'_> {
         if !leftover.is_empty() && self.client.write_all(&leftover).await.is_err() {
             return;
         }
-        let gauge = &self.proxy.upgraded;
+        let gauge = self.upgraded;
         gauge.increment(1.0);
         if let Err(e) = tokio::io::copy_bidirectional(&mut self.client, &mut backend.stream).await {
             tracing::debug!(error = %e, "upgraded connection ended with error");
         }
         gauge.decrement(1.0);
-    }
-}
-
-/// Body text for a refused head.
-fn short_text(status: StatusCode) -> &'static str {
-    match status {
-        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE => "request header too large\n",
-        StatusCode::NOT_IMPLEMENTED => "unsupported transfer coding\n",
-        _ => "bad request\n",
     }
 }

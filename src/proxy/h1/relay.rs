@@ -8,11 +8,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::time::Instant;
 
 use super::framing::{Framing, FramingError};
-use super::head::{parse_response, slots, ClientHead};
+use super::head::slots;
+use super::response::{parse_response, ClientHead};
 use super::timer::Timer;
-use super::{Exchange, Failure, BACKEND_BUF, BODY_BUF};
+use super::{Exchange, BACKEND_BUF, BODY_BUF};
 use crate::proxy::core::LoadHeader;
-use crate::proxy::ProxyError;
+use crate::proxy::error::{Error, ErrorType};
+use crate::upstream::ErrorKind;
 
 /// Writes `a` then `b` with vectored writes: one system call for both in the usual case,
 /// and no copy of `b` into `a`'s buffer.
@@ -42,11 +44,16 @@ pub(super) async fn write_pair<W: AsyncWrite + Unpin>(
 }
 
 /// A relay step's result: an I/O error or a timeout both cut the exchange off.
-pub(super) fn timed<T>(r: Option<std::io::Result<T>>) -> Result<T, Failure> {
+pub(super) fn timed<T>(r: Option<std::io::Result<T>>) -> Result<T, Error> {
     match r {
         Some(Ok(v)) => Ok(v),
-        _ => Err(Failure::Abort),
+        _ => Err(aborted()),
     }
+}
+
+/// The exchange broke off where no answer can be given any more.
+fn aborted() -> Error {
+    Error::new(ErrorType::Aborted)
 }
 
 /// What a response got to before it ended or broke: its status once its head went to the
@@ -134,12 +141,11 @@ pub(super) async fn respond<C, B>(
     timer: &mut Timer,
     timeout: Duration,
     ex: &Exchange,
-    replayable: bool,
     closing: bool,
     sent: &AtomicBool,
     tally: &mut Tally,
     load: LoadHeader<'_>,
-) -> Result<Relayed, Failure>
+) -> Result<Relayed, Error>
 where
     C: AsyncWrite + Unpin,
     B: AsyncRead + Unpin,
@@ -148,7 +154,7 @@ where
     if bbuf.capacity() < BACKEND_BUF {
         bbuf.reserve(BACKEND_BUF);
     }
-    let deadline = Instant::from_std(ex.start) + timeout;
+    let deadline = Instant::from_std(ex.routed.start) + timeout;
     let mut received = false;
     loop {
         // Parse what we have; read more until a head is complete.
@@ -186,7 +192,7 @@ where
                 Ok(None) => None,
                 Err(e) => {
                     tracing::debug!(error = %e, "bad response head from backend");
-                    return Err(Failure::Answer(ProxyError::BadResponse(e.to_string())));
+                    return Err(Error::upstream(ErrorKind::BadResponse).because(e));
                 }
             }
         };
@@ -195,20 +201,19 @@ where
                 bbuf.reserve(BACKEND_BUF);
             }
             let read = timer.before(deadline, backend.read_buf(bbuf)).await;
+            // A connection that breaks before any response byte is a reset (a kept-alive
+            // one may get a replay); one that breaks mid-head sent a bad response.
+            let kind = if received {
+                ErrorKind::BadResponse
+            } else {
+                ErrorKind::Reset
+            };
             match read {
-                None => return Err(Failure::Answer(ProxyError::ResponseTimeout)),
-                Some(Ok(0)) | Some(Err(_)) if !received && replayable => {
-                    return Err(Failure::Retry {
-                        error: ProxyError::Upstream("connection closed before response".into()),
-                        unsent: false,
-                    })
-                }
+                None => return Err(Error::upstream(ErrorKind::ResponseTimeout)),
                 Some(Ok(0)) => {
-                    return Err(Failure::Answer(ProxyError::Upstream(
-                        "connection closed before response".into(),
-                    )))
+                    return Err(Error::upstream(kind).because("connection closed before response"))
                 }
-                Some(Err(e)) => return Err(Failure::Answer(ProxyError::Upstream(e.to_string()))),
+                Some(Err(e)) => return Err(Error::upstream(kind).because(e)),
                 Some(Ok(_)) => received = true,
             }
             continue;
@@ -223,12 +228,10 @@ where
             bbuf.drain(..len);
             continue;
         }
-        tally.upstream = Some(ex.start.elapsed());
+        tally.upstream = Some(ex.routed.start.elapsed());
         if status == 101 {
             if !ex.upgrade {
-                return Err(Failure::Answer(ProxyError::BadResponse(
-                    "unexpected 101".into(),
-                )));
+                return Err(Error::upstream(ErrorKind::BadResponse).because("unexpected 101"));
             }
             sent.store(true, Ordering::Relaxed);
             tally.status = status;
@@ -248,7 +251,7 @@ where
         } else {
             body.advance(rest)
         }
-        .map_err(|e| Failure::Answer(ProxyError::BadResponse(e.to_string())))?;
+        .map_err(|e| Error::upstream(ErrorKind::BadResponse).because(e))?;
         let mut leftover = rest.len() > n;
         let first_body: &[u8] = if dechunk { &[] } else { &rest[..n] };
         tally.bytes_out = (wbuf.len() - head_len + first_body.len()) as u64;
@@ -269,18 +272,18 @@ where
             }
             let n = match timer.within(timeout, backend.read_buf(bbuf)).await {
                 Some(Ok(0)) if body == Framing::UntilClose => break,
-                Some(Ok(0)) | Some(Err(_)) | None => return Err(Failure::Abort),
+                Some(Ok(0)) | Some(Err(_)) | None => return Err(aborted()),
                 Some(Ok(n)) => n,
             };
             let out = if dechunk {
                 wbuf.clear();
                 let used = body
                     .advance_payload(&bbuf[..n], wbuf)
-                    .map_err(|_| Failure::Abort)?;
+                    .map_err(|_| aborted())?;
                 leftover |= used < n;
                 &wbuf[..]
             } else {
-                let used = body.advance(&bbuf[..n]).map_err(|_| Failure::Abort)?;
+                let used = body.advance(&bbuf[..n]).map_err(|_| aborted())?;
                 leftover |= used < n;
                 &bbuf[..used]
             };

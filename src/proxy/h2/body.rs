@@ -1,4 +1,4 @@
-//! Bodies on the HTTP/2 path: a backend's body streamed through, or a short local answer.
+//! Bodies on the HTTP/2 path: a backend's body streamed through, or a local answer's.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -15,8 +15,7 @@ use std::time::Instant;
 use crate::routing::Service;
 use crate::upstream::{BoxError, InFlight, Sender, Stall};
 
-use super::core::{Finished, LogFields, RequestId};
-use super::Proxy;
+use crate::proxy::core::{Core, Finished, LogFields, RequestId};
 
 /// What closes an HTTP/2 request in the core once its response body has ended (or was
 /// dropped): so its duration, bytes and access log line cover the whole response, as on
@@ -24,7 +23,7 @@ use super::Proxy;
 #[derive(Debug)]
 pub struct Closing {
     /// The core.
-    pub proxy: Arc<Proxy>,
+    pub core: Arc<Core>,
     /// The service.
     pub service: Arc<Service>,
     /// The instance's Consul ID.
@@ -47,7 +46,7 @@ pub struct Closing {
 
 impl Closing {
     fn close(self, bytes_out: u64) {
-        self.proxy.finish(
+        self.core.finish(
             &Finished {
                 service: Some(&self.service),
                 instance: &self.instance,
@@ -163,5 +162,7 @@ impl Drop for UpstreamBody {
     }
 }
 
-/// What the proxy answers with: the backend's body, or a short local one.
-pub type ProxyBody = http_body_util::Either<UpstreamBody, Full<Bytes>>;
+/// What the proxy answers with: the backend's body, or a local answer's (short, or another
+/// service's streamed through).
+pub type ProxyBody =
+    http_body_util::Either<UpstreamBody, http_body_util::Either<Full<Bytes>, Incoming>>;

@@ -1,27 +1,11 @@
-//! TLS settings. Today: the client side for https to Consul (custom CA or the webpki roots).
-//! TLS termination for the proxy listener will live here too.
+//! The client side: https to Consul with a custom CA or the webpki roots.
 
 use std::path::Path;
-use std::sync::Arc;
 
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 
-/// Why a TLS configuration could not be built.
-#[derive(Debug, thiserror::Error)]
-pub enum TlsError {
-    /// The CA file could not be read or holds no certificate.
-    #[error("consul.ca_file {path}: {message}")]
-    CaFile {
-        /// The file.
-        path: String,
-        /// What went wrong.
-        message: String,
-    },
-    /// rustls refused the configuration.
-    #[error("tls: {0}")]
-    Rustls(#[from] rustls::Error),
-}
+use super::TlsError;
 
 /// A rustls client config trusting `ca_file` if given, else the webpki roots.
 pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, TlsError> {
@@ -45,11 +29,12 @@ pub fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConfig, Tls
         }
         None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    Ok(
+        rustls::ClientConfig::builder_with_provider(super::provider())
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,142 @@
+//! The `[proxy]` section: timeouts, retries and connections to backends.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::parse::parse_duration;
+use super::{invalid, ConfigError};
+
+/// The raw `[proxy]` table.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileProxy {
+    /// TCP connect timeout to a backend.
+    pub connect_timeout: Option<String>,
+    /// Time to wait for a backend's response headers.
+    pub response_timeout: Option<String>,
+    /// Extra instances tried after a connect failure.
+    pub retries: Option<u32>,
+    /// How long an idle backend connection is kept.
+    pub idle_timeout: Option<String>,
+    /// Most idle connections kept per instance.
+    pub max_idle_per_instance: Option<usize>,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Option<String>,
+    /// Time a client has to send a request head, and may stay idle between requests.
+    pub header_timeout: Option<String>,
+    /// Most concurrent streams on one HTTP/2 client connection.
+    pub h2_max_concurrent_streams: Option<u32>,
+    /// Response header a backend reports its load in; `""` turns it off.
+    pub load_header: Option<String>,
+}
+
+/// Validated proxy settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProxyConfig {
+    /// TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// Response header timeout.
+    pub response_timeout: Duration,
+    /// Extra instances tried after a connect failure.
+    pub retries: u32,
+    /// Idle backend connection lifetime.
+    pub idle_timeout: Duration,
+    /// Idle connections kept per instance.
+    pub max_idle_per_instance: usize,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+    /// Time allowed for a request head (and idle time before it); for HTTP/2, for the
+    /// handshake and for idle time with no open stream.
+    pub header_timeout: Duration,
+    /// Most concurrent streams per HTTP/2 client connection.
+    pub h2_max_concurrent_streams: u32,
+    /// Response header read as the instance's load and removed (lowercase); `None`: off.
+    pub load_header: Option<http::HeaderName>,
+}
+
+/// The response header backends report their load in, unless `proxy.load_header` says.
+pub const DEFAULT_LOAD_HEADER: &str = "x-backend-load";
+
+/// Fields the proxy reads or writes itself: a load header by one of these names would take
+/// them from the client.
+const NOT_A_LOAD_HEADER: [&str; 13] = [
+    "connection",
+    "content-length",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "host",
+    "x-request-id",
+    "content-type",
+    "set-cookie",
+    "location",
+];
+
+/// Checks `[proxy]`.
+pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
+    let proxy = ProxyConfig {
+        connect_timeout: parse_duration(
+            "proxy.connect_timeout",
+            p.connect_timeout.as_deref(),
+            "2s",
+        )?,
+        response_timeout: parse_duration(
+            "proxy.response_timeout",
+            p.response_timeout.as_deref(),
+            "60s",
+        )?,
+        retries: p.retries.unwrap_or(2),
+        idle_timeout: parse_duration("proxy.idle_timeout", p.idle_timeout.as_deref(), "4s")?,
+        max_idle_per_instance: p.max_idle_per_instance.unwrap_or(1024),
+        shutdown_grace: parse_duration("proxy.shutdown_grace", p.shutdown_grace.as_deref(), "30s")?,
+        header_timeout: parse_duration("proxy.header_timeout", p.header_timeout.as_deref(), "30s")?,
+        h2_max_concurrent_streams: p.h2_max_concurrent_streams.unwrap_or(128),
+        load_header: load_header(p.load_header.as_deref())?,
+    };
+    if proxy.header_timeout.is_zero() {
+        return Err(invalid("proxy.header_timeout", "must be above zero"));
+    }
+    if !(1..=10_000).contains(&proxy.h2_max_concurrent_streams) {
+        return Err(invalid(
+            "proxy.h2_max_concurrent_streams",
+            "must be between 1 and 10000",
+        ));
+    }
+    if proxy.connect_timeout.is_zero() {
+        return Err(invalid("proxy.connect_timeout", "must be above zero"));
+    }
+    if proxy.response_timeout.is_zero() {
+        return Err(invalid("proxy.response_timeout", "must be above zero"));
+    }
+    if proxy.retries > 10 {
+        return Err(invalid("proxy.retries", "must be at most 10"));
+    }
+    Ok(proxy)
+}
+
+fn load_header(name: Option<&str>) -> Result<Option<http::HeaderName>, ConfigError> {
+    let name = name.unwrap_or(DEFAULT_LOAD_HEADER).trim();
+    if name.is_empty() {
+        return Ok(None);
+    }
+    let header = http::HeaderName::from_bytes(name.as_bytes())
+        .ok()
+        .filter(|h| !h.as_str().contains('_'))
+        .ok_or_else(|| {
+            invalid(
+                "proxy.load_header",
+                format!("{name:?} is not a header name (letters, digits and dashes)"),
+            )
+        })?;
+    if NOT_A_LOAD_HEADER.contains(&header.as_str()) {
+        return Err(invalid(
+            "proxy.load_header",
+            format!("{name:?} is a field the proxy handles itself"),
+        ));
+    }
+    Ok(Some(header))
+}

@@ -1,0 +1,286 @@
+//! The proxy's listeners: accept, then the PROXY header (optional), then TLS (optional),
+//! then the protocol (by ALPN on TLS, by the preface on plain TCP), then the HTTP/1 fast
+//! path or hyper's HTTP/2. Each connection's facts (peer, client address, trust, scheme,
+//! port, SNI, ALPN) are built here once; nothing below this module knows how the bytes
+//! arrived.
+
+mod h2;
+pub mod prefixed;
+pub mod proxy_protocol;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
+
+use crate::proxy::{h1, ConnFacts, Proxy, TlsFacts};
+use crate::server::next_conn;
+use crate::tls::CertStore;
+
+use prefixed::Prefixed;
+pub use proxy_protocol::ProxyProtocol;
+
+/// The HTTP/2 client preface.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// What the first read of a connection gets room for (the HTTP/1 path keeps the buffer).
+const FIRST_READ: usize = 4 * 1024;
+
+/// What a listener puts in front of HTTP.
+#[derive(Debug, Clone)]
+pub struct Layers {
+    /// Whether connections start with a PROXY header.
+    pub proxy_protocol: ProxyProtocol,
+    /// TLS termination, with the certificates to choose from.
+    pub tls: Option<Arc<Tls>>,
+}
+
+impl Layers {
+    /// Plain HTTP, no PROXY header.
+    pub fn plain() -> Self {
+        Layers {
+            proxy_protocol: ProxyProtocol::Off,
+            tls: None,
+        }
+    }
+}
+
+/// TLS termination: the rustls configuration, built once from the certificate store.
+pub struct Tls {
+    acceptor: tokio_rustls::TlsAcceptor,
+    /// The certificates, reloaded in place.
+    pub store: Arc<CertStore>,
+}
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls").field("store", &self.store).finish()
+    }
+}
+
+impl Tls {
+    /// TLS with the certificates in `store`.
+    pub fn new(store: Arc<CertStore>) -> Result<Self, crate::tls::TlsError> {
+        let config = crate::tls::server_config(store.clone())?;
+        Ok(Tls {
+            acceptor: tokio_rustls::TlsAcceptor::from(config),
+            store,
+        })
+    }
+}
+
+/// Serves a proxy listener with `layers`. Each connection takes the proxy in `current` when
+/// it is accepted and keeps it for its life, so a reload applies to new connections without
+/// touching open ones. On shutdown it stops accepting, lets connections finish their
+/// current request for at most `proxy.shutdown_grace` (as configured then), then closes
+/// the rest.
+pub async fn serve(
+    listener: TcpListener,
+    current: Arc<ArcSwap<Proxy>>,
+    layers: Layers,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let layers = Arc::new(layers);
+    let port = listener.local_addr().map_or(0, |a| a.port());
+    let mut conns = tokio::task::JoinSet::new();
+    while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
+        let proxy = current.load_full();
+        let stop = shutdown.clone();
+        let layers = layers.clone();
+        while conns.try_join_next().is_some() {}
+        conns.spawn(async move {
+            connection(proxy, &layers, stream, peer, port, stop).await;
+        });
+    }
+    drop(listener);
+    let grace = current.load().shutdown_grace;
+    let drained =
+        tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
+    if drained.is_err() {
+        tracing::warn!(
+            ?grace,
+            open = conns.len(),
+            "grace period over; closing remaining connections"
+        );
+    }
+    conns.abort_all();
+}
+
+/// Why a connection was closed before any HTTP.
+#[derive(Debug, thiserror::Error)]
+enum Refusal {
+    #[error("PROXY header: {0}")]
+    ProxyHeader(#[from] proxy_protocol::ProxyProtocolError),
+    #[error("PROXY header from a peer not in trusted_proxies")]
+    UntrustedProxy,
+    #[error("TLS handshake: {0}")]
+    Handshake(std::io::Error),
+    #[error("no request within the header timeout")]
+    Timeout,
+    #[error("connection closed before a request")]
+    Closed,
+}
+
+/// One connection through the layers.
+async fn connection(
+    proxy: Arc<Proxy>,
+    layers: &Layers,
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    stop: watch::Receiver<bool>,
+) {
+    let due = tokio::time::Instant::now() + proxy.header_timeout;
+    let mut read = Vec::with_capacity(FIRST_READ);
+    let (client, port) =
+        match proxy_header(&proxy, layers, &mut stream, peer, port, &mut read, due).await {
+            Ok(addrs) => addrs,
+            Err(e) => return refused(&e, peer),
+        };
+    let facts = ConnFacts::new(&proxy.core, client, port);
+    match &layers.tls {
+        Some(tls) => {
+            let io = Prefixed::new(read, stream);
+            let accepted = tokio::time::timeout_at(due, tls.acceptor.accept(io)).await;
+            let tls_stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    let reason = crate::tls::handshake_failure_reason(&e);
+                    metrics::counter!("consul_router_tls_handshake_failures_total", "reason" => reason)
+                        .increment(1);
+                    return refused(&Refusal::Handshake(e), peer);
+                }
+                Err(_) => {
+                    metrics::counter!("consul_router_tls_handshake_failures_total", "reason" => "timeout")
+                        .increment(1);
+                    return refused(&Refusal::Timeout, peer);
+                }
+            };
+            metrics::counter!("consul_router_tls_handshakes_total").increment(1);
+            let session = tls_stream.get_ref().1;
+            let alpn = match session.alpn_protocol() {
+                Some(b"h2") => "h2",
+                Some(b"http/1.1") => "http/1.1",
+                _ => "",
+            };
+            let version = match session.protocol_version() {
+                Some(rustls::ProtocolVersion::TLSv1_3) => "TLSv1.3",
+                Some(rustls::ProtocolVersion::TLSv1_2) => "TLSv1.2",
+                _ => "",
+            };
+            let facts = facts.with_tls(TlsFacts {
+                sni: session.server_name().map(Box::from),
+                alpn,
+                version,
+            });
+            if alpn == "h2" {
+                serve_h2(proxy, tls_stream, facts, stop).await;
+            } else {
+                let _open = Open::new(&proxy.open_connections[0]);
+                h1::serve(&proxy, tls_stream, Vec::new(), facts, stop).await;
+            }
+        }
+        None => match preface(&mut stream, &mut read, due).await {
+            Ok(true) => serve_h2(proxy, Prefixed::new(read, stream), facts, stop).await,
+            Ok(false) => {
+                let _open = Open::new(&proxy.open_connections[0]);
+                h1::serve(&proxy, stream, read, facts, stop).await;
+            }
+            Err(e) => refused(&e, peer),
+        },
+    }
+}
+
+/// Serves an HTTP/2 connection, counted while open.
+async fn serve_h2<T>(proxy: Arc<Proxy>, io: T, facts: ConnFacts, stop: watch::Receiver<bool>)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let _open = Open::new(&proxy.open_connections[1]);
+    let builder = h2::h2_builder(&proxy);
+    h2::serve_h2(io, proxy, &builder, facts, stop).await;
+}
+
+/// The client address and the port it connected to: from a PROXY header when the layer
+/// asks for one (bytes read past it stay in `read`), else the TCP peer's and ours.
+async fn proxy_header(
+    proxy: &Proxy,
+    layers: &Layers,
+    stream: &mut TcpStream,
+    peer: SocketAddr,
+    port: u16,
+    read: &mut Vec<u8>,
+    due: tokio::time::Instant,
+) -> Result<(SocketAddr, u16), Refusal> {
+    let mode = layers.proxy_protocol;
+    if mode == ProxyProtocol::Off {
+        return Ok((peer, port));
+    }
+    // Only a trusted proxy may say who the client is. In `optional` mode an untrusted
+    // peer's bytes are left for HTTP, where a PROXY line is a malformed request.
+    if !proxy.core.trusts(peer.ip()) {
+        return match mode {
+            ProxyProtocol::Optional => Ok((peer, port)),
+            _ => Err(Refusal::UntrustedProxy),
+        };
+    }
+    let header = tokio::time::timeout_at(due, proxy_protocol::read_header(stream, mode, read))
+        .await
+        .map_err(|_| Refusal::Timeout)??;
+    Ok(match header {
+        Some(addrs) => (addrs.source, addrs.destination.port()),
+        None => (peer, port),
+    })
+}
+
+/// Reads until the first bytes tell HTTP/2's preface from HTTP/1; true for HTTP/2.
+async fn preface(
+    stream: &mut TcpStream,
+    read: &mut Vec<u8>,
+    due: tokio::time::Instant,
+) -> Result<bool, Refusal> {
+    loop {
+        let n = read.len().min(H2_PREFACE.len());
+        if read[..n] != H2_PREFACE[..n] {
+            return Ok(false);
+        }
+        if n == H2_PREFACE.len() {
+            return Ok(true);
+        }
+        match tokio::time::timeout_at(due, stream.read_buf(read)).await {
+            Ok(Ok(0)) | Ok(Err(_)) => return Err(Refusal::Closed),
+            Ok(Ok(_)) => {}
+            Err(_) => return Err(Refusal::Timeout),
+        }
+    }
+}
+
+/// Logs a connection closed before HTTP.
+fn refused(e: &Refusal, peer: SocketAddr) {
+    if let Refusal::ProxyHeader(_) | Refusal::UntrustedProxy = e {
+        metrics::counter!("consul_router_proxy_protocol_refused_total").increment(1);
+    }
+    tracing::debug!(%peer, error = %e, "connection closed before HTTP");
+}
+
+/// Counts one open client connection in a gauge while it lives.
+struct Open(metrics::Gauge);
+
+impl Open {
+    fn new(gauge: &metrics::Gauge) -> Self {
+        gauge.increment(1.0);
+        Open(gauge.clone())
+    }
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
+/// How often certificate files are checked for changes.
+pub const CERT_POLL: Duration = Duration::from_secs(5);

@@ -1,0 +1,139 @@
+//! The HTTP/2 path's exchange with a backend: hyper's HTTP/1 client on pooled or fresh
+//! connections, tried by the core's [`Attempts`].
+
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+use hyper_util::rt::TokioIo;
+
+use crate::proxy::attempts::{Attempts, Next};
+use crate::proxy::error::Error;
+use crate::routing::Instance;
+use crate::upstream::{connect_tcp, ErrorKind, InFlight, RequestBody, Sender, Stall};
+
+/// Longest wait for a pooled connection to finish its previous exchange.
+const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
+
+/// A backend's answer with what the response body needs to keep.
+#[derive(Debug)]
+pub struct Answer {
+    /// The response as received.
+    pub response: Response<Incoming>,
+    /// The connection, to pool after the body.
+    pub sender: Sender,
+    /// In-flight accounting for the chosen instance.
+    pub in_flight: InFlight,
+    /// The instance's Consul ID.
+    pub instance: Box<str>,
+}
+
+/// One failed exchange: the error, and the request when it came back unsent.
+type Failed = (Error, Option<Request<RequestBody>>);
+
+/// Sends `req` by `attempts`: an idle connection first, then a fresh one, another instance
+/// when the rule says so. The request body is failed, and its backend connection closed,
+/// if the client stalls it for `response_timeout`; its data bytes are counted into
+/// `received`, if given. Every failure is counted by `attempts`.
+pub async fn send(
+    attempts: &mut Attempts<'_>,
+    req: Request<Incoming>,
+    received: Option<Arc<AtomicU64>>,
+) -> Result<Answer, Error> {
+    let stall = attempts.rules().response_timeout;
+    let mut req = req.map(|b| Stall::new(b, stall).counting(received));
+    let mut last = Error::new(crate::proxy::error::ErrorType::NoHealthyInstance);
+    'instances: while let Some(inst) = attempts.next_instance() {
+        let in_flight = InFlight::new(inst.state.clone());
+        let mut pooled = attempts.idle(&inst.state.idle_hyper);
+        loop {
+            attempts.begin();
+            let reused = pooled.is_some();
+            let sender = match pooled.take() {
+                Some(s) => ready(s).await,
+                None => connect(inst, attempts).await.map_err(|e| e.unsent()),
+            };
+            let result = match sender {
+                Ok(sender) => exchange(sender, req, attempts).await,
+                Err(e) => Err((e, Some(req))),
+            };
+            let (mut error, back) = match result {
+                Ok((response, sender)) => {
+                    return Ok(Answer {
+                        response,
+                        sender,
+                        in_flight,
+                        instance: inst.id.clone(),
+                    })
+                }
+                Err(failed) => failed,
+            };
+            error.reused = reused;
+            tracing::debug!(instance = %inst.id, error = %error, reused, "attempt failed");
+            let next = attempts.failed(&error);
+            let Some(back) = back else {
+                return Err(error);
+            };
+            req = back;
+            last = error;
+            match next {
+                Next::FreshConnection => {}
+                Next::OtherInstance => continue 'instances,
+                Next::Answer => break 'instances,
+            }
+        }
+    }
+    Err(last)
+}
+
+/// A pooled connection, once it has finished its previous exchange. It was pooled the
+/// moment its last response body ended, and the connection task may not have caught up
+/// yet: waiting briefly beats a new connection. One still sending a stalled upload never
+/// gets ready: it counts as closed.
+async fn ready(mut sender: Sender) -> Result<Sender, Error> {
+    if !sender.is_ready() {
+        match tokio::time::timeout(POOLED_READY_WAIT, sender.ready()).await {
+            Ok(Ok(())) => {}
+            _ => return Err(Error::upstream(ErrorKind::Reset).unsent()),
+        }
+    }
+    Ok(sender)
+}
+
+async fn exchange(
+    mut sender: Sender,
+    req: Request<RequestBody>,
+    attempts: &Attempts<'_>,
+) -> Result<(Response<Incoming>, Sender), Failed> {
+    let due = tokio::time::Instant::from_std(attempts.deadline());
+    match tokio::time::timeout_at(due, sender.try_send_request(req)).await {
+        Err(_) => Err((Error::upstream(ErrorKind::ResponseTimeout), None)),
+        Ok(Ok(resp)) => Ok((resp, sender)),
+        Ok(Err(mut e)) => {
+            let back = e.take_message();
+            let mut error = Error::upstream(ErrorKind::Reset).because(e.into_error());
+            // hyper hands the request back only when none of it was written.
+            error.unsent = back.is_some();
+            Err((error, back))
+        }
+    }
+}
+
+async fn connect(inst: &Instance, attempts: &Attempts<'_>) -> Result<Sender, Error> {
+    let limit = attempts.rules().connect_timeout;
+    let stream = connect_tcp(inst.socket, &inst.address, inst.port, limit).await?;
+    let (sender, conn) = hyper::client::conn::http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| Error::upstream(ErrorKind::ConnectRefused).because(e))?;
+    let peer: Option<SocketAddr> = inst.socket;
+    tokio::spawn(async move {
+        if let Err(e) = conn.await {
+            tracing::debug!(?peer, error = %e, "backend connection closed with error");
+        }
+    });
+    Ok(sender)
+}

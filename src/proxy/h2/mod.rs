@@ -1,0 +1,288 @@
+//! The HTTP/2 path: hyper serves the connection (see `server.rs`), and [`handle`] takes each
+//! request through the same core as the HTTP/1 fast path: target check, routing, request
+//! ID, field rules (a `HeaderMap` writer), attempts, and `finish` when the response body
+//! ends. Bodies stream both ways, never buffered.
+
+pub mod body;
+pub mod client;
+pub mod fields;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{StatusCode, Uri, Version};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper::{Request, Response};
+
+use super::answer::{AnswerBody, LocalAnswer};
+use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
+use super::error::{Error, ErrorType};
+use super::fields::PeerText;
+use super::target;
+use crate::routing::{HostError, Service};
+use crate::upstream::ErrorKind;
+
+pub use body::{ProxyBody, UpstreamBody};
+
+/// Handles one request that arrived over HTTP/2 on connection `conn`.
+pub async fn handle(
+    core: &Arc<Core>,
+    mut req: Request<Incoming>,
+    conn: &ConnFacts,
+) -> Response<ProxyBody> {
+    let sent_id = req.headers().get(fields::X_REQUEST_ID);
+    let request_id = core.request_id(conn, sent_id.map(HeaderValue::as_bytes));
+    let start = Instant::now();
+    let log = core.logs().then(|| log_fields(&req, conn));
+    let routed = route(core, &req, conn);
+    let routed = match routed {
+        Ok(r) => r,
+        Err(mut refused) => {
+            let answer = refused.answer();
+            let service = refused.service.as_deref();
+            return local(core, answer, service, start, &request_id, log);
+        }
+    };
+    let log = log.map(|mut l| {
+        l.client = routed.client;
+        l
+    });
+    if let Err(e) = prepare_request(core, &mut req, conn, &routed, &request_id) {
+        return local(
+            core,
+            e.answer(),
+            Some(&routed.service),
+            routed.start,
+            &request_id,
+            log,
+        );
+    }
+
+    // Only a request with a body pays for a counter of its bytes.
+    let received = (!hyper::body::Body::is_end_stream(req.body())).then(Arc::default);
+    let mut attempts = core.attempts(&routed, false);
+    let answer = client::send(&mut attempts, req, received.clone()).await;
+    let retries = attempts.retries();
+    let service = &routed.service;
+    let client::Answer {
+        mut response,
+        sender,
+        in_flight,
+        instance,
+    } = match answer {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::debug!(service = %service.name, error = %e, "no backend answer");
+            return local(
+                core,
+                e.answer(),
+                Some(service),
+                routed.start,
+                &request_id,
+                log,
+            );
+        }
+    };
+    let upstream_time = routed.start.elapsed();
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // HTTP/2 has no HTTP/1.1 upgrades (WebSocket takes the fast path), so a 101
+        // answers nothing that was asked and cannot be relayed.
+        let e = Error::upstream(ErrorKind::BadResponse).because("unexpected 101");
+        service
+            .stats
+            .metrics
+            .get()
+            .upstream_error(ErrorKind::BadResponse);
+        return local(
+            core,
+            e.answer(),
+            Some(service),
+            routed.start,
+            &request_id,
+            log,
+        );
+    }
+    fields::rewrite_response(response.headers_mut());
+    if let Some(name) = core.load_header_name() {
+        if let Some(value) = response.headers_mut().remove(name) {
+            core.load_header(&in_flight.state().load)
+                .report(value.as_bytes());
+        }
+    }
+    set_request_id(response.headers_mut(), &request_id);
+    let closing = Box::new(body::Closing {
+        core: core.clone(),
+        status: response.status().as_u16(),
+        service: routed.service.clone(),
+        instance,
+        start: routed.start,
+        upstream: upstream_time,
+        retries,
+        request_id,
+        log,
+        received,
+    });
+    let stall = core.rules().response_timeout;
+    response.map(|b| {
+        Either::Left(UpstreamBody::new(
+            b,
+            Some(sender),
+            in_flight,
+            stall,
+            Some(closing),
+        ))
+    })
+}
+
+/// The target check and routing, as on the HTTP/1 path.
+fn route(core: &Core, req: &Request<Incoming>, conn: &ConnFacts) -> Result<Routed, Refused> {
+    let method = req.method().as_str();
+    let path = req.uri().path_and_query().map_or("/", |pq| pq.as_str());
+    // `:path` must be origin-form, or `*` for OPTIONS: the same rule as a request line.
+    match target::check(method, path) {
+        Ok(target::Target::Origin | target::Target::Asterisk | target::Target::Connect) => {}
+        Ok(target::Target::Absolute { .. }) | Err(_) => {
+            return Err(ErrorType::BadTarget.into());
+        }
+    }
+    let host = request_host(req)?;
+    let xff = req
+        .headers()
+        .get_all(fields::X_FORWARDED_FOR)
+        .iter()
+        .map(HeaderValue::as_bytes);
+    core.route(conn, method, host, path.as_bytes(), xff)
+}
+
+/// The access log's copy of a request's fields.
+fn log_fields(req: &Request<Incoming>, conn: &ConnFacts) -> LogFields {
+    let field = |name| {
+        req.headers()
+            .get(name)
+            .map_or(&b""[..], HeaderValue::as_bytes)
+    };
+    let mut log = LogFields::default();
+    log.fill(
+        conn.peer_ip,
+        Protocol::Http2,
+        [
+            req.method().as_str().as_bytes(),
+            req.uri()
+                .path_and_query()
+                .map_or(&b"/"[..], |pq| pq.as_str().as_bytes()),
+            request_host(req).ok().flatten().unwrap_or(b""),
+            field(header::REFERER),
+            field(header::USER_AGENT),
+        ],
+    );
+    log
+}
+
+/// A local answer on the HTTP/2 path, closed in the core like any request.
+fn local(
+    core: &Core,
+    answer: LocalAnswer,
+    service: Option<&Service>,
+    start: Instant,
+    request_id: &RequestId,
+    log: Option<LogFields>,
+) -> Response<ProxyBody> {
+    let bytes_out = answer.body_len().unwrap_or(0) as u64;
+    let resp = answer_response(answer, request_id);
+    core.finish(
+        &Finished {
+            service,
+            status: resp.status().as_u16(),
+            start: Some(start),
+            bytes_out,
+            request_id: request_id.as_bytes(),
+            ..Finished::default()
+        },
+        log.as_ref(),
+    );
+    resp
+}
+
+/// A [`LocalAnswer`] as an HTTP/2 response.
+pub fn answer_response(answer: LocalAnswer, request_id: &RequestId) -> Response<ProxyBody> {
+    let implied = answer.implied();
+    let body = match answer.body {
+        AnswerBody::Static(s) => Either::Left(Full::new(Bytes::from_static(s.as_bytes()))),
+        AnswerBody::Bytes(b) => Either::Left(Full::new(b)),
+        AnswerBody::Stream(s) => Either::Right(s),
+    };
+    let mut resp = Response::new(Either::Right(body));
+    *resp.status_mut() = answer.status;
+    let h = resp.headers_mut();
+    *h = answer.headers;
+    for (_, name, value) in implied.into_iter().flatten() {
+        h.insert(name, HeaderValue::from_static(value));
+    }
+    set_request_id(h, request_id);
+    resp
+}
+
+/// Sets `X-Request-Id` on a response for the client.
+fn set_request_id(headers: &mut http::HeaderMap, id: &RequestId) {
+    if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
+        headers.insert(fields::X_REQUEST_ID, v);
+    }
+}
+
+/// The raw host of a request: the absolute-form target's (or HTTP/2 `:authority`)
+/// authority, else the single Host header.
+fn request_host(req: &Request<Incoming>) -> Result<Option<&[u8]>, HostError> {
+    if let Some(auth) = req.uri().authority() {
+        return Ok(Some(auth.as_str().as_bytes()));
+    }
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(h), None) => Ok(Some(h.as_bytes())),
+        (None, _) => Ok(None),
+        (Some(_), Some(_)) => Err(HostError::Invalid),
+    }
+}
+
+/// Rewrites the request for the backend: HTTP/1.1, origin-form target, Host set from the
+/// authority, cookies joined, then the field rules.
+fn prepare_request(
+    core: &Core,
+    req: &mut Request<Incoming>,
+    conn: &ConnFacts,
+    routed: &Routed,
+    request_id: &RequestId,
+) -> Result<(), Error> {
+    if let Some(auth) = req.uri().authority() {
+        let host = HeaderValue::from_str(auth.as_str()).map_err(|_| HostError::Invalid)?;
+        req.headers_mut().insert(header::HOST, host);
+        let pq = req.uri().path_and_query().cloned();
+        let mut parts = http::uri::Parts::default();
+        parts.path_and_query =
+            Some(pq.unwrap_or_else(|| http::uri::PathAndQuery::from_static("/")));
+        *req.uri_mut() = Uri::from_parts(parts).map_err(|_| HostError::Invalid)?;
+    }
+    let from_h2 = req.version() == Version::HTTP_2;
+    *req.version_mut() = Version::HTTP_11;
+    let headers = req.headers_mut();
+    if from_h2 {
+        fields::join_cookies(headers);
+    }
+    let host = headers
+        .get(header::HOST)
+        .cloned()
+        .ok_or(HostError::Missing)?;
+    let client_text;
+    let client = if routed.client == conn.peer_ip {
+        &conn.peer_text
+    } else {
+        client_text = PeerText::new(routed.client);
+        &client_text
+    };
+    let fwd = core.forwarding(conn, client, request_id);
+    fields::rewrite_request(headers, &fwd, &host);
+    Ok(())
+}
