@@ -78,7 +78,14 @@ async fn router_process_with_extra_toml_relays_exact_bytes_to_a_raw_backend() {
         esc(&seen.bytes),
         esc(b"GET /x?y=1 HTTP/1.1\r\nHost: raw.app.test\r\nX-A: 1\r\n\
               X-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Host: raw.app.test\r\n\
-              X-Forwarded-Proto: http\r\nX-Real-IP: 127.0.0.1\r\nX-Request-Id: *\r\n\r\n")
+              X-Forwarded-Proto: http\r\nX-Forwarded-Port: *\r\nX-Real-IP: 127.0.0.1\r\n\
+              X-Request-Id: *\r\n\r\n")
+    );
+    let port = format!("\r\nX-Forwarded-Port: {}\r\n", router.proxy_addr.port());
+    assert!(
+        find(&seen.raw, port.as_bytes()).is_some(),
+        "{}",
+        esc(&seen.raw)
     );
     assert_eq!(seen.conns.len(), 1, "{seen:?}");
     assert_eq!(seen.conns[0].bytes, seen.raw);
