@@ -11,7 +11,6 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -34,57 +33,33 @@ fn chromium() -> &'static Path {
         if let Some(p) = on_path() {
             return p;
         }
-        let root = Command::new("id")
-            .arg("-u")
-            .output()
-            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
-        if !root {
+        if !is_root() {
             panic!(
                 "tests/admin_page.rs drives headless Chromium and none was found: run \
                  `apt-get install -y chromium` as root (the test does it itself when run as \
                  root), or set CHROMIUM=/path/to/chromium"
             );
         }
-        let install = || {
-            Command::new("apt-get")
-                .args(["install", "-y", "--no-install-recommends", "chromium"])
-                .env("DEBIAN_FRONTEND", "noninteractive")
-                .stdout(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success())
-        };
-        if !install() {
-            let _ = Command::new("apt-get")
-                .arg("update")
-                .stdout(Stdio::null())
-                .status();
-            assert!(
-                install(),
-                "`apt-get install -y chromium` failed; install Chromium or set CHROMIUM=/path"
-            );
-        }
+        assert!(
+            apt_install(&["chromium"]),
+            "`apt-get install -y chromium` failed; install Chromium or set CHROMIUM=/path"
+        );
         on_path().expect("chromium installed but not on PATH")
     })
 }
 
 fn on_path() -> Option<PathBuf> {
-    let path = std::env::var("PATH").ok()?;
-    std::env::split_paths(&path)
-        .flat_map(|dir| ["chromium", "chromium-browser"].map(|n| dir.join(n)))
-        .find(|p| p.exists())
+    find_program(&["chromium", "chromium-browser"], &[])
 }
 
 /// Runs headless Chromium on `url` with `args`, at most 90 s; returns its standard output.
 /// One browser at a time: the machine running the suite may be small.
 async fn run_chromium(args: Vec<String>, url: String) -> String {
     static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    static RUN: AtomicU32 = AtomicU32::new(0);
     let bin = chromium().to_owned();
     tokio::task::spawn_blocking(move || {
         let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-        let n = RUN.fetch_add(1, Ordering::Relaxed);
-        let dir = std::env::temp_dir().join(format!("cr-admin-page-{}-{n}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        let dir = TempDir::new("admin-page");
         let out = dir.join("stdout");
         let err = dir.join("stderr");
         let mut child = Command::new(&bin)
@@ -106,24 +81,16 @@ async fn run_chromium(args: Vec<String>, url: String) -> String {
             .stderr(std::fs::File::create(&err).unwrap())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot run {}: {e}", bin.display()));
-        let start = Instant::now();
-        let status = loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                break status;
-            }
-            if start.elapsed() > Duration::from_secs(90) {
-                let _ = child.kill();
-                let _ = child.wait();
-                panic!(
-                    "chromium on {url} still running after 90 s; stderr:\n{}",
-                    std::fs::read_to_string(&err).unwrap_or_default()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        let Some(status) = wait_child(&mut child, Duration::from_secs(90)) else {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "chromium on {url} still running after 90 s; stderr:\n{}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
         };
         let stdout = std::fs::read_to_string(&out).unwrap_or_default();
         let stderr = std::fs::read_to_string(&err).unwrap_or_default();
-        let _ = std::fs::remove_dir_all(&dir);
         assert!(
             status.success(),
             "chromium on {url} exited with {status}; stderr:\n{stderr}"
@@ -381,7 +348,8 @@ async fn admin_page_renders_hosts_services_and_instances_in_chromium() {
     assert!(main.contains("<section class=\"svc warn\" data-service=\"web\""));
 
     // A screenshot: a real PNG of the requested size.
-    let png = std::env::temp_dir().join(format!("cr-admin-page-{}.png", std::process::id()));
+    let shots = TempDir::new("admin-page-png");
+    let png = shots.join("page.png");
     run_chromium(
         vec![
             "--virtual-time-budget=5000".into(),
@@ -392,7 +360,6 @@ async fn admin_page_renders_hosts_services_and_instances_in_chromium() {
     )
     .await;
     let bytes = std::fs::read(&png).expect("screenshot written");
-    let _ = std::fs::remove_file(&png);
     assert!(bytes.len() > 10_000, "screenshot of {} bytes", bytes.len());
     assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
     assert_eq!(&bytes[12..16], b"IHDR");

@@ -7,108 +7,38 @@ mod common;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use consul_router::consul::types::HealthEntry;
 use consul_router::consul::ConsulClient;
-use rustix::process::{kill_process, Pid, Signal};
+use rustix::process::Signal;
 
-/// A fresh directory for one test.
-fn temp_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("cr-announce-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// Runs `consul-router announce --consul CONSUL ARGS` (logging at info on its standard
+/// error); SIGTERM on drop, so that announce stops its app too (SIGKILL would leave the app
+/// running), then SIGKILL if it lingers.
+fn start_announce(consul: &str, args: &[&str]) -> Process {
+    let mut cmd = router_command();
+    cmd.arg("announce")
+        .args(["--consul", consul])
+        .args(args)
+        .env("RUST_LOG", "info");
+    Process::spawn("consul-router announce", &mut cmd)
+        .on_drop(OnDrop::Term(Duration::from_secs(10)))
 }
 
-/// A running `consul-router announce`, its log in a file; killed if the test ends first.
-struct Announce {
-    child: Option<Child>,
-    log: PathBuf,
+/// Its log so far.
+fn log_text(a: &Process) -> String {
+    a.stderr.text()
 }
 
-impl Announce {
-    /// Runs `consul-router announce ARGS` against `consul`, logging to `<dir>/<tag>.log`.
-    fn start(dir: &Path, tag: &str, consul: &str, args: &[&str]) -> Announce {
-        let log = dir.join(format!("{tag}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_consul-router"))
-            .arg("announce")
-            .args(["--consul", consul])
-            .args(args)
-            .env_remove("CONSUL_HTTP_ADDR")
-            .env_remove("CONSUL_HTTP_TOKEN")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(file)
-            .spawn()
-            .expect("run consul-router announce");
-        Announce {
-            child: Some(child),
-            log,
-        }
-    }
-
-    fn pid(&self) -> Pid {
-        Pid::from_child(self.child.as_ref().expect("running"))
-    }
-
-    fn signal(&self, sig: Signal) {
-        kill_process(self.pid(), sig).expect("signal announce");
-    }
-
-    /// Its exit status, waiting at most `limit`.
-    fn wait(&mut self, limit: Duration) -> ExitStatus {
-        let child = self.child.as_mut().expect("running");
-        let end = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                self.child = None;
-                return status;
-            }
-            assert!(
-                Instant::now() < end,
-                "announce did not exit within {limit:?}; log:\n{}",
-                self.log_text()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-
-    /// Writes to Consul so far: registrations and load writes (each a full re-register).
-    fn writes(&self) -> usize {
-        self.log_text()
-            .lines()
-            .filter(|l| l.contains(" registered ") || l.contains(" written "))
-            .count()
-    }
-}
-
-impl Drop for Announce {
-    /// SIGTERM first, so that announce stops its app too (SIGKILL would leave the app
-    /// running), then SIGKILL if it lingers.
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = kill_process(Pid::from_child(&child), Signal::TERM);
-            let end = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < end {
-                if let Ok(Some(_)) = child.try_wait() {
-                    return;
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
+/// Writes to Consul so far: registrations and load writes (each a full re-register).
+fn writes(a: &Process) -> usize {
+    log_text(a)
+        .lines()
+        .filter(|l| l.contains(" registered ") || l.contains(" written "))
+        .count()
 }
 
 /// The instances of `name`, from Consul's health endpoint.
@@ -165,25 +95,18 @@ fn alive(pid: i32) -> bool {
 
 /// Reads the pid a child script wrote to `file`.
 async fn read_pid(file: &Path) -> i32 {
-    let mut pid = None;
-    wait_until(Duration::from_secs(10), "the app's pid file", || {
-        pid = std::fs::read_to_string(file)
+    wait_for(Duration::from_secs(10), "the app's pid file", || async {
+        std::fs::read_to_string(file)
             .ok()
-            .and_then(|s| s.trim().parse().ok());
-        let found = pid.is_some();
-        async move { found }
+            .and_then(|s| s.trim().parse().ok())
     })
-    .await;
-    pid.unwrap()
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_with_tags_meta_address_and_a_passing_ttl_check() {
     let consul = ConsulAgent::start().await;
-    let dir = temp_dir("register");
-    let mut announce = Announce::start(
-        &dir,
-        "a",
+    let announce = start_announce(
         &consul.addr(),
         &[
             "--name",
@@ -235,34 +158,34 @@ async fn registers_with_tags_meta_address_and_a_passing_ttl_check() {
     );
     let check = agent_check(&consul, "chat-1").await;
     assert_eq!(check["Type"], "ttl", "{check}");
+    // Three TTLs go by: there is no event to wait for, only a check that must not lapse.
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(
         check_status(client, "chat", "chat-1").await.as_deref(),
         Some("passing"),
         "{}",
-        announce.log_text()
+        log_text(&announce)
     );
     // An idle app: the registration and the first load, nothing since.
-    assert_eq!(announce.writes(), 2, "{}", announce.log_text());
+    assert_eq!(writes(&announce), 2, "{}", log_text(&announce));
     announce.signal(Signal::TERM);
     // sleep dies of SIGTERM: 128 + 15.
-    assert_eq!(announce.wait(Duration::from_secs(10)).code(), Some(143));
+    assert_eq!(
+        announce.wait_exit(Duration::from_secs(10)).await.code(),
+        Some(143)
+    );
     assert!(instance(client, "chat", "chat-1").await.is_none());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_and_tcp_checks_are_run_by_consul() {
     let consul = ConsulAgent::start().await;
-    let dir = temp_dir("checks");
     let web = Backend::start("web").await;
     let web_port = web.port().to_string();
     let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let tcp_port = tcp.local_addr().unwrap().port().to_string();
     let common = ["--address", "127.0.0.1", "--check-interval", "1s"];
-    let _http = Announce::start(
-        &dir,
-        "http",
+    let _http = start_announce(
         &consul.addr(),
         &[
             &["--name", "web", "--id", "web-1", "--port", &web_port][..],
@@ -271,9 +194,7 @@ async fn http_and_tcp_checks_are_run_by_consul() {
         ]
         .concat(),
     );
-    let _tcp = Announce::start(
-        &dir,
-        "tcp",
+    let _tcp = start_announce(
         &consul.addr(),
         &[
             &["--name", "db", "--id", "db-1", "--port", &tcp_port][..],
@@ -310,13 +231,11 @@ async fn http_and_tcp_checks_are_run_by_consul() {
     )
     .await;
     drop(tcp);
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]
 async fn exits_with_the_apps_status() {
     // No Consul at all (a refused port): the app runs and its status comes back anyway.
-    let dir = temp_dir("status");
     let nowhere = "http://127.0.0.1:1";
     let args = |script: &'static str| -> Vec<&'static str> {
         vec!["--name", "x", "--port", "1", "--", "sh", "-c", script]
@@ -327,17 +246,18 @@ async fn exits_with_the_apps_status() {
         ("kill -TERM $$", 128 + 15),
         ("kill -KILL $$", 128 + 9),
     ] {
-        let mut a = Announce::start(&dir, "s", nowhere, &args(script));
-        let status = a.wait(Duration::from_secs(15));
-        assert_eq!(status.code(), Some(code), "{script}: {}", a.log_text());
+        let a = start_announce(nowhere, &args(script));
+        let status = a.wait_exit(Duration::from_secs(15)).await;
+        assert_eq!(status.code(), Some(code), "{script}: {}", log_text(&a));
     }
-    let mut missing = Announce::start(
-        &dir,
-        "missing",
+    let missing = start_announce(
         nowhere,
         &["--name", "x", "--port", "1", "--", "/nonexistent/app"],
     );
-    assert_eq!(missing.wait(Duration::from_secs(15)).code(), Some(127));
+    assert_eq!(
+        missing.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(127)
+    );
     // Bad arguments: status 2 and a message naming the flag.
     for (args, says) in [
         (&["--name", "x", "--port", "0"][..], "--port"),
@@ -359,7 +279,7 @@ async fn exits_with_the_apps_status() {
             "--no-load",
         ),
     ] {
-        let out = Command::new(env!("CARGO_BIN_EXE_consul-router"))
+        let out = router_command()
             .arg("announce")
             .args(args)
             .output()
@@ -368,13 +288,12 @@ async fn exits_with_the_apps_status() {
         assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_deregisters_first_then_stops_the_app() {
     let consul = ConsulAgent::start().await;
-    let dir = temp_dir("sigterm");
+    let dir = TempDir::new("announce-sigterm");
     let seen = dir.join("seen");
     // On SIGTERM, the app asks Consul whether it is still registered (it must not be), and
     // exits with 7. HUP and USR1 are passed on too.
@@ -385,9 +304,7 @@ async fn sigterm_deregisters_first_then_stops_the_app() {
         seen = seen.display(),
         consul = consul.addr(),
     );
-    let mut announce = Announce::start(
-        &dir,
-        "a",
+    let announce = start_announce(
         &consul.addr(),
         &[
             "--name", "app", "--id", "app-1", "--port", "3000", "--", "sh", "-c", &script,
@@ -412,23 +329,23 @@ async fn sigterm_deregisters_first_then_stops_the_app() {
     // Still registered: only TERM and INT stop announce.
     assert!(instance(client, "app", "app-1").await.is_some());
     announce.signal(Signal::TERM);
-    assert_eq!(announce.wait(Duration::from_secs(15)).code(), Some(7));
+    assert_eq!(
+        announce.wait_exit(Duration::from_secs(15)).await.code(),
+        Some(7)
+    );
     let seen = std::fs::read_to_string(&seen).unwrap();
     assert!(seen.ends_with("term 404"), "{seen:?}");
     assert!(instance(client, "app", "app-1").await.is_none());
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn registers_once_consul_comes_up_and_again_after_the_agent_lost_it() {
     let mut consul = ConsulAgent::start().await;
     consul.kill();
-    let dir = temp_dir("consul-down");
+    let dir = TempDir::new("announce-consul-down");
     let pid_file = dir.join("pid");
     let script = format!("echo $$ > {}; exec sleep 120", pid_file.display());
-    let _announce = Announce::start(
-        &dir,
-        "a",
+    let announce = start_announce(
         &consul.addr(),
         &[
             "--name", "late", "--id", "late-1", "--port", "3000", "--ttl", "3s", "--", "sh", "-c",
@@ -438,7 +355,13 @@ async fn registers_once_consul_comes_up_and_again_after_the_agent_lost_it() {
     // The app starts at once, Consul or not.
     let app = read_pid(&pid_file).await;
     assert!(alive(app));
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Consul comes up only after announce has found it missing.
+    announce
+        .stderr
+        .wait_line(Duration::from_secs(15), "a failed registration", |l| {
+            l.contains("cannot register late-1")
+        })
+        .await;
     consul.restart().await;
     let client = consul.client.clone();
     wait_until(Duration::from_secs(20), "late-1 registered", || async {
@@ -456,19 +379,15 @@ async fn registers_once_consul_comes_up_and_again_after_the_agent_lost_it() {
     )
     .await;
     assert!(alive(app), "the app ran the whole time");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn load_follows_the_apps_cpu_and_writes_stay_few() {
     let consul = ConsulAgent::start().await;
-    let dir = temp_dir("load");
     // Idle for 2 s, a busy loop in a subshell (a descendant) for 5 s, then idle again.
     let script = "sleep 2; (while :; do :; done) & busy=$!; sleep 5; kill $busy; exec sleep 60";
     let started = Instant::now();
-    let announce = Announce::start(
-        &dir,
-        "a",
+    let announce = start_announce(
         &consul.addr(),
         &[
             "--name",
@@ -509,19 +428,17 @@ async fn load_follows_the_apps_cpu_and_writes_stay_few() {
     assert!(meta["cpu"].parse::<f64>().unwrap() < 10.0, "{meta:?}");
     // Never more than one write per --min-gap (1 s), plus the registration.
     let elapsed = started.elapsed().as_secs_f64();
-    let writes = announce.writes();
+    let writes = writes(&announce);
     assert!(
         (writes as f64) <= 2.0 + elapsed,
         "{writes} writes in {elapsed:.1} s:\n{}",
-        announce.log_text()
+        log_text(&announce)
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn least_load_router_avoids_the_instance_whose_app_is_busy() {
     let consul = ConsulAgent::start().await;
-    let dir = temp_dir("router");
     let router = start_router(&consul.addr(), "").await;
     let (a, b) = (Backend::start("a").await, Backend::start("b").await);
     let instance_args = |id: &'static str, port: String, script: &'static str| {
@@ -547,8 +464,8 @@ async fn least_load_router_avoids_the_instance_whose_app_is_busy() {
     // Backend a's app is busy, b's sleeps.
     let busy = instance_args("work-a", a.port().to_string(), "while :; do :; done");
     let idle = instance_args("work-b", b.port().to_string(), "exec sleep 60");
-    let _busy = Announce::start(&dir, "a", &consul.addr(), &refs(&busy));
-    let _idle = Announce::start(&dir, "b", &consul.addr(), &refs(&idle));
+    let _busy = start_announce(&consul.addr(), &refs(&busy));
+    let _idle = start_announce(&consul.addr(), &refs(&idle));
     // The router's table shows both loads.
     let admin = router.admin_addr;
     wait_until(
@@ -573,7 +490,6 @@ async fn least_load_router_avoids_the_instance_whose_app_is_busy() {
         let g = get(router.proxy_addr, "work.app.test", "/").await;
         assert_eq!(who(&g), "b", "{}", g.body);
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn refs(v: &[String]) -> Vec<&str> {
@@ -600,7 +516,7 @@ fn template_unit_passes_systemd_analyze_verify() {
     let analyze = systemd_analyze();
     // verify checks that ExecStart's binary exists: point it at the one cargo built. An
     // instance name stands for %i.
-    let dir = temp_dir("unit");
+    let dir = TempDir::new("announce-unit");
     let bin = dir.join("consul-router");
     std::os::unix::fs::symlink(env!("CARGO_BIN_EXE_consul-router"), &bin).unwrap();
     let local = unit.replace("/usr/local/bin/consul-router", bin.to_str().unwrap());
@@ -614,5 +530,4 @@ fn template_unit_passes_systemd_analyze_verify() {
     // The check can fail: an unknown key is reported.
     let (_, lines) = verify(&local.replace("KillMode=mixed", "KillMode=mixed\nTypo=1"));
     assert!(lines.iter().any(|l| l.contains("Typo")), "{lines:#?}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -27,18 +27,6 @@ fn instance(i: usize, k: usize, port: u16, load: &str) -> Value {
     })
 }
 
-async fn metrics(router: &consul_router::Running) -> String {
-    let (status, text) = get_admin(router.admin_addr, "/metrics").await;
-    assert_eq!(status, StatusCode::OK);
-    text
-}
-
-async fn routes(router: &consul_router::Running) -> Vec<Value> {
-    let (_, body) = get_admin(router.admin_addr, "/api/routes").await;
-    let v: Value = serde_json::from_str(&body).expect("routes json");
-    v["routes"].as_array().cloned().unwrap_or_default()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cold_services_are_read_per_node_at_start_and_by_the_sweep() {
     let consul = ConsulAgent::start().await;
@@ -65,7 +53,7 @@ async fn cold_services_are_read_per_node_at_start_and_by_the_sweep() {
 
     // Every service is in the first table, with both instances; those on host2 are critical
     // by their node's check, the others passing.
-    let table = routes(&router).await;
+    let table = routes(router.admin_addr).await;
     assert_eq!(table.len(), SERVICES, "every service is routed");
     for route in &table {
         let instances = route["instances"].as_array().expect("instances");
@@ -87,9 +75,11 @@ async fn cold_services_are_read_per_node_at_start_and_by_the_sweep() {
 
     // The cold services were read once, per node: no second bulk read, no single reads but
     // the watches'. The health feed blocks from the bulk read's checks answer rather than
-    // downloading it again, so it has no answer of its own while nothing changes.
+    // downloading it again, so it has no answer of its own while nothing changes. That is
+    // an absence, with no event to wait on: a second's window lets any request that would
+    // follow the first table (a second bulk read, the feed's own download) be counted.
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let text = metrics(&router).await;
+    let text = metrics(router.admin_addr).await;
     let count = |endpoint| consul_requests(&text, endpoint);
     let start = [
         count("catalog_nodes"),
@@ -122,7 +112,7 @@ async fn cold_services_are_read_per_node_at_start_and_by_the_sweep() {
     let changed = Instant::now();
     let id = format!("svc{cold:03}-0");
     wait_until(Duration::from_secs(15), "meta via the sweep", || async {
-        routes(&router).await.iter().any(|r| {
+        routes(router.admin_addr).await.iter().any(|r| {
             r["instances"]
                 .as_array()
                 .into_iter()
@@ -131,7 +121,7 @@ async fn cold_services_are_read_per_node_at_start_and_by_the_sweep() {
         })
     })
     .await;
-    let text = metrics(&router).await;
+    let text = metrics(router.admin_addr).await;
     let count = |endpoint| consul_requests(&text, endpoint);
     eprintln!(
         "meta change seen after {:?}; requests: catalog_nodes {}, node_services {}, \

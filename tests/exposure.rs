@@ -39,11 +39,8 @@ async fn status(p: SocketAddr, host: &str) -> StatusCode {
 
 /// Services in the live table, as the admin API lists them.
 async fn listed(admin: SocketAddr) -> Vec<String> {
-    let body = get_admin(admin, "/api/routes").await.1;
-    let v: serde_json::Value = serde_json::from_str(&body).expect("routes JSON");
-    let mut names: Vec<String> = v["routes"]
-        .as_array()
-        .expect("routes")
+    let mut names: Vec<String> = routes(admin)
+        .await
         .iter()
         .filter_map(|r| r["service"].as_str().map(str::to_owned))
         .collect();

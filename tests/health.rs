@@ -5,25 +5,18 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::process::Command;
 
-use common::{router_config, start_router, ConsulAgent};
+use common::{free_addr, router_command, router_config, start_router, ConsulAgent};
 
 /// Runs `consul-router health ARGS`: (exit status, all output).
 async fn health(args: &[&str]) -> (i32, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_consul-router"));
+    let mut cmd = router_command();
     cmd.arg("health").args(args);
     common::output(cmd).await
 }
 
 fn url(addr: SocketAddr) -> String {
     format!("http://{addr}")
-}
-
-/// A loopback port with nothing listening on it.
-fn closed_port() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -39,7 +32,7 @@ async fn healthy_router_exits_0() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn router_without_a_table_exits_1_with_the_reason() {
     // Consul never answers, so the first table never goes live and /healthz stays 503.
-    let consul = url(closed_port());
+    let consul = url(free_addr());
     let router = consul_router::start(router_config(&consul, "domains = [\"app.test\"]"))
         .await
         .expect("router start");
@@ -55,7 +48,7 @@ async fn router_without_a_table_exits_1_with_the_reason() {
 
 #[tokio::test]
 async fn refused_or_silent_admin_exits_1() {
-    let (code, out) = health(&["--admin", &url(closed_port())]).await;
+    let (code, out) = health(&["--admin", &url(free_addr())]).await;
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("connection refused"), "{out}");
 
@@ -80,7 +73,7 @@ async fn bad_url_exits_2() {
         assert!(out.contains("bad admin URL"), "{bad}: {out}");
     }
     // The router's own flags are refused with the subcommand rather than ignored.
-    let out = Command::new(env!("CARGO_BIN_EXE_consul-router"))
+    let out = router_command()
         .args(["--listen", "127.0.0.1:1", "health"])
         .output()
         .expect("run consul-router");

@@ -31,10 +31,7 @@ async fn pipelined_requests_answer_in_order() {
     consul.register("pipe", "pipe", b.port(), &[]).await;
     let router = start_router(&consul.addr(), "").await;
     let p = router.proxy_addr;
-    wait_until(Duration::from_secs(5), "routed", || async move {
-        get(p, "pipe.app.test", "/").await.status == StatusCode::OK
-    })
-    .await;
+    wait_status(p, "pipe.app.test", StatusCode::OK).await;
 
     let mut s = TcpStream::connect(p).await.unwrap();
     s.write_all(

@@ -26,6 +26,7 @@ use common::certs::{cert_dir, make_cert};
 use common::client::Got;
 use common::consul::ConsulAgent;
 use common::net::free_port;
+use common::process::Process;
 use common::router::{router_config, start_router, wait_routable};
 use common::wait::wait_until;
 
@@ -400,22 +401,12 @@ async fn haproxy_in_front() {
         ),
     )
     .unwrap();
-    let child = std::process::Command::new(haproxy)
-        .arg("-f")
-        .arg(&cfg)
-        .arg("-db")
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("haproxy starts");
-    let _haproxy = KillOnDrop(child);
+    let mut cmd = std::process::Command::new(haproxy);
+    cmd.arg("-f").arg(&cfg).arg("-db");
+    let haproxy = Process::spawn("haproxy", &mut cmd);
     for front in [f1, f2] {
         let addr: SocketAddr = format!("127.0.0.1:{front}").parse().unwrap();
-        wait_until(
-            Duration::from_secs(10),
-            "haproxy listening",
-            || async move { TcpStream::connect(addr).await.is_ok() },
-        )
-        .await;
+        haproxy.wait_listening(addr, Duration::from_secs(10)).await;
         let answer = raw_request(addr, b"").await;
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
         // The port the client connected to is HAProxy's, from the header.
@@ -427,15 +418,5 @@ async fn haproxy_in_front() {
             answer.contains("\nx-forwarded-for: 127.0.0.1\n"),
             "{answer}"
         );
-    }
-}
-
-/// Kills a child process when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }

@@ -11,9 +11,9 @@ mod common;
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use bytes::Bytes;
 use common::*;
@@ -36,25 +36,7 @@ const STEP: Duration = Duration::from_secs(10);
 /// nothing, and less than nginx would buffer.
 const AHEAD_CAP: usize = 256 << 20;
 
-async fn bounded<F: std::future::Future>(test: F) -> F::Output {
-    timeout(LIMIT, test)
-        .await
-        .unwrap_or_else(|_| panic!("the test did not finish within {LIMIT:?}"))
-}
-
 // ---- nginx ----
-
-fn is_root() -> bool {
-    // /proc/self/status: "Uid:\t<real>\t<effective>\t...".
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("Uid:"))
-                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
-        })
-        .unwrap_or(false)
-}
 
 fn find_nginx() -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("NGINX_BIN") {
@@ -62,11 +44,10 @@ fn find_nginx() -> Option<PathBuf> {
         assert!(p.is_file(), "NGINX_BIN={} is not a file", p.display());
         return Some(p);
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain(["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"].map(PathBuf::from))
-        .map(|dir| dir.join("nginx"))
-        .find(|p| p.is_file())
+    find_program(
+        &["nginx"],
+        &["/usr/sbin", "/usr/local/sbin", "/usr/local/nginx/sbin"],
+    )
 }
 
 /// The nginx binary: found, or installed with apt-get when running as root (once per
@@ -79,21 +60,7 @@ fn nginx_bin() -> PathBuf {
         }
         let root = is_root();
         if root {
-            let apt = |args: &[&str]| {
-                Command::new("apt-get")
-                    .args(args)
-                    .env("DEBIAN_FRONTEND", "noninteractive")
-                    .stdin(Stdio::null())
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            };
-            let install = ["install", "-y", "-q", "nginx-light"];
-            if !apt(&install) {
-                apt(&["update", "-q"]);
-                apt(&install);
-            }
+            apt_install(&["nginx-light"]);
             if let Some(p) = find_nginx() {
                 return p;
             }
@@ -111,13 +78,6 @@ fn nginx_bin() -> PathBuf {
         )
     })
     .clone()
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
 }
 
 /// Replaces the one uncommented line of `site` that reads `from` (trimmed) with `to`.
@@ -173,27 +133,23 @@ fn nginx_conf(dir: &Path, listen: SocketAddr, router: SocketAddr) -> String {
 /// nginx in the foreground, one process, on its own directory; killed on drop (its error
 /// log is printed if the test is failing).
 struct Nginx {
-    child: Child,
-    dir: PathBuf,
+    process: Process,
+    dir: TempDir,
     addr: SocketAddr,
 }
 
 impl Nginx {
     async fn start(router: SocketAddr) -> Nginx {
         let bin = nginx_bin();
-        let port = free_port();
-        let addr = SocketAddr::from(([127, 0, 0, 1], port));
-        let dir =
-            std::env::temp_dir().join(format!("consul-router-nginx-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("nginx test directory");
+        let addr = free_addr();
+        let dir = TempDir::new("nginx");
         let conf = dir.join("nginx.conf");
-        let text = nginx_conf(&dir, addr, router);
+        let text = nginx_conf(dir.path(), addr, router);
         std::fs::write(&conf, &text).expect("write nginx.conf");
         let command = || {
             let mut c = Command::new(&bin);
             c.arg("-p")
-                .arg(&dir)
+                .arg(dir.path())
                 .arg("-c")
                 .arg(&conf)
                 .arg("-e")
@@ -212,28 +168,17 @@ impl Nginx {
              --- nginx.conf ---\n{text}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let child = command()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", bin.display()));
-        let mut nginx = Nginx { child, dir, addr };
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(status)) = nginx.child.try_wait() {
+        let process = Process::spawn("nginx", &mut command());
+        let nginx = Nginx { process, dir, addr };
+        // On a timeout, the drop prints the error log.
+        wait_until(STEP, &format!("nginx listening on {addr}"), || async {
+            if let Some(status) = nginx.process.try_exit() {
                 panic!("nginx exited ({status}):\n{}", nginx.error_log());
             }
-            if TcpStream::connect(addr).await.is_ok() {
-                return nginx;
-            }
-            if start.elapsed() > STEP {
-                panic!(
-                    "nginx did not listen on {addr} within {STEP:?}:\n{}",
-                    nginx.error_log()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+            TcpStream::connect(addr).await.is_ok()
+        })
+        .await;
+        nginx
     }
 
     fn error_log(&self) -> String {
@@ -243,12 +188,10 @@ impl Nginx {
 
 impl Drop for Nginx {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.process.kill();
         if std::thread::panicking() {
             eprintln!("--- nginx error.log ---\n{}", self.error_log());
         }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -369,23 +312,6 @@ async fn send_from(from: IpAddr, to: SocketAddr, req: Request<Full<Bytes>>) -> G
     send_on(&mut sender, req, STEP).await
 }
 
-/// Established TCP connections whose local port is `port` (Linux: /proc/net/tcp).
-fn established_on(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
-    table
-        .lines()
-        .skip(1)
-        .filter(|l| {
-            let cols: Vec<&str> = l.split_whitespace().collect();
-            let local_port = cols
-                .get(1)
-                .and_then(|a| a.rsplit_once(':'))
-                .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
-            local_port == Some(port) && cols.get(3) == Some(&"01")
-        })
-        .count()
-}
-
 /// Reads `body` until it has given `n` bytes.
 async fn read_exactly(body: &mut Incoming, n: usize, what: &str) -> Vec<u8> {
     let mut got = Vec::new();
@@ -406,7 +332,7 @@ async fn read_exactly(body: &mut Incoming, n: usize, what: &str) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_gets_the_clients_facts_and_nginxs_request_id() {
-    bounded(async {
+    bounded(LIMIT, async {
         let s = Stack::start("").await;
         let n = s.nginx.addr;
         // Everything a client could forge about itself: nginx replaces or drops it all.
@@ -495,7 +421,7 @@ async fn backend_gets_the_clients_facts_and_nginxs_request_id() {
 /// (the right-most one that is not a trusted proxy), not the one it wrote.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_forwarded_for_does_not_choose_the_client_address() {
-    bounded(async {
+    bounded(LIMIT, async {
         // In production clients are not on loopback; here 127.0.0.2 plays one, so only
         // nginx's address is trusted.
         let s = Stack::start("trusted_proxies = [\"127.0.0.1/32\"]").await;
@@ -521,7 +447,7 @@ async fn a_forged_forwarded_for_does_not_choose_the_client_address() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn responses_and_uploads_stream_through_nginx() {
-    bounded(async {
+    bounded(LIMIT, async {
         let mut s = Stack::start("").await;
         let n = s.nginx.addr;
 
@@ -652,7 +578,7 @@ async fn responses_and_uploads_stream_through_nginx() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_through_nginx() {
-    bounded(async {
+    bounded(LIMIT, async {
         let s = Stack::start("").await;
         let mut ws = TcpStream::connect(s.nginx.addr).await.unwrap();
         ws.write_all(

@@ -11,39 +11,13 @@ use bytes::Bytes;
 use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use tokio::net::TcpListener;
 
 /// The `unknown` service's counters are shared by every router in the process: tests that
 /// make or count unknown-host answers take turns.
 static UNKNOWN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// The value of the sample `name{labels}` in Prometheus text (0 when absent). `labels` is
-/// the exact label text, e.g. `code="2xx",service="a"`, with labels in any order.
-fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
-            if metric != name {
-                return None;
-            }
-            let all = labels
-                .iter()
-                .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
-            all.then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
-}
-
 async fn metrics(router: &consul_router::Running) -> String {
-    get_admin(router.admin_addr, "/metrics").await.1
-}
-
-/// A closed port: connecting to it is refused.
-async fn dead_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
+    common::metrics(router.admin_addr).await
 }
 
 /// Waits until `service` has counted `want` 2xx requests: a request is counted once its
@@ -60,16 +34,6 @@ async fn wait_counted(admin: SocketAddr, service: &'static str, want: f64) {
     .await;
 }
 
-async fn wait_routable(router: &consul_router::Running, host: &str, want: StatusCode) {
-    let addr = router.proxy_addr;
-    let host = host.to_owned();
-    wait_until(Duration::from_secs(10), "route", || {
-        let host = host.clone();
-        async move { get(addr, &host, "/").await.status == want }
-    })
-    .await;
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_a_known_mix_exactly() {
     let _turn = UNKNOWN.lock().await;
@@ -80,11 +44,11 @@ async fn metrics_count_a_known_mix_exactly() {
         .register_ttl("obs-down", "obs-down-1", ok.port(), "critical")
         .await;
     consul
-        .register("obs-dead", "obs-dead-1", dead_port().await, &[])
+        .register("obs-dead", "obs-dead-1", free_port(), &[])
         .await;
     // One dead and one live instance: requests that pick the dead one first are retried.
     consul
-        .register("obs-retry", "obs-retry-dead", dead_port().await, &[])
+        .register("obs-retry", "obs-retry-dead", free_port(), &[])
         .await;
     consul
         .register("obs-retry", "obs-retry-live", ok.port(), &[])
@@ -98,8 +62,8 @@ async fn metrics_count_a_known_mix_exactly() {
     )
     .await;
     let a = router.proxy_addr;
-    wait_routable(&router, "obs-ok.app.test", StatusCode::OK).await;
-    wait_routable(&router, "obs-retry.app.test", StatusCode::OK).await;
+    wait_status(router.proxy_addr, "obs-ok.app.test", StatusCode::OK).await;
+    wait_status(router.proxy_addr, "obs-retry.app.test", StatusCode::OK).await;
 
     let before = metrics(&router).await;
     let unknown_4xx = |t: &str| {
@@ -216,17 +180,15 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     let consul = ConsulAgent::start().await;
     let b = Backend::start("logged").await;
     consul.register("obs-log", "obs-log-1", b.port(), &[]).await;
-    let dir = std::env::temp_dir().join(format!("cr-obs-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("obs");
     let file = dir.join("access.json");
-    let _ = std::fs::remove_file(&file);
     let toml = format!(
         "access_log = \"json\"\naccess_log_file = \"{}\"",
         file.display()
     );
     let router = start_router(&consul.addr(), &toml).await;
     let a = router.proxy_addr;
-    wait_routable(&router, "obs-log.app.test", StatusCode::OK).await;
+    wait_status(router.proxy_addr, "obs-log.app.test", StatusCode::OK).await;
     let before = metrics(&router).await;
 
     // HTTP/1.1: an ID is made, sent to the backend and returned.
@@ -348,7 +310,6 @@ async fn access_log_lines_and_request_ids_on_both_paths() {
     let nope = find("/nope");
     assert_eq!(nope["status"], 404);
     assert_eq!(nope["service"], "");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -358,17 +319,15 @@ async fn untrusted_request_ids_are_replaced_and_text_lines_parse() {
     consul
         .register("obs-text", "obs-text-1", b.port(), &[])
         .await;
-    let dir = std::env::temp_dir().join(format!("cr-obs-text-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("obs-text");
     let file = dir.join("access.log");
-    let _ = std::fs::remove_file(&file);
     let toml = format!(
         "trusted_proxies = [\"10.9.9.9/32\"]\naccess_log = \"text\"\naccess_log_file = \"{}\"",
         file.display()
     );
     let router = start_router(&consul.addr(), &toml).await;
     let a = router.proxy_addr;
-    wait_routable(&router, "obs-text.app.test", StatusCode::OK).await;
+    wait_status(router.proxy_addr, "obs-text.app.test", StatusCode::OK).await;
     let req = Request::post("/spoof")
         .header("host", "obs-text.app.test")
         .header("x-request-id", "chosen-by-client")
@@ -394,5 +353,4 @@ async fn untrusted_request_ids_are_replaced_and_text_lines_parse() {
         line.contains("in=5") || line.contains("bytes_in=5"),
         "{line}"
     );
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,14 +11,13 @@ mod common;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use http::StatusCode;
-use tokio::net::TcpListener;
 use tokio::time::timeout;
 
 const DASHBOARD: &str = include_str!("../config/grafana/consul-router.json");
@@ -30,12 +29,6 @@ const DATA_LIMIT: Duration = Duration::from_secs(30);
 /// The router's `proxy.response_timeout` in these tests, and a backend slower than it.
 const ROUTER_TOML: &str = "[proxy]\nresponse_timeout = \"300ms\"\nretries = 1\n";
 const SLOW_PATH: &str = "/slow/1500";
-
-async fn bounded<F: std::future::Future>(test: F) -> F::Output {
-    timeout(LIMIT, test)
-        .await
-        .unwrap_or_else(|_| panic!("the test did not finish within {LIMIT:?}"))
-}
 
 fn repo(path: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
@@ -52,19 +45,14 @@ fn tool(name: &str) -> PathBuf {
         assert!(p.is_file(), "{var}={} is not a file", p.display());
         return p;
     }
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    std::env::split_paths(&path)
-        .chain([PathBuf::from("/usr/bin"), PathBuf::from("/usr/local/bin")])
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "tests/prometheus.rs runs the alert rules, the dashboard's queries and /metrics \
+    find_program(&[name], &["/usr/bin", "/usr/local/bin"]).unwrap_or_else(|| {
+        panic!(
+            "tests/prometheus.rs runs the alert rules, the dashboard's queries and /metrics \
                  through a real `{name}`, and none was found (PATH, /usr/bin, /usr/local/bin).\n\
                  `scripts/test.sh` installs it when running as root (Debian's `prometheus` \
                  package: `sudo apt-get install prometheus`), or set {var}=/path/to/{name}."
-            )
-        })
+        )
+    })
 }
 
 /// Runs `cmd` with `input` on its standard input: exit status and stdout + stderr.
@@ -91,12 +79,6 @@ fn run_with_input(mut cmd: Command, input: &str) -> (i32, String) {
 
 // ---- the router and its traffic ----
 
-/// A closed port: connecting to it is refused.
-async fn dead_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Services named `<p>-ok`, `<p>-down` (no healthy instance), `<p>-dead` (a closed port),
 /// `<p>-retry` (a closed port next to a live instance) and `<p>-slow`, all but the closed
 /// ports on `backend`.
@@ -113,11 +95,11 @@ async fn register_mix(consul: &ConsulAgent, backend: &Backend, p: &str) {
             "critical",
         )
         .await;
-    let dead = dead_port().await;
+    let dead = free_port();
     consul
         .register(&format!("{p}-dead"), &format!("{p}-dead-1"), dead, &[])
         .await;
-    let dead = dead_port().await;
+    let dead = free_port();
     consul
         .register(&format!("{p}-retry"), &format!("{p}-retry-dead"), dead, &[])
         .await;
@@ -127,13 +109,6 @@ async fn register_mix(consul: &ConsulAgent, backend: &Backend, p: &str) {
     consul
         .register(&format!("{p}-slow"), &format!("{p}-slow-1"), live, &[])
         .await;
-}
-
-async fn wait_status(addr: SocketAddr, host: &str, want: StatusCode) {
-    wait_until(Duration::from_secs(10), host, || async move {
-        get(addr, host, "/").await.status == want
-    })
-    .await;
 }
 
 /// One round of the mix: 200s, a 404 (unknown host), a 503 (no healthy instance), a 502
@@ -155,15 +130,6 @@ async fn mix(addr: SocketAddr, p: &str) {
     for _ in 0..5 {
         assert_eq!(get(addr, &host("retry"), "/").await.status, StatusCode::OK);
     }
-}
-
-/// The value of `name{...service="<service>"...}` in Prometheus text (0 when absent).
-fn sample(text: &str, name: &str, service: &str) -> f64 {
-    let label = format!("service=\"{service}\"");
-    text.lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(&label))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
 }
 
 /// Consul, a backend and a router with the mix registered, live and routing.
@@ -195,7 +161,12 @@ async fn mix_until_retried(router: &consul_router::Running, p: &str) {
     for _ in 0..20 {
         mix(router.proxy_addr, p).await;
         let text = get_admin(router.admin_addr, "/metrics").await.1;
-        if sample(&text, "consul_router_retries_total", &service) > 0.0 {
+        if sample(
+            &text,
+            "consul_router_retries_total",
+            &[("service", &service)],
+        ) > 0.0
+        {
             return;
         }
     }
@@ -231,12 +202,12 @@ fn alert_rules_pass_promtool_check_and_their_unit_tests() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_pass_promtool_check_metrics() {
     let promtool = tool("promtool");
-    bounded(async {
-        let dir = TempDir::new("lint");
+    bounded(LIMIT, async {
+        let dir = TempDir::new("prom-lint");
         // With an access log, so that its dropped-lines counter is exposed too.
         let log = format!(
             "access_log = \"json\"\naccess_log_file = \"{}\"\n",
-            dir.0.join("access.log").display()
+            dir.join("access.log").display()
         );
         let (_consul, _backend, router) = router_with_mix("lint", &log).await;
         mix_until_retried(&router, "lint").await;
@@ -274,44 +245,20 @@ async fn metrics_pass_promtool_check_metrics() {
 
 // ---- c) the dashboard's and the README's queries on a real Prometheus ----
 
-/// A directory under the system's temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(what: &str) -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let dir =
-            std::env::temp_dir().join(format!("cr-prom-{what}-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("make a temporary directory");
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// A Prometheus server of our own; killed on drop, before its directory goes.
+/// A Prometheus server of our own; killed on drop, before its directory goes (fields drop
+/// in order).
 struct Prometheus {
-    child: Child,
+    process: Process,
     addr: SocketAddr,
-    dir: TempDir,
+    _dir: TempDir,
 }
 
 impl Prometheus {
     /// Scrapes `target`'s `/metrics` every second and loads the alert rules.
     fn start(target: SocketAddr) -> Prometheus {
         let bin = tool("prometheus");
-        let dir = TempDir::new("server");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .map(|a| a.port())
-            .expect("free port");
+        let dir = TempDir::new("prom-server");
+        let addr = free_addr();
         let config = format!(
             "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n  evaluation_interval: 1s\n\
              rule_files:\n  - {}\n\
@@ -319,31 +266,25 @@ impl Prometheus {
              metrics_path: /metrics\n    static_configs:\n      - targets: ['{target}']\n",
             repo("config/prometheus/alerts.yml").display()
         );
-        let file = dir.0.join("prometheus.yml");
+        let file = dir.join("prometheus.yml");
         std::fs::write(&file, config).expect("write prometheus.yml");
-        let log = std::fs::File::create(dir.0.join("prometheus.log")).expect("log file");
-        let child = Command::new(bin)
-            .arg(format!("--config.file={}", file.display()))
+        let mut cmd = Command::new(bin);
+        cmd.arg(format!("--config.file={}", file.display()))
             .arg(format!(
                 "--storage.tsdb.path={}",
-                dir.0.join("data").display()
+                dir.join("data").display()
             ))
-            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log file"))
-            .stderr(log)
-            .spawn()
-            .expect("start prometheus");
+            .arg(format!("--web.listen-address={addr}"));
         Prometheus {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir,
+            process: Process::spawn("prometheus", &mut cmd),
+            addr,
+            _dir: dir,
         }
     }
 
     /// The last lines of the server's log.
     fn log(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.0.join("prometheus.log")).unwrap_or_default();
+        let log = self.process.stdout.text() + &self.process.stderr.text();
         let lines: Vec<&str> = log.lines().collect();
         lines[lines.len().saturating_sub(30)..].join("\n")
     }
@@ -363,13 +304,6 @@ impl Prometheus {
             return Err(format!("{status}: {json}"));
         }
         Ok(json["data"]["result"].as_array().map_or(0, Vec::len))
-    }
-}
-
-impl Drop for Prometheus {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -493,16 +427,16 @@ async fn dashboard_and_readme_queries_return_data_from_a_real_prometheus() {
     let readme = readme_queries(README);
     assert!(readme.len() >= 3, "README's ```promql blocks: {readme:?}");
     queries.extend(readme);
-    bounded(async {
+    bounded(LIMIT, async {
         let (_consul, _backend, router) = router_with_mix("promq", "").await;
         let prom = Prometheus::start(router.admin_addr);
         let started = Instant::now();
         let ready = prom.addr;
+        prom.process
+            .wait_listening(ready, Duration::from_secs(30))
+            .await;
         wait_until(Duration::from_secs(30), "prometheus ready", || async move {
-            match tokio::net::TcpStream::connect(ready).await {
-                Ok(_) => get(ready, &ready.to_string(), "/-/ready").await.status == StatusCode::OK,
-                Err(_) => false,
-            }
+            get(ready, &ready.to_string(), "/-/ready").await.status == StatusCode::OK
         })
         .await;
         // Traffic all along, so that every rate has samples to work on.
@@ -536,6 +470,7 @@ async fn dashboard_and_readme_queries_return_data_from_a_real_prometheus() {
             if failures.is_empty() || refused || Instant::now() > deadline {
                 break failures;
             }
+            // Polling (a scrape a second): the failures are reported whole at the deadline.
             tokio::time::sleep(Duration::from_secs(1)).await;
         };
         stop.store(true, Ordering::Relaxed);

@@ -18,12 +18,11 @@ async fn one_backend(name: &str, toml: &str) -> (ConsulAgent, Backend, consul_ro
     let b = Backend::start(name).await;
     consul.register(name, name, b.port(), &[]).await;
     let router = start_router(&consul.addr(), toml).await;
-    let p = router.proxy_addr;
-    let host = format!("{name}.app.test");
-    wait_until(Duration::from_secs(5), "routed", || {
-        let host = host.clone();
-        async move { get(p, &host, "/").await.status == StatusCode::OK }
-    })
+    wait_status(
+        router.proxy_addr,
+        &format!("{name}.app.test"),
+        StatusCode::OK,
+    )
     .await;
     (consul, b, router)
 }
@@ -191,20 +190,13 @@ async fn connect_failures_retry_elsewhere_then_502() {
     let consul = ConsulAgent::start().await;
     let live = Backend::start("live").await;
     // Two instances on ports where nothing listens.
-    let dead_port = |_: ()| {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    consul.register("mixed", "dead-1", dead_port(()), &[]).await;
-    consul.register("mixed", "dead-2", dead_port(()), &[]).await;
+    consul.register("mixed", "dead-1", free_port(), &[]).await;
+    consul.register("mixed", "dead-2", free_port(), &[]).await;
     consul.register("mixed", "live", live.port(), &[]).await;
-    consul.register("gone", "gone-1", dead_port(()), &[]).await;
+    consul.register("gone", "gone-1", free_port(), &[]).await;
     let router = start_router(&consul.addr(), "").await;
     let p = router.proxy_addr;
-    wait_until(Duration::from_secs(5), "mixed routed", || async {
-        get(p, "mixed.app.test", "/").await.status == StatusCode::OK
-    })
-    .await;
+    wait_status(p, "mixed.app.test", StatusCode::OK).await;
     // With 2 retries, every request finds the live instance, whichever it tries first.
     for _ in 0..50 {
         let g = get(p, "mixed.app.test", "/").await;
@@ -256,10 +248,11 @@ async fn h2c_clients_are_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_lets_in_flight_requests_finish() {
-    let (_c, _b, router) = one_backend("drain", "").await;
+    let (_c, b, router) = one_backend("drain", "").await;
     let p = router.proxy_addr;
     let in_flight = tokio::spawn(async move { get(p, "drain.app.test", "/slow/700").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // In flight: the backend has the request (and answers it 700 ms later).
+    b.wait_request("GET /slow/700").await;
     let t = std::time::Instant::now();
     router.shutdown().await;
     let g = in_flight.await.unwrap();

@@ -27,8 +27,7 @@ async fn reload_applies_exposure_token_access_log_and_consul() {
 
     // vault is no longer excluded (it was never read: the service list is read again) and
     // web now is; an admin token and an access log file appear.
-    let dir = std::env::temp_dir().join(format!("cr-reload-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = TempDir::new("reload");
     let log = dir.join("access.log");
     let toml = format!(
         "domains = [\"app.test\"]\nexclude_services = [\"web\"]\nadmin_token = \"s3cret\"\n\
@@ -106,5 +105,4 @@ async fn reload_applies_exposure_token_access_log_and_consul() {
         "token gone"
     );
     router.shutdown().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }

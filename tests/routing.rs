@@ -25,10 +25,7 @@ async fn routes_hosts_and_answers_bad_requests() {
         .await;
     let router = start_router(&consul.addr(), "").await;
     let p = router.proxy_addr;
-    wait_until(Duration::from_secs(5), "chat routed", || async {
-        get(p, "chat.app.test", "/").await.status == StatusCode::OK
-    })
-    .await;
+    wait_status(p, "chat.app.test", StatusCode::OK).await;
 
     // Case, port and trailing dot do not matter.
     for host in [
@@ -103,7 +100,17 @@ async fn health_and_membership_changes_land_within_a_second() {
 
     // A new instance joins (critical at first: no traffic), then passes.
     consul.register_ttl("web", "b", b.port(), "critical").await;
-    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let admin = router.admin_addr;
+    wait_until(
+        Duration::from_secs(5),
+        "b in the table, critical",
+        || async {
+            listed_instance(admin, "b")
+                .await
+                .is_some_and(|i| i["health"] == "critical")
+        },
+    )
+    .await;
     assert!(only("a").await, "a critical instance got traffic");
     consul.set_check("b", "passing").await;
     consul.set_check("a", "critical").await;
@@ -203,15 +210,31 @@ async fn include_warning_and_weights_and_meta() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn healthz_waits_for_the_first_table() {
-    // No Consul at all: the router starts, /healthz says 503, requests get 503 (not 404).
-    let dead = format!("http://127.0.0.1:{}", {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    });
-    let r = consul_router::start(router_config(&dead, "domains = [\"app.test\"]"))
-        .await
-        .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // No Consul at all (a port that takes connections and drops them at once): the router
+    // starts, /healthz says 503, requests get 503 (not 404).
+    let dead = RawBackend::start_with(Script::answer(RAW_OK).answer_first(0)).await;
+    let r = consul_router::start(router_config(
+        &format!("http://{}", dead.addr),
+        "domains = [\"app.test\"]",
+    ))
+    .await
+    .unwrap();
+    // Discovery has asked Consul for the catalog, failed, and asked again (after its
+    // backoff): the failure is behind it.
+    wait_until(
+        Duration::from_secs(10),
+        "a second try at the catalog",
+        || async {
+            let seen = dead.received();
+            let tries = seen
+                .conns
+                .iter()
+                .filter(|c| c.bytes.starts_with(b"GET /v1/catalog/services"))
+                .count();
+            tries >= 2
+        },
+    )
+    .await;
     assert_eq!(
         get_admin(r.admin_addr, "/healthz").await.0,
         StatusCode::SERVICE_UNAVAILABLE

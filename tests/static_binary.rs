@@ -15,7 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use common::{get, is_root, wait_until, Backend, ConsulAgent, RouterProcess, TempDir};
+use common::{get, is_root, wait_status, wait_until, Backend, ConsulAgent, RouterProcess, TempDir};
 use rustix::process::Signal;
 
 /// The static binary, built at most once per test process.
@@ -172,10 +172,7 @@ async fn static_binary_routes_on_real_consul_and_answers_health() {
     .await;
 
     // Real traffic through the musl build (and its allocator) on several connections.
-    wait_until(Duration::from_secs(20), "hello routed", || async {
-        get(proxy, "hello.app.test", "/").await.status == 200
-    })
-    .await;
+    wait_status(proxy, "hello.app.test", http::StatusCode::OK).await;
     let requests = (0..8).map(|_| {
         tokio::spawn(async move {
             for _ in 0..25 {

@@ -226,8 +226,9 @@ impl RouterBuilder {
 /// What the router prints once it listens, before the addresses.
 const START_LINE: &str = "consul-router: proxy on http://";
 
-/// `toml` after `listen`, `admin_listen` and `domains` defaults for the keys it leaves out.
-fn with_defaults(toml: &str) -> String {
+/// The configuration file [`RouterBuilder::toml`] writes: `toml` after `listen`,
+/// `admin_listen` and `domains` defaults for the keys it leaves out.
+pub fn with_defaults(toml: &str) -> String {
     // Top-level keys come before the first table.
     let top: Vec<&str> = toml
         .lines()
