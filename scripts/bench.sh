@@ -233,11 +233,22 @@ if wants h2c; then
       || { echo "bench: $p does not answer h2c (got HTTP/$v)" >&2; cat "$work"/logs/* >&2; exit 1; }
   done
 fi
+# resumes PORT: whether the listener resumes a TLS session (a second openssl s_client
+# offering the first one's session or ticket). It should not: the kept-alive figures don't
+# depend on it, and h2load offers no session in tls-handshake, but it is printed.
+resumes() {
+  local req="GET / HTTP/1.1\r\nHost: $HOST\r\nConnection: close\r\n\r\n" sess="$work/tls/session.$1"
+  printf "$req" | timeout 5 openssl s_client -quiet -connect "127.0.0.1:$1" -servername "$HOST" -sess_out "$sess" >/dev/null 2>&1 || true
+  [ -s "$sess" ] || return 1
+  printf "$req" | timeout 5 openssl s_client -connect "127.0.0.1:$1" -servername "$HOST" -sess_in "$sess" 2>/dev/null | grep -q '^Reused,'
+}
+resumption=
 if wants tls tls-handshake; then
   for p in $(proxies_for tls); do
     port=$(port_of $p tls)
     curl -fsS --http1.1 --cacert "$work/tls/cert.pem" --resolve "$HOST:$port:127.0.0.1" -o /dev/null "https://$HOST:$port/" \
       || { echo "bench: $p does not answer https on $port" >&2; cat "$work"/logs/* >&2; exit 1; }
+    if resumes "$port"; then resumption="$resumption $p: resumes sessions;"; else resumption="$resumption $p: no;"; fi
   done
 fi
 
@@ -359,4 +370,5 @@ if grep -q -E '^(h2c|tls)' "$results"; then
   echo "h2c, tls, tls-handshake: h2load gives no percentiles; p50 is its mean (tls-handshake: mean time to first byte, handshake included); cpu us/req is per handshake for tls-handshake"
 fi
 [ -s "$tlsinfo" ] && sort -u "$tlsinfo" | awk -F'\t' '{printf "TLS negotiated, %s %s: %s\n", $1, $2, $3}'
+[ -n "$resumption" ] && echo "TLS session resumption (openssl s_client -sess_in):${resumption%;}"
 true
