@@ -366,6 +366,27 @@ async fn one_table_over_http1_and_http2() {
         failed.len(),
         failed.join("\n  ")
     );
+    // Bodies both ways of the same size: streamed (chunked from the backend), and HEAD.
+    for proto in [Proto::H1, Proto::H2] {
+        for (method, target, len) in [("GET", "/bytes/300000", 300_000), ("HEAD", "/", 0)] {
+            let c = Case {
+                name: "body",
+                trusted: true,
+                method,
+                host: "tbl.app.test",
+                target,
+                send: &[],
+                status: 200,
+                backend: &[],
+                response: &[],
+            };
+            for _ in 0..3 {
+                let got = run(proto, trusted.proxy_addr, &c).await;
+                assert_eq!(got.status, StatusCode::OK, "{proto:?} {method} {target}");
+                assert_eq!(got.body.len(), len, "{proto:?} {method} {target}");
+            }
+        }
+    }
     // One HTTP/1 connection keeps working after a local answer (keep-alive).
     let mut s = common::client::open(trusted.proxy_addr).await;
     for host in ["nobody.app.test", "tbl.app.test"] {

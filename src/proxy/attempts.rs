@@ -7,9 +7,9 @@ use std::time::{Duration, Instant};
 
 use crate::balance::Exclude;
 use crate::routing::{Instance, Service};
-use crate::upstream::{ErrorKind, IdlePool, Pooled};
+use crate::upstream::{connect_tcp, BackendConn, ErrorKind, IdlePool, Pooled};
 
-use super::error::Error;
+use super::error::{Error, ErrorType};
 
 /// What to do after an attempt on a backend failed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,6 +46,20 @@ pub struct Attempts<'a> {
     tries: u32,
     replayable: bool,
     start: Instant,
+    /// The instance of the last try.
+    current: Option<&'a Instance>,
+    /// What the last failure calls for (another instance before the first try).
+    next: Next,
+    last: Option<Error>,
+}
+
+/// One try: the instance, and an idle connection to it if one was taken.
+#[derive(Debug)]
+pub struct Try<'a, C> {
+    /// The instance.
+    pub inst: &'a Instance,
+    /// A pooled connection; `None`: connect.
+    pub conn: Option<C>,
 }
 
 impl<'a> Attempts<'a> {
@@ -67,6 +81,9 @@ impl<'a> Attempts<'a> {
             tries: 0,
             replayable,
             start,
+            current: None,
+            next: Next::OtherInstance,
+            last: None,
         }
     }
 
@@ -105,6 +122,49 @@ impl<'a> Attempts<'a> {
         self.rules
     }
 
+    /// The next try, or `None` when the rule says to answer with [`Attempts::last_error`]:
+    /// after a fresh-connection verdict the same instance without a pooled connection;
+    /// otherwise an instance never tried for this request, with an idle connection from
+    /// `pool` if one is young enough. Every try after the first counts as a retry. The
+    /// caller connects when `conn` is `None`, exchanges, and reports a failure with
+    /// [`Attempts::try_failed`]; both protocol paths loop this way.
+    pub fn next_try<C: Pooled + 'a>(
+        &mut self,
+        pool: impl Fn(&'a Instance) -> &'a IdlePool<C>,
+    ) -> Option<Try<'a, C>> {
+        let inst = match self.next {
+            Next::Answer => return None,
+            Next::FreshConnection => self.current?,
+            Next::OtherInstance => {
+                let inst = self.next_instance()?;
+                self.current = Some(inst);
+                self.begin();
+                return Some(Try {
+                    inst,
+                    conn: self.idle(pool(inst)),
+                });
+            }
+        };
+        self.begin();
+        Some(Try { inst, conn: None })
+    }
+
+    /// Reports that a try failed with `error` (`reused`: its connection came from the
+    /// pool); the rule decides what [`Attempts::next_try`] gives next.
+    pub fn try_failed(&mut self, mut error: Error, reused: bool) {
+        error.reused = reused;
+        tracing::debug!(service = %self.service.name, instance = ?self.current.map(|i| &i.id), error = %error, reused, "attempt failed");
+        self.next = self.failed(&error);
+        self.last = Some(error);
+    }
+
+    /// The error to answer with once [`Attempts::next_try`] gives `None`.
+    pub fn last_error(&mut self) -> Error {
+        self.last
+            .take()
+            .unwrap_or_else(|| Error::new(ErrorType::NoHealthyInstance))
+    }
+
     /// The retry rule: counts the error for the service and says what follows it. A
     /// kept-alive connection that broke before any response byte gets one fresh try when
     /// nothing was done or the request can be replayed; a request that did not get
@@ -124,10 +184,15 @@ impl<'a> Attempts<'a> {
     }
 }
 
+/// A new connection to `inst` for the fast path's exchanges, within `limit`.
+pub async fn connect_backend(inst: &Instance, limit: Duration) -> Result<BackendConn, Error> {
+    let stream = connect_tcp(inst.socket, &inst.address, inst.port, limit).await?;
+    Ok(BackendConn { stream })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::proxy::error::ErrorType;
     use crate::routing::testing::{spec, table};
     use crate::routing::Health;
 

@@ -30,12 +30,12 @@ use relay::{respond, upload, write_pair, End, Tally, UploadError};
 use timer::Timer;
 
 use super::answer::LocalAnswer;
-use super::attempts::Next;
+use super::attempts::connect_backend;
 use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
 use super::error::{Error, ErrorType};
 use super::fields::PeerText;
 use crate::routing::Service;
-use crate::upstream::{connect_tcp, BackendConn, ErrorKind, InFlight};
+use crate::upstream::{BackendConn, ErrorKind, InFlight};
 
 /// A client connection the fast path can serve: plain TCP or TLS.
 pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
@@ -403,47 +403,36 @@ impl<S: ClientIo> Conn<'_, S> {
     async fn forward(&mut self, ex: Exchange) -> bool {
         let core = self.core;
         let mut attempts = core.attempts(&ex.routed, ex.replayable);
-        let mut last = Error::new(ErrorType::NoHealthyInstance);
-        'instances: while let Some(inst) = attempts.next_instance() {
-            let in_flight = InFlight::new(inst.state.clone());
-            // A pooled connection first. One the backend closed as we took it gets one fresh
-            // retry on the same instance when the request can be replayed.
-            let mut pooled = attempts.idle(&inst.state.idle);
-            loop {
-                attempts.begin();
-                let reused = pooled.is_some();
-                let backend = match pooled.take() {
-                    Some(b) => Ok(b),
-                    None => {
-                        let limit = attempts.rules().connect_timeout;
-                        connect_tcp(inst.socket, &inst.address, inst.port, limit)
-                            .await
-                            .map(|stream| BackendConn { stream })
-                            .map_err(Error::from)
+        // A pooled connection first. One the backend closed as we took it gets one fresh
+        // retry on the same instance when the request can be replayed.
+        let result = loop {
+            let Some(t) = attempts.next_try(|inst| &inst.state.idle) else {
+                break Err(attempts.last_error());
+            };
+            let reused = t.conn.is_some();
+            let backend = match t.conn {
+                Some(b) => b,
+                None => match connect_backend(t.inst, attempts.rules().connect_timeout).await {
+                    Ok(b) => b,
+                    Err(e) => {
+                        attempts.try_failed(e, false);
+                        continue;
                     }
-                };
-                let mut error = match backend {
-                    Ok(backend) => {
-                        let who = (&*inst.id, attempts.retries());
-                        match self.exchange(&ex, backend, &in_flight, who).await {
-                            Ok(keep) => return keep,
-                            Err(e) if e.kind == ErrorType::Aborted => return false,
-                            Err(e) => e,
-                        }
-                    }
-                    Err(e) => e,
-                };
-                error.reused = reused;
-                tracing::debug!(service = %ex.routed.service.name, instance = %inst.id, error = %error, reused, "attempt failed");
-                let next = attempts.failed(&error);
-                last = error;
-                match next {
-                    Next::FreshConnection => continue,
-                    Next::OtherInstance => continue 'instances,
-                    Next::Answer => break 'instances,
-                }
+                },
+            };
+            let in_flight = InFlight::new(t.inst.state.clone());
+            let who = (&*t.inst.id, attempts.retries());
+            match self.exchange(&ex, backend, &in_flight, who).await {
+                Ok(keep) => break Ok(keep),
+                Err(e) if e.kind == ErrorType::Aborted => break Err(e),
+                Err(e) => attempts.try_failed(e, reused),
             }
-        }
+        };
+        let last = match result {
+            Ok(keep) => return keep,
+            Err(e) if e.kind == ErrorType::Aborted => return false,
+            Err(e) => e,
+        };
         tracing::debug!(service = %ex.routed.service.name, error = %last, "no backend answer");
         let close = !ex.keep_alive || !ex.body.is_done();
         let service = &ex.routed.service;

@@ -175,6 +175,40 @@ impl<'b> ResponseHead<'_, 'b> {
     }
 }
 
+impl<'b> ResponseHead<'_, 'b> {
+    /// The fields the client gets on HTTP/2, by the same rules as [`Self::write_client`]:
+    /// hop-by-hop, framing (HTTP/2 frames itself; a length is kept) and the request ID out,
+    /// the load header taken out and returned. A field that is not valid for a `HeaderMap`
+    /// (it cannot be on HTTP/2) is left out.
+    pub fn to_header_map(&self, map: &mut http::HeaderMap, load_header: &[u8]) -> Option<&'b [u8]> {
+        let mut load = None;
+        map.reserve(self.headers.len());
+        for (h, kind) in self.headers.iter().zip(&self.kinds) {
+            let keep = match response_fate(*kind, false) {
+                Fate::Framing => *kind == Field::ContentLength && !self.has_coding,
+                Fate::Drop | Fate::Replace => false,
+                _ if h.name.len() == load_header.len()
+                    && h.name.as_bytes().eq_ignore_ascii_case(load_header) =>
+                {
+                    load = Some(h.value);
+                    false
+                }
+                _ => !self.connection.names(h.name),
+            };
+            if !keep {
+                continue;
+            }
+            if let (Ok(n), Ok(v)) = (
+                http::HeaderName::from_bytes(h.name.as_bytes()),
+                http::HeaderValue::from_bytes(h.value),
+            ) {
+                map.append(n, v);
+            }
+        }
+        load
+    }
+}
+
 fn write_status(out: &mut Vec<u8>, status: u16) {
     let s = status.min(999);
     out.extend_from_slice(&[

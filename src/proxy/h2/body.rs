@@ -45,7 +45,8 @@ pub struct Closing {
 }
 
 impl Closing {
-    fn close(self, bytes_out: u64) {
+    /// Closes the request with `bytes_out` response body bytes sent.
+    pub fn close(self, bytes_out: u64) {
         self.core.finish(
             &Finished {
                 service: Some(&self.service),
@@ -164,5 +165,7 @@ impl Drop for UpstreamBody {
 
 /// What the proxy answers with: the backend's body, or a local answer's (short, or another
 /// service's streamed through).
-pub type ProxyBody =
-    http_body_util::Either<UpstreamBody, http_body_util::Either<Full<Bytes>, Incoming>>;
+pub type ProxyBody = http_body_util::Either<
+    http_body_util::Either<UpstreamBody, super::direct::DirectBody>,
+    http_body_util::Either<Full<Bytes>, Incoming>,
+>;

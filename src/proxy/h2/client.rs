@@ -10,7 +10,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use crate::proxy::attempts::{Attempts, Next};
+use crate::proxy::attempts::Attempts;
 use crate::proxy::error::Error;
 use crate::routing::Instance;
 use crate::upstream::{connect_tcp, ErrorKind, InFlight, RequestBody, Sender, Stall};
@@ -45,48 +45,39 @@ pub async fn send(
 ) -> Result<Answer, Error> {
     let stall = attempts.rules().response_timeout;
     let mut req = req.map(|b| Stall::new(b, stall).counting(received));
-    let mut last = Error::new(crate::proxy::error::ErrorType::NoHealthyInstance);
-    'instances: while let Some(inst) = attempts.next_instance() {
-        let in_flight = InFlight::new(inst.state.clone());
-        let mut pooled = attempts.idle(&inst.state.idle_hyper);
-        loop {
-            attempts.begin();
-            let reused = pooled.is_some();
-            let sender = match pooled.take() {
-                Some(s) => ready(s).await,
-                None => connect(inst, attempts).await.map_err(|e| e.unsent()),
-            };
-            let result = match sender {
-                Ok(sender) => exchange(sender, req, attempts).await,
-                Err(e) => Err((e, Some(req))),
-            };
-            let (mut error, back) = match result {
-                Ok((response, sender)) => {
-                    return Ok(Answer {
-                        response,
-                        sender,
-                        in_flight,
-                        instance: inst.id.clone(),
-                    })
-                }
-                Err(failed) => failed,
-            };
-            error.reused = reused;
-            tracing::debug!(instance = %inst.id, error = %error, reused, "attempt failed");
-            let next = attempts.failed(&error);
-            let Some(back) = back else {
-                return Err(error);
-            };
-            req = back;
-            last = error;
-            match next {
-                Next::FreshConnection => {}
-                Next::OtherInstance => continue 'instances,
-                Next::Answer => break 'instances,
+    while let Some(t) = attempts.next_try(|inst| &inst.state.idle_hyper) {
+        let reused = t.conn.is_some();
+        let sender = match t.conn {
+            Some(s) => ready(s).await,
+            None => connect(t.inst, attempts).await.map_err(|e| e.unsent()),
+        };
+        // Counted in flight from here, for least-load picks.
+        let in_flight = InFlight::new(t.inst.state.clone());
+        let result = match sender {
+            Ok(sender) => exchange(sender, req, attempts).await,
+            Err(e) => Err((e, Some(req))),
+        };
+        match result {
+            Ok((response, sender)) => {
+                return Ok(Answer {
+                    response,
+                    sender,
+                    in_flight,
+                    instance: t.inst.id.clone(),
+                })
+            }
+            // The request is handed back when none of it was written; else no retry.
+            Err((error, Some(back))) => {
+                req = back;
+                attempts.try_failed(error, reused);
+            }
+            Err((error, None)) => {
+                attempts.try_failed(error, reused);
+                return Err(attempts.last_error());
             }
         }
     }
-    Err(last)
+    Err(attempts.last_error())
 }
 
 /// A pooled connection, once it has finished its previous exchange. It was pooled the

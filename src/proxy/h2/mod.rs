@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod client;
+pub mod direct;
 pub mod fields;
 
 use std::sync::Arc;
@@ -64,8 +65,11 @@ pub async fn handle(
         );
     }
 
+    if hyper::body::Body::is_end_stream(req.body()) {
+        return bodiless(core, req, routed, request_id, id_value, log).await;
+    }
     // Only a request with a body pays for a counter of its bytes.
-    let received = (!hyper::body::Body::is_end_stream(req.body())).then(Arc::default);
+    let received = Some(Arc::default());
     let mut attempts = core.attempts(&routed, false);
     let answer = client::send(&mut attempts, req, received.clone()).await;
     let retries = attempts.retries();
@@ -77,17 +81,7 @@ pub async fn handle(
         instance,
     } = match answer {
         Ok(a) => a,
-        Err(e) => {
-            tracing::debug!(service = %service.name, error = %e, "no backend answer");
-            return local(
-                core,
-                e.answer(),
-                Some(service),
-                routed.start,
-                &request_id,
-                log,
-            );
-        }
+        Err(e) => return no_answer(core, &e, &routed, &request_id, log),
     };
     let upstream_time = routed.start.elapsed();
 
@@ -118,7 +112,7 @@ pub async fn handle(
     }
     response
         .headers_mut()
-        .insert(fields::X_REQUEST_ID, id_value);
+        .insert(fields::X_REQUEST_ID, unindexed(id_value));
     let closing = Box::new(body::Closing {
         core: core.clone(),
         status: response.status().as_u16(),
@@ -133,14 +127,62 @@ pub async fn handle(
     });
     let stall = core.rules().response_timeout;
     response.map(|b| {
-        Either::Left(UpstreamBody::new(
+        Either::Left(Either::Left(UpstreamBody::new(
             b,
             Some(sender),
             in_flight,
             stall,
             Some(closing),
-        ))
+        )))
     })
+}
+
+/// A request without a body, exchanged in this stream's task ([`direct`]).
+async fn bodiless(
+    core: &Arc<Core>,
+    req: Request<Incoming>,
+    routed: Routed,
+    request_id: RequestId,
+    id_value: HeaderValue,
+    log: Option<LogFields>,
+) -> Response<ProxyBody> {
+    let mut head = Vec::with_capacity(512);
+    direct::write_head(&req, &mut head);
+    let head_request = req.method() == http::Method::HEAD;
+    let replayable = matches!(
+        req.method().as_str(),
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    );
+    drop(req);
+    let mut attempts = core.attempts(&routed, replayable);
+    let answer = direct::send(core, &mut attempts, &head, head_request).await;
+    let retries = attempts.retries();
+    let direct::Answer {
+        status,
+        mut headers,
+        body,
+        instance,
+    } = match answer {
+        Ok(a) => a,
+        Err(e) => return no_answer(core, &e, &routed, &request_id, log),
+    };
+    headers.insert(fields::X_REQUEST_ID, unindexed(id_value));
+    let closing = Box::new(body::Closing {
+        core: core.clone(),
+        status: status.as_u16(),
+        service: routed.service.clone(),
+        instance,
+        start: routed.start,
+        upstream: routed.start.elapsed(),
+        retries,
+        request_id,
+        log,
+        received: None,
+    });
+    let mut resp = Response::new(Either::Left(Either::Right(body.closing(closing))));
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
 }
 
 /// The target check and routing, as on the HTTP/1 path.
@@ -187,6 +229,26 @@ fn log_fields(req: &Request<Incoming>, conn: &ConnFacts) -> LogFields {
     log
 }
 
+/// The answer when no backend gave one.
+fn no_answer(
+    core: &Core,
+    e: &Error,
+    routed: &Routed,
+    request_id: &RequestId,
+    log: Option<LogFields>,
+) -> Response<ProxyBody> {
+    let service = &routed.service;
+    tracing::debug!(service = %service.name, error = %e, "no backend answer");
+    local(
+        core,
+        e.answer(),
+        Some(service),
+        routed.start,
+        request_id,
+        log,
+    )
+}
+
 /// A local answer on the HTTP/2 path, closed in the core like any request.
 fn local(
     core: &Core,
@@ -231,10 +293,17 @@ pub fn answer_response(answer: LocalAnswer, request_id: &RequestId) -> Response<
     resp
 }
 
+/// A request ID for the client's HPACK never to index: each is unique, so indexing would
+/// only fill the connection's table and push useful entries out of it.
+fn unindexed(mut id: HeaderValue) -> HeaderValue {
+    id.set_sensitive(true);
+    id
+}
+
 /// Sets `X-Request-Id` on a response for the client.
 fn set_request_id(headers: &mut http::HeaderMap, id: &RequestId) {
     if let Ok(v) = HeaderValue::from_bytes(id.as_bytes()) {
-        headers.insert(fields::X_REQUEST_ID, v);
+        headers.insert(fields::X_REQUEST_ID, unindexed(v));
     }
 }
 
