@@ -12,6 +12,7 @@ pub mod request;
 pub mod response;
 mod timer;
 
+use std::io::Write as _;
 use std::pin::pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -29,7 +30,7 @@ use response::write_local;
 use relay::{respond, upload, write_pair, End, Tally, UploadError};
 use timer::Timer;
 
-use super::answer::LocalAnswer;
+use super::answer::{AnswerBody, LocalAnswer};
 use super::attempts::connect_backend;
 use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
 use super::error::{Error, ErrorType};
@@ -191,7 +192,7 @@ impl<S: ClientIo> Conn<'_, S> {
                     tracing::debug!(peer = %self.info.peer, error = %e, "bad request head");
                     let start = std::time::Instant::now();
                     let answer = LocalAnswer::text(e.status(), e.text());
-                    let keep = self.answer(&answer, true, None).await;
+                    let (keep, _) = self.answer(answer, true, None).await;
                     if self.core.logs() {
                         self.log.fill(&self.info, Protocol::Http11, [b""; 5]);
                     }
@@ -353,32 +354,77 @@ impl<S: ClientIo> Conn<'_, S> {
         }
     }
 
-    /// Writes a local answer (a streamed body chunked); false when the connection closes
-    /// after it.
+    /// Writes a local answer, a streamed body chunked as it comes; whether the connection
+    /// stays open after it, and the body bytes sent.
     async fn answer(
         &mut self,
-        answer: &LocalAnswer,
+        answer: LocalAnswer,
         close: bool,
         request_id: Option<&RequestId>,
-    ) -> bool {
+    ) -> (bool, u64) {
         self.wbuf.clear();
         write_local(
             &mut self.wbuf,
-            answer,
+            &answer,
             close,
             request_id.map(RequestId::as_bytes),
         );
+        let mut sent = answer.body_len().unwrap_or(0) as u64;
         let write = self.client.write_all(&self.wbuf);
         let limit = self.header_timeout;
         if !matches!(self.timer.within(limit, write).await, Some(Ok(()))) {
-            return false;
+            return (false, sent);
+        }
+        if let AnswerBody::Stream(body) = answer.body {
+            match self.relay_chunked(body).await {
+                Some(n) => sent = n,
+                // Cut mid-body: the client sees the connection close.
+                None => return (false, sent),
+            }
         }
         self.idle_since = std::time::Instant::now();
         if close {
             self.linger().await;
-            return false;
+            return (false, sent);
         }
-        true
+        (true, sent)
+    }
+
+    /// Relays another service's body to the client as chunks, each read and write within
+    /// `proxy.response_timeout`; the bytes sent, or `None` if it broke.
+    async fn relay_chunked(&mut self, mut body: hyper::body::Incoming) -> Option<u64> {
+        use http_body_util::BodyExt;
+        let stall = self.core.rules().response_timeout;
+        let mut sent = 0u64;
+        loop {
+            let frame = match self.timer.within(stall, body.frame()).await {
+                Some(Some(Ok(f))) => f,
+                Some(None) => break,
+                _ => return None,
+            };
+            let Ok(data) = frame.into_data() else {
+                // Trailers of a local answer are not relayed.
+                continue;
+            };
+            if data.is_empty() {
+                continue;
+            }
+            self.wbuf.clear();
+            let _ = write!(self.wbuf, "{:x}\r\n", data.len());
+            let head = std::mem::take(&mut self.wbuf);
+            let write = async {
+                write_pair(&mut self.client, &head, &data).await?;
+                self.client.write_all(b"\r\n").await
+            };
+            let ok = matches!(self.timer.within(stall, write).await, Some(Ok(())));
+            self.wbuf = head;
+            if !ok {
+                return None;
+            }
+            sent += data.len() as u64;
+        }
+        let end = self.client.write_all(b"0\r\n\r\n");
+        matches!(self.timer.within(stall, end).await, Some(Ok(()))).then_some(sent)
     }
 
     /// Half-closes and drains what the client still sends, briefly, so that closing with
@@ -458,12 +504,13 @@ impl<S: ClientIo> Conn<'_, S> {
         request_id: &RequestId,
     ) -> bool {
         let close = close || self.closing();
-        let keep = self.answer(&answer, close, Some(request_id)).await;
+        let status = answer.status.as_u16();
+        let (keep, bytes_out) = self.answer(answer, close, Some(request_id)).await;
         let done = Finished {
             service,
-            status: answer.status.as_u16(),
+            status,
             start: Some(start),
-            bytes_out: answer.body_len().unwrap_or(0) as u64,
+            bytes_out,
             request_id: request_id.as_bytes(),
             ..Finished::default()
         };
