@@ -180,14 +180,14 @@ async fn connection(
                 serve_h2(proxy, tls_stream, facts, stop).await;
             } else {
                 let _open = Open::new(&proxy.open_connections[0]);
-                h1::serve(&proxy, tls_stream, Vec::new(), facts, stop).await;
+                h1::serve(proxy.h1(), tls_stream, Vec::new(), facts, stop).await;
             }
         }
         None => match preface(&mut stream, &mut read, due).await {
             Ok(true) => serve_h2(proxy, Prefixed::new(read, stream), facts, stop).await,
             Ok(false) => {
                 let _open = Open::new(&proxy.open_connections[0]);
-                h1::serve(&proxy, stream, read, facts, stop).await;
+                h1::serve(proxy.h1(), stream, read, facts, stop).await;
             }
             Err(e) => refused(&e, peer),
         },

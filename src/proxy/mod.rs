@@ -48,6 +48,15 @@ pub struct Proxy {
 }
 
 impl Proxy {
+    /// What the HTTP/1 fast path needs of it.
+    pub fn h1(&self) -> h1::Settings<'_> {
+        h1::Settings {
+            core: &self.core,
+            header_timeout: self.header_timeout,
+            upgraded: &self.upgraded,
+        }
+    }
+
     /// A proxy reading `routes`, logging requests to `access_log`.
     pub fn new(cfg: &Config, routes: Arc<Routes>, access_log: AccessLog) -> Self {
         Proxy {

@@ -138,10 +138,21 @@ struct Conn<'p, S> {
     idle_since: std::time::Instant,
 }
 
+/// What the fast path needs besides the core: the connection-level settings.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings<'a> {
+    /// The request core.
+    pub core: &'a Core,
+    /// `proxy.header_timeout`.
+    pub header_timeout: Duration,
+    /// Counts connections joined after a 101.
+    pub upgraded: &'a metrics::Gauge,
+}
+
 /// Serves one client connection on the HTTP/1 fast path until it closes. `read` holds the
 /// bytes the listener already read from it.
 pub async fn serve<S: ClientIo>(
-    proxy: &super::Proxy,
+    settings: Settings<'_>,
     client: S,
     read: Vec<u8>,
     info: ConnFacts,
@@ -152,9 +163,9 @@ pub async fn serve<S: ClientIo>(
         cbuf.reserve(CLIENT_BUF - cbuf.len());
     }
     let mut conn = Conn {
-        core: &proxy.core,
-        header_timeout: proxy.header_timeout,
-        upgraded: &proxy.upgraded,
+        core: settings.core,
+        header_timeout: settings.header_timeout,
+        upgraded: settings.upgraded,
         client,
         info,
         log: LogFields::default(),
