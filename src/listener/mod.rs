@@ -134,7 +134,9 @@ async fn connection(
     stop: watch::Receiver<bool>,
 ) {
     let due = tokio::time::Instant::now() + proxy.header_timeout;
-    let mut read = Vec::with_capacity(FIRST_READ);
+    // TLS without a PROXY header reads nothing here: no buffer to carry over.
+    let reads = layers.tls.is_none() || layers.proxy_protocol != ProxyProtocol::Off;
+    let mut read = Vec::with_capacity(if reads { FIRST_READ } else { 0 });
     let (client, port) =
         match proxy_header(&proxy, layers, &mut stream, peer, port, &mut read, due).await {
             Ok(addrs) => addrs,

@@ -23,6 +23,15 @@ pub enum Next {
     Answer,
 }
 
+/// Whether resending a request with `method` on another connection is harmless (RFC 9110
+/// §9.2.2); with no body, such a request may be replayed on a fresh connection.
+pub fn is_idempotent(method: &str) -> bool {
+    matches!(
+        method,
+        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
+    )
+}
+
 /// The settings attempts follow (`[proxy]`).
 #[derive(Debug, Clone, Copy)]
 pub struct AttemptRules {
@@ -88,19 +97,19 @@ impl<'a> Attempts<'a> {
     }
 
     /// The next instance to try, never one tried already for this request.
-    pub fn next_instance(&mut self) -> Option<&'a Instance> {
+    fn next_instance(&mut self) -> Option<&'a Instance> {
         let (pos, inst) = self.service.pick(self.key, self.exclude)?;
         self.exclude.add(pos);
         Some(inst)
     }
 
     /// An idle connection from `pool` still young enough, if any.
-    pub fn idle<C: Pooled>(&self, pool: &IdlePool<C>) -> Option<C> {
+    fn idle<C: Pooled>(&self, pool: &IdlePool<C>) -> Option<C> {
         pool.take(self.rules.idle_timeout, self.start)
     }
 
     /// Marks the start of a try; every try after the first counts as a retry.
-    pub fn begin(&mut self) {
+    fn begin(&mut self) {
         if self.tries > 0 {
             self.service.stats.metrics.get().retry();
         }
@@ -169,7 +178,7 @@ impl<'a> Attempts<'a> {
     /// kept-alive connection that broke before any response byte gets one fresh try when
     /// nothing was done or the request can be replayed; a request that did not get
     /// through whole goes to another instance, up to `retries`; anything else is answered.
-    pub fn failed(&mut self, e: &Error) -> Next {
+    fn failed(&mut self, e: &Error) -> Next {
         let Some(kind) = e.upstream_kind() else {
             return Next::Answer;
         };

@@ -216,8 +216,10 @@ impl ConnFacts {
     pub fn new(core: &Core, peer: SocketAddr, port: u16) -> Self {
         let peer_ip = fields::canonical(peer.ip());
         let mut text = [0u8; 5];
-        let digits = port.to_string();
-        text[..digits.len()].copy_from_slice(digits.as_bytes());
+        let mut w = &mut text[..];
+        // At most 5 digits: always fits.
+        let _ = std::io::Write::write_fmt(&mut w, format_args!("{port}"));
+        let len = 5 - w.len();
         ConnFacts {
             peer,
             peer_ip,
@@ -226,7 +228,7 @@ impl ConnFacts {
             scheme: Scheme::Http,
             tls: None,
             port: text,
-            port_len: digits.len() as u8,
+            port_len: len as u8,
             id: core.conns.fetch_add(1, Ordering::Relaxed),
             seq: AtomicU64::new(0),
             values: OnceLock::new(),

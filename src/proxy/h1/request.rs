@@ -132,10 +132,7 @@ impl RequestHead<'_, '_> {
 
     /// Whether resending this request on another connection is harmless.
     pub fn is_idempotent(&self) -> bool {
-        matches!(
-            self.method,
-            "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-        )
+        crate::proxy::attempts::is_idempotent(self.method)
     }
 
     /// The path (and query, with `with_query`) for URL hashing. An absolute-form target

@@ -149,10 +149,7 @@ async fn bodiless(
     let mut head = Vec::with_capacity(512);
     direct::write_head(&req, &mut head);
     let head_request = req.method() == http::Method::HEAD;
-    let replayable = matches!(
-        req.method().as_str(),
-        "GET" | "HEAD" | "OPTIONS" | "TRACE" | "PUT" | "DELETE"
-    );
+    let replayable = super::attempts::is_idempotent(req.method().as_str());
     drop(req);
     let mut attempts = core.attempts(&routed, replayable);
     let answer = direct::send(core, &mut attempts, &head, head_request).await;
