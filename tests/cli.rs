@@ -254,6 +254,7 @@ fn record(status: u16) -> Record<'static> {
         user_agent: b"test",
         tls_version: "",
         alpn: "",
+        auth: "",
     }
 }
 

@@ -110,7 +110,8 @@ fn push_quoted(out: &mut Vec<u8>, value: &[u8]) {
 ///
 /// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent
 /// "$http_referer" "$http_user_agent" host="…" service="…" instance="…" bytes_in=N rt=S.mmm
-/// urt=S.mmm retries=N rid="…"`, then on a TLS connection ` tls="…" alpn="…"`.
+/// urt=S.mmm retries=N rid="…"`, then on a TLS connection ` tls="…" alpn="…"`, then for a
+/// service with forward auth ` auth="…"`.
 pub fn write_text(rec: &Record<'_>, out: &mut Vec<u8>) {
     let (secs, _) = epoch(rec.time);
     push_ip(out, rec.client);
@@ -155,6 +156,10 @@ pub fn write_text(rec: &Record<'_>, out: &mut Vec<u8>) {
         push_quoted(out, rec.tls_version.as_bytes());
         out.extend_from_slice(b" alpn=");
         push_quoted(out, rec.alpn.as_bytes());
+    }
+    if !rec.auth.is_empty() {
+        out.extend_from_slice(b" auth=");
+        push_quoted(out, rec.auth.as_bytes());
     }
     out.push(b'\n');
 }
@@ -218,7 +223,8 @@ fn push_json(out: &mut Vec<u8>, value: &[u8]) {
 /// `{"time":"2026-11-22T10:00:00.123Z","client":…,"host":…,"service":…,"instance":…,
 /// "method":…,"path":…,"protocol":"HTTP/1.1","status":200,"bytes_in":0,"bytes_out":0,
 /// "duration_us":0,"upstream_duration_us":0|null,"retries":0,"request_id":…,"referer":…,
-/// "user_agent":…}`, with `"tls_version"` and `"alpn"` last, each only when not empty.
+/// "user_agent":…}`, with `"tls_version"`, `"alpn"` and `"auth"` last, each only when not
+/// empty.
 pub fn write_json(rec: &Record<'_>, out: &mut Vec<u8>) {
     let (secs, ms) = epoch(rec.time);
     out.extend_from_slice(b"{\"time\":\"");
@@ -274,6 +280,10 @@ pub fn write_json(rec: &Record<'_>, out: &mut Vec<u8>) {
         out.extend_from_slice(b",\"alpn\":");
         push_json(out, rec.alpn.as_bytes());
     }
+    if !rec.auth.is_empty() {
+        out.extend_from_slice(b",\"auth\":");
+        push_json(out, rec.auth.as_bytes());
+    }
     out.extend_from_slice(b"}\n");
 }
 
@@ -309,6 +319,7 @@ pub(super) mod tests {
             user_agent: b"curl/8.0",
             tls_version: "",
             alpn: "",
+            auth: "",
         }
     }
 
@@ -368,6 +379,12 @@ pub(super) mod tests {
             "{j}"
         );
         // TLS without ALPN: the text field is there as `-`, the JSON key is not.
+        let authed = Record {
+            auth: "denied",
+            ..tls
+        };
+        assert!(text(&authed).ends_with(" alpn=\"h2\" auth=\"denied\"\n"));
+        assert!(json(&authed).ends_with(",\"alpn\":\"h2\",\"auth\":\"denied\"}\n"));
         let no_alpn = Record { alpn: "", ..tls };
         assert!(text(&no_alpn).ends_with(" tls=\"TLSv1.3\" alpn=\"-\"\n"));
         let v: serde_json::Value = serde_json::from_str(&json(&no_alpn)).unwrap();

@@ -140,6 +140,9 @@ pub struct Record<'a> {
     pub tls_version: &'a str,
     /// The protocol ALPN chose on the client's TLS connection (`h2`); empty when none.
     pub alpn: &'a str,
+    /// Forward auth's decision (`allowed`, `cached`, `denied`, `error`); empty when the
+    /// service has none.
+    pub auth: &'a str,
 }
 
 /// Empty fields, the epoch and the unspecified address: a base for `..Default::default()`.
@@ -165,6 +168,7 @@ impl Default for Record<'_> {
             user_agent: b"",
             tls_version: "",
             alpn: "",
+            auth: "",
         }
     }
 }

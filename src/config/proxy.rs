@@ -29,6 +29,8 @@ pub struct FileProxy {
     pub h2_max_concurrent_streams: Option<u32>,
     /// Response header a backend reports its load in; `""` turns it off.
     pub load_header: Option<String>,
+    /// Longest wait for a `router.auth=` service's answer, all tries together.
+    pub auth_timeout: Option<String>,
 }
 
 /// Validated proxy settings.
@@ -53,6 +55,8 @@ pub struct ProxyConfig {
     pub h2_max_concurrent_streams: u32,
     /// Response header read as the instance's load and removed (lowercase); `None`: off.
     pub load_header: Option<http::HeaderName>,
+    /// Longest wait for an auth service's answer head, all tries together.
+    pub auth_timeout: Duration,
 }
 
 /// The response header backends report their load in, unless `proxy.load_header` says.
@@ -96,7 +100,11 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
         header_timeout: parse_duration("proxy.header_timeout", p.header_timeout.as_deref(), "30s")?,
         h2_max_concurrent_streams: p.h2_max_concurrent_streams.unwrap_or(128),
         load_header: load_header(p.load_header.as_deref())?,
+        auth_timeout: parse_duration("proxy.auth_timeout", p.auth_timeout.as_deref(), "2s")?,
     };
+    if proxy.auth_timeout.is_zero() {
+        return Err(invalid("proxy.auth_timeout", "must be above zero"));
+    }
     if proxy.header_timeout.is_zero() {
         return Err(invalid("proxy.header_timeout", "must be above zero"));
     }

@@ -82,7 +82,14 @@ pub struct ServiceMetrics {
     /// Failed exchanges, in [`ErrorKind::ALL`] order.
     upstream_errors: [AtomicU64; ErrorKind::ALL.len()],
     retries: AtomicU64,
+    /// Forward auth decisions, in [`AUTH_OUTCOMES`] order.
+    auth: [AtomicU64; AUTH_OUTCOMES.len()],
+    /// Time to an auth decision (cache hits included).
+    pub auth_duration: Histogram,
 }
+
+/// Forward auth outcomes, the `outcome` label of `consul_router_auth_decisions_total`.
+pub const AUTH_OUTCOMES: [&str; 4] = ["allowed", "cached", "denied", "error"];
 
 impl ServiceMetrics {
     /// Counts a request answered with `status`.
@@ -95,6 +102,13 @@ impl ServiceMetrics {
     pub fn upstream_error(&self, kind: ErrorKind) {
         let i = ErrorKind::ALL.iter().position(|k| *k == kind).unwrap_or(0);
         self.upstream_errors[i].fetch_add(1, Relaxed);
+    }
+
+    /// Counts a forward auth decision (one of [`AUTH_OUTCOMES`]) that took `took`.
+    pub fn auth(&self, outcome: &str, took: Duration) {
+        let i = AUTH_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(3);
+        self.auth[i].fetch_add(1, Relaxed);
+        self.auth_duration.record(took);
     }
 
     /// Counts a request sent again.
@@ -152,6 +166,16 @@ const UPSTREAM_ERRORS: Family = Family {
     kind: "counter",
     help: "Failed exchanges with backends by kind.",
 };
+const AUTH_DECISIONS: Family = Family {
+    name: "consul_router_auth_decisions_total",
+    kind: "counter",
+    help: "Forward auth decisions by protected service and outcome (allowed, cached, denied, error).",
+};
+const AUTH_DURATION: Family = Family {
+    name: "consul_router_auth_duration_seconds",
+    kind: "histogram",
+    help: "Time to a forward auth decision, by protected service.",
+};
 const RETRIES: Family = Family {
     name: "consul_router_retries_total",
     kind: "counter",
@@ -189,6 +213,7 @@ pub fn write_services(out: &mut String, services: &[(String, &ServiceMetrics)]) 
             (|m| &m.duration) as fn(&ServiceMetrics) -> &Histogram,
         ),
         (&UPSTREAM_DURATION, |m| &m.upstream_duration),
+        (&AUTH_DURATION, |m| &m.auth_duration),
     ] {
         let used: Vec<_> = services
             .iter()
@@ -218,6 +243,26 @@ pub fn write_services(out: &mut String, services: &[(String, &ServiceMetrics)]) 
                     out,
                     "{}{{service=\"{service}\",kind=\"{kind}\"}} {n}",
                     UPSTREAM_ERRORS.name
+                );
+            }
+        }
+    }
+    let decisions = |m: &ServiceMetrics| {
+        AUTH_OUTCOMES
+            .iter()
+            .zip(m.auth.each_ref().map(|c| c.load(Relaxed)))
+            .filter(|(_, n)| *n > 0)
+            .map(|(o, n)| (*o, n))
+            .collect::<Vec<_>>()
+    };
+    if services.iter().any(|(_, m)| !decisions(m).is_empty()) {
+        AUTH_DECISIONS.header(out);
+        for (service, m) in services {
+            for (outcome, n) in decisions(m) {
+                let _ = writeln!(
+                    out,
+                    "{}{{service=\"{service}\",outcome=\"{outcome}\"}} {n}",
+                    AUTH_DECISIONS.name
                 );
             }
         }

@@ -1,10 +1,15 @@
 //! Answers the router gives itself: any status, any fields, and a short or streamed body.
-//! An error's plain text, a redirect to https, and (next) an auth service's 401 or 302
-//! passed through are all one `LocalAnswer`, written by each protocol path's writer.
+//! An error's plain text, a redirect to https, and an auth service's 401 or 302 passed
+//! through are all one `LocalAnswer`, written by each protocol path's writer.
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::StatusCode;
+
+/// A body streamed from elsewhere (another service's answer, relayed). Its error is an
+/// `io::Error`, not a boxed one: a boxed error's lifetime trips rustc's check that the
+/// connection futures are `Send` (the higher-ranked lifetime bug).
+pub type StreamBody = http_body_util::combinators::UnsyncBoxBody<Bytes, std::io::Error>;
 
 /// The body of a local answer.
 #[derive(Debug)]
@@ -14,7 +19,7 @@ pub enum AnswerBody {
     /// Bytes made for this answer.
     Bytes(Bytes),
     /// Another service's body, streamed through.
-    Stream(hyper::body::Incoming),
+    Stream(StreamBody),
 }
 
 impl AnswerBody {

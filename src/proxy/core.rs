@@ -14,11 +14,12 @@ use ipnet::IpNet;
 use crate::access_log::{AccessLog, Record};
 use crate::balance::{hash_bytes, Strategy};
 use crate::config::{Config, UnderscoreHeaders};
-use crate::routing::{normalize, HostError, Routes, Service, MAX_HOST};
+use crate::routing::{normalize, AuthSpec, HostError, Routes, Service, MAX_HOST};
 use crate::upstream::{parse_load, ReportedLoad};
 
 use super::answer::LocalAnswer;
 use super::attempts::{AttemptRules, Attempts};
+use super::auth::{Auth, Outcome};
 use super::error::{Error, ErrorType};
 use super::fields::{self, Forwarding, PeerText, Scheme};
 
@@ -62,22 +63,26 @@ pub struct Core {
     load_header: Option<http::HeaderName>,
     /// `tls.redirect_http`: the TLS listener's port plain requests are redirected to.
     redirect_https: Option<u16>,
+    /// Forward auth's rules and decision cache.
+    auth: Auth,
 }
 
 impl Core {
     /// The core for `cfg`, reading `routes`, logging requests to `access_log`.
     pub fn new(cfg: &Config, routes: Arc<Routes>, access_log: AccessLog) -> Self {
+        let rules = AttemptRules {
+            retries: cfg.proxy.retries,
+            connect_timeout: cfg.proxy.connect_timeout,
+            response_timeout: cfg.proxy.response_timeout,
+            idle_timeout: cfg.proxy.idle_timeout,
+        };
         Core {
             routes,
             trusted: cfg.trusted_proxies.clone().into_boxed_slice(),
             hash_query: cfg.hash_query,
             drop_underscores: cfg.underscore_headers == UnderscoreHeaders::All,
-            rules: AttemptRules {
-                retries: cfg.proxy.retries,
-                connect_timeout: cfg.proxy.connect_timeout,
-                response_timeout: cfg.proxy.response_timeout,
-                idle_timeout: cfg.proxy.idle_timeout,
-            },
+            rules,
+            auth: Auth::new(rules, cfg.proxy.auth_timeout),
             conns: AtomicU64::new(0),
             salt: fastrand::u32(..),
             access_log,
@@ -123,6 +128,16 @@ impl Core {
     /// The rules attempts on backends follow.
     pub fn rules(&self) -> &AttemptRules {
         &self.rules
+    }
+
+    /// Forward auth's rules and cache.
+    pub fn auth(&self) -> &Auth {
+        &self.auth
+    }
+
+    /// The live routing table.
+    pub fn routes(&self) -> &Routes {
+        &self.routes
     }
 
     /// The attempts of a request `routed` here; `replayable` as [`Attempts::new`].
@@ -348,6 +363,13 @@ pub struct Routed {
     pub start: Instant,
 }
 
+impl Routed {
+    /// The service's forward auth, if it requires it.
+    pub fn auth(&self) -> Option<&AuthSpec> {
+        self.service.access.as_ref()?.auth.as_ref()
+    }
+}
+
 /// A request the core answers itself, and the service it was for, if any.
 #[derive(Debug)]
 pub struct Refused {
@@ -399,6 +421,8 @@ pub struct Finished<'a> {
     pub bytes_out: u64,
     /// The request's ID.
     pub request_id: &'a [u8],
+    /// What forward auth decided, if the service has it.
+    pub auth: Option<Outcome>,
 }
 
 /// What the access log needs of a request's head, copied out of the read buffer (which the
@@ -494,19 +518,35 @@ impl Core {
         };
         let start = Instant::now();
         service.stats.touch_at(start);
-        if service.routable == 0 {
-            return Err(Refused {
-                error: ErrorType::NoHealthyInstance.into(),
-                service: Some(service),
-                answer: None,
-            });
-        }
         let client = if conn.trusted {
             fields::client_ip_in(xff, conn.peer_ip, &self.trusted)
         } else {
             conn.peer_ip
         };
-        let key = match service.strategy() {
+        // The allow-list first: a refused client learns nothing of the service's state.
+        let refused = |kind: ErrorType| Refused {
+            error: kind.into(),
+            service: Some(service.clone()),
+            answer: None,
+        };
+        if service.access.as_ref().is_some_and(|a| !a.allows(client)) {
+            return Err(refused(ErrorType::Forbidden));
+        }
+        if service.routable == 0 {
+            return Err(refused(ErrorType::NoHealthyInstance));
+        }
+        let key = self.balance_key(&service, client, path);
+        Ok(Routed {
+            service,
+            key,
+            client,
+            start,
+        })
+    }
+
+    /// The balancing key of `service`'s strategy for a request from `client` for `path`.
+    pub fn balance_key(&self, service: &Service, client: IpAddr, path: &[u8]) -> u64 {
+        match service.strategy() {
             Strategy::IpHash => match client {
                 IpAddr::V4(v4) => hash_bytes(&v4.octets()),
                 IpAddr::V6(v6) => hash_bytes(&v6.octets()),
@@ -517,13 +557,7 @@ impl Core {
                 hash_bytes(&path[..end])
             }
             Strategy::Random | Strategy::LeastLoad => 0,
-        };
-        Ok(Routed {
-            service,
-            key,
-            client,
-            start,
-        })
+        }
     }
 
     /// Where a response's load header goes: its name (lowercase; empty when off) and the
@@ -581,6 +615,7 @@ impl Core {
                 user_agent: log.part(4),
                 tls_version: log.tls.0,
                 alpn: log.tls.1,
+                auth: done.auth.map_or("", Outcome::as_str),
             });
         }
     }

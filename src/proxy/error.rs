@@ -31,6 +31,13 @@ pub enum ErrorType {
     NoHealthyInstance,
     /// The request body's framing is broken.
     BadBody,
+    /// The client's address is not on the service's allow-list (`router.allow=`).
+    Forbidden,
+    /// The auth service refused: its own answer goes to the client.
+    AuthDenied,
+    /// The service's auth service gave no answer (down, slow, no instance): the request
+    /// never passes.
+    AuthUnavailable,
     /// A backend failed the exchange.
     Upstream(ErrorKind),
     /// The exchange broke off after the answer began, or the client went away or broke
@@ -58,6 +65,13 @@ impl ErrorType {
                 (StatusCode::SERVICE_UNAVAILABLE, "no healthy instance\n")
             }
             ErrorType::BadBody => (StatusCode::BAD_REQUEST, "malformed request body\n"),
+            ErrorType::Forbidden => (StatusCode::FORBIDDEN, "forbidden\n"),
+            // Never sent: the auth service's answer is.
+            ErrorType::AuthDenied => (StatusCode::FORBIDDEN, "forbidden\n"),
+            ErrorType::AuthUnavailable => (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "authorization service unavailable\n",
+            ),
             ErrorType::Upstream(ErrorKind::ResponseTimeout) => {
                 (StatusCode::GATEWAY_TIMEOUT, "gateway timeout\n")
             }

@@ -11,6 +11,7 @@
 
 pub mod answer;
 pub mod attempts;
+pub mod auth;
 pub mod core;
 pub mod error;
 pub mod fields;

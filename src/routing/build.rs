@@ -1,6 +1,6 @@
 //! Building a [`RoutingTable`] from discovered instances, off the request path.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,6 +8,7 @@ use std::time::Instant;
 use crate::balance::{hash_bytes, Picker, Strategy};
 use crate::config::Expose;
 
+use super::access::Access;
 use super::table::{
     Health, Instance, InstanceSpec, InstanceState, NameMap, RoutingTable, Service, ServiceStats,
 };
@@ -102,73 +103,44 @@ pub fn build(
         if !is_exposed(name, tags, specs, opts, &mut odd_expose) {
             continue;
         }
-        let strategy = choose_strategy(name, specs, opts.default_strategy, &mut reg.warned);
-        let mut instances: Vec<Instance> = specs
-            .iter()
-            .map(|spec| {
-                let key = (spec.id.clone(), spec.address.clone(), spec.port);
-                let state = reg
-                    .instances
-                    .entry(key.clone())
-                    .or_insert_with(|| Arc::new(InstanceState::new(opts.max_idle_per_instance)))
-                    .clone();
-                live_instances.insert(key);
-                make_instance(spec, state)
-            })
-            .collect();
-        let routable = |i: &Instance| {
-            i.weight > 0
-                && (i.health == Health::Passing
-                    || (i.health == Health::Warning && opts.include_warning))
-        };
-        // Routable first, then by ID, so positions are stable between rebuilds.
-        instances.sort_by(|a, b| {
-            routable(b)
-                .cmp(&routable(a))
-                .then_with(|| a.id.cmp(&b.id))
-                .then_with(|| a.node.cmp(&b.node))
-        });
-        let n_routable = instances.iter().filter(|i| routable(i)).count();
-        let picker = Picker::new(strategy, &instances[..n_routable]);
-        let stats = reg
-            .services
-            .entry(name.to_string())
-            .or_insert_with(|| Arc::new(ServiceStats::new(reg.epoch)))
-            .clone();
-        let mut own_hosts: Vec<Box<str>> = specs
-            .iter()
-            .flat_map(|s| s.tags.iter())
-            .filter_map(|t| t.strip_prefix(HOST_TAG))
-            .filter_map(normalize_host_tag)
-            .collect();
-        own_hosts.sort();
-        own_hosts.dedup();
-        let service = Arc::new(Service {
-            name: name.as_ref().into(),
-            hosts: own_hosts.clone().into_boxed_slice(),
-            instances: instances.into_boxed_slice(),
-            routable: n_routable,
-            picker,
-            stats,
-        });
-        for h in own_hosts {
+        let service = make_service(name, specs, opts, reg, &mut live_instances);
+        for h in service.hosts.iter() {
             // Services are visited in name order, so the first claim wins deterministically.
-            match hosts.get(&h) {
+            match hosts.get(h) {
                 Some(owner) => tracing::warn!(
                     host = %h, owner = %owner.name, ignored = %name,
                     "two services claim one host; the first by name keeps it"
                 ),
                 None => {
-                    hosts.insert(h, service.clone());
+                    hosts.insert(h.clone(), service.clone());
                 }
             }
         }
         services.insert(name.as_ref().into(), service);
     }
+    // Auth services need not be exposed: those named by a routed service are built too,
+    // reachable by name only (never by a host).
+    let mut internal: NameMap<Arc<Service>> = NameMap::default();
+    let asked: BTreeSet<Box<str>> = services
+        .values()
+        .filter_map(|s| s.access.as_ref()?.auth.as_ref())
+        .map(|a| a.service.clone())
+        .filter(|n| !services.contains_key(n))
+        .collect();
+    for name in asked {
+        if opts.is_excluded(&name) {
+            continue;
+        }
+        if let Some((name, specs)) = catalog.get_key_value(&*name) {
+            let service = make_service(name, specs, opts, reg, &mut live_instances);
+            internal.insert(name.as_ref().into(), service);
+        }
+    }
 
     reg.instances.retain(|k, _| live_instances.contains(k));
-    reg.services
-        .retain(|k, _| services.contains_key(k.as_str()));
+    reg.services.retain(|k, _| {
+        services.contains_key(k.as_str()) || internal.contains_key(k.as_str())
+    });
     reg.warned.retain(|k| services.contains_key(k.as_str()));
     for name in odd_expose.difference(&reg.warned_expose) {
         tracing::warn!(service = %name, "router.expose= is neither true nor false; the service is not routed");
@@ -178,6 +150,7 @@ pub fn build(
     RoutingTable {
         services,
         hosts,
+        internal,
         domains: opts.domains.iter().map(|d| d.as_str().into()).collect(),
         ready: true,
         generation: reg.generation,
@@ -246,6 +219,66 @@ impl TagMarks {
         }
         m
     }
+}
+
+/// One service's snapshot: its instances (state reused through `reg`), routable first,
+/// its picker, hosts and access policy.
+fn make_service(
+    name: &Arc<str>,
+    specs: &[InstanceSpec],
+    opts: &BuildOptions,
+    reg: &mut StateRegistry,
+    live_instances: &mut HashSet<(String, String, u16)>,
+) -> Arc<Service> {
+    let strategy = choose_strategy(name, specs, opts.default_strategy, &mut reg.warned);
+    let mut instances: Vec<Instance> = specs
+        .iter()
+        .map(|spec| {
+            let key = (spec.id.clone(), spec.address.clone(), spec.port);
+            let state = reg
+                .instances
+                .entry(key.clone())
+                .or_insert_with(|| Arc::new(InstanceState::new(opts.max_idle_per_instance)))
+                .clone();
+            live_instances.insert(key);
+            make_instance(spec, state)
+        })
+        .collect();
+    let routable = |i: &Instance| {
+        i.weight > 0
+            && (i.health == Health::Passing || (i.health == Health::Warning && opts.include_warning))
+    };
+    // Routable first, then by ID, so positions are stable between rebuilds.
+    instances.sort_by(|a, b| {
+        routable(b)
+            .cmp(&routable(a))
+            .then_with(|| a.id.cmp(&b.id))
+            .then_with(|| a.node.cmp(&b.node))
+    });
+    let n_routable = instances.iter().filter(|i| routable(i)).count();
+    let picker = Picker::new(strategy, &instances[..n_routable]);
+    let stats = reg
+        .services
+        .entry(name.to_string())
+        .or_insert_with(|| Arc::new(ServiceStats::new(reg.epoch)))
+        .clone();
+    let mut own_hosts: Vec<Box<str>> = specs
+        .iter()
+        .flat_map(|s| s.tags.iter())
+        .filter_map(|t| t.strip_prefix(HOST_TAG))
+        .filter_map(normalize_host_tag)
+        .collect();
+    own_hosts.sort();
+    own_hosts.dedup();
+    Arc::new(Service {
+        name: name.as_ref().into(),
+        hosts: own_hosts.into_boxed_slice(),
+        instances: instances.into_boxed_slice(),
+        routable: n_routable,
+        picker,
+        stats,
+        access: Access::from_specs(name, specs).map(Box::new),
+    })
 }
 
 fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>) -> Instance {

@@ -3,12 +3,14 @@
 //! [`build`] turns what Consul knows ([`InstanceSpec`]s per service) into a [`RoutingTable`];
 //! [`Routes`] publishes it through `arc_swap`, so the request path reads it without a lock.
 
+mod access;
 mod build;
 mod host;
 mod table;
 
 #[cfg(test)]
 pub(crate) use build::testing;
+pub use access::{Access, AuthSpec, CacheKey, MAX_AUTH_CACHE};
 pub use build::{build, BuildOptions, CatalogTags, StateRegistry};
 pub use host::{normalize, HostError, MAX_HOST};
 pub use table::{

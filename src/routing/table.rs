@@ -162,6 +162,8 @@ pub struct Service {
     pub(crate) picker: Picker,
     /// Counters and usage that outlive the snapshot.
     pub stats: Arc<ServiceStats>,
+    /// Who may call it (`router.allow=`, `router.auth=`); `None`: anyone.
+    pub access: Option<Box<super::Access>>,
 }
 
 impl Service {
@@ -202,6 +204,8 @@ pub struct RoutingTable {
     pub services: NameMap<Arc<Service>>,
     /// Explicit hosts (from tags) to their service.
     pub hosts: NameMap<Arc<Service>>,
+    /// Services not exposed but named by a `router.auth=` tag: asked, never routed to.
+    pub internal: NameMap<Arc<Service>>,
     /// Domain suffixes, lowercase, without dots at either end.
     pub domains: Box<[Box<str>]>,
     /// False until the first table built from Consul.
@@ -216,6 +220,7 @@ impl RoutingTable {
         RoutingTable {
             services: NameMap::default(),
             hosts: NameMap::default(),
+            internal: NameMap::default(),
             domains: Box::new([]),
             ready: false,
             generation: 0,
@@ -242,6 +247,11 @@ impl RoutingTable {
             }
         }
         None
+    }
+
+    /// The service named `name`, exposed or only asked for auth.
+    pub fn service_named(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name).or_else(|| self.internal.get(name))
     }
 
     /// Every host this table answers, with its service, sorted by host (for the admin API).

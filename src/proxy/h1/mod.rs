@@ -30,8 +30,9 @@ use response::write_local;
 use relay::{respond, upload, write_pair, End, Tally, UploadError};
 use timer::Timer;
 
-use super::answer::{AnswerBody, LocalAnswer};
+use super::answer::{AnswerBody, LocalAnswer, StreamBody};
 use super::attempts::connect_backend;
+use super::auth::{self, Outcome};
 use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
 use super::error::{Error, ErrorType};
 use super::fields::PeerText;
@@ -96,6 +97,8 @@ struct Exchange {
     http10: bool,
     /// The request's ID, sent to the backend and back to the client.
     request_id: RequestId,
+    /// Forward auth's decision, once asked.
+    auth: Option<Outcome>,
 }
 
 /// The outcome of reading one complete request head.
@@ -230,8 +233,17 @@ impl<S: ClientIo> Conn<'_, S> {
                     self.answer_local(answer, service, close, start, &request_id)
                         .await
                 }
-                // Sets `idle_since` itself, with the clock reading it pools the backend with.
-                Step::Forward(ex) => self.forward(ex).await,
+                Step::Forward(mut ex) => match self.admit(&mut ex).await {
+                    // Sets `idle_since` itself, with the clock reading it pools the backend
+                    // with.
+                    Ok(()) => self.forward(ex).await,
+                    Err(mut refused) => {
+                        // The body, if any, was never read: close after the answer.
+                        let close = !ex.keep_alive || !ex.body.is_done();
+                        let answer = refused.answer();
+                        self.answer_local_as(answer, &ex, close).await
+                    }
+                },
             };
             if !keep {
                 return;
@@ -323,6 +335,7 @@ impl<S: ClientIo> Conn<'_, S> {
             replayable: !has_body && head.is_idempotent(),
             http10: head.http10,
             request_id,
+            auth: None,
         };
         self.cpos += head.len;
         Some(Step::Forward(ex))
@@ -403,7 +416,7 @@ impl<S: ClientIo> Conn<'_, S> {
 
     /// Relays another service's body to the client as chunks, each read and write within
     /// `proxy.response_timeout`; the bytes sent, or `None` if it broke.
-    async fn relay_chunked(&mut self, mut body: hyper::body::Incoming) -> Option<u64> {
+    async fn relay_chunked(&mut self, mut body: StreamBody) -> Option<u64> {
         use http_body_util::BodyExt;
         let stall = self.core.rules().response_timeout;
         let mut sent = 0u64;
@@ -455,6 +468,38 @@ impl<S: ClientIo> Conn<'_, S> {
         let _ = tokio::time::timeout(LINGER, drain).await;
     }
 
+    /// Forward auth, when the service requires it: the auth service's permission, with
+    /// its granted fields written into the backend's head, or the answer to give instead.
+    async fn admit(&mut self, ex: &mut Exchange) -> Result<(), Refused> {
+        let Some(spec) = ex.routed.auth() else {
+            return Ok(());
+        };
+        let decision = auth::authorize(self.core, &ex.routed, spec, &self.wbuf).await;
+        ex.auth = Some(decision.outcome);
+        let grant = decision.result?;
+        auth::amend_head(&mut self.wbuf, &spec.copy, &grant)?;
+        Ok(())
+    }
+
+    /// Answers `ex` locally (its service, start and ID), closing after it if told to.
+    async fn answer_local_as(&mut self, answer: LocalAnswer, ex: &Exchange, close: bool) -> bool {
+        let close = close || self.closing();
+        let status = answer.status.as_u16();
+        let (keep, bytes_out) = self.answer(answer, close, Some(&ex.request_id)).await;
+        let done = Finished {
+            service: Some(&ex.routed.service),
+            status,
+            start: Some(ex.routed.start),
+            bytes_out,
+            request_id: ex.request_id.as_bytes(),
+            auth: ex.auth,
+            ..Finished::default()
+        };
+        self.core
+            .finish(&done, self.core.logs().then_some(&self.log));
+        keep
+    }
+
     /// Sends one request to the service by the core's attempts and relays the answer;
     /// false when the client connection must close.
     async fn forward(&mut self, ex: Exchange) -> bool {
@@ -492,16 +537,7 @@ impl<S: ClientIo> Conn<'_, S> {
         };
         tracing::debug!(service = %ex.routed.service.name, error = %last, "no backend answer");
         let close = !ex.keep_alive || !ex.body.is_done();
-        let service = &ex.routed.service;
-        let answer = last.answer();
-        self.answer_local(
-            answer,
-            Some(service),
-            close,
-            ex.routed.start,
-            &ex.request_id,
-        )
-        .await
+        self.answer_local_as(last.answer(), &ex, close).await
     }
 
     /// Answers locally and closes the request for `service`; closes the connection after it
@@ -677,6 +713,7 @@ impl<S: ClientIo> Conn<'_, S> {
                 bytes_in,
                 bytes_out: tally.bytes_out,
                 request_id: ex.request_id.as_bytes(),
+                auth: ex.auth,
             },
             self.core.logs().then_some(&self.log),
         );

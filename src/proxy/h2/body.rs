@@ -42,6 +42,8 @@ pub struct Closing {
     pub log: Option<LogFields>,
     /// The request body's data bytes so far (`None`: it had none).
     pub received: Option<Arc<AtomicU64>>,
+    /// Forward auth's decision, if the service has it.
+    pub auth: Option<crate::proxy::auth::Outcome>,
 }
 
 impl Closing {
@@ -61,6 +63,7 @@ impl Closing {
                     .map_or(0, |n| n.load(Ordering::Relaxed)),
                 bytes_out,
                 request_id: self.request_id.as_bytes(),
+                auth: self.auth,
             },
             self.log.as_ref(),
         );
@@ -167,5 +170,5 @@ impl Drop for UpstreamBody {
 /// service's streamed through).
 pub type ProxyBody = http_body_util::Either<
     http_body_util::Either<UpstreamBody, super::direct::DirectBody>,
-    http_body_util::Either<Full<Bytes>, Incoming>,
+    http_body_util::Either<Full<Bytes>, crate::proxy::answer::StreamBody>,
 >;

@@ -19,6 +19,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 
 use super::answer::{AnswerBody, LocalAnswer};
+use super::auth::{self, Outcome};
 use super::core::{ConnFacts, Core, Finished, LogFields, Protocol, Refused, RequestId, Routed};
 use super::error::{Error, ErrorType};
 use super::fields::PeerText;
@@ -44,7 +45,7 @@ pub async fn handle(
         Err(mut refused) => {
             let answer = refused.answer();
             let service = refused.service.as_deref();
-            return local(core, answer, service, start, &request_id, log);
+            return local(core, answer, service, start, &request_id, log, None);
         }
     };
     let log = log.map(|mut l| {
@@ -62,11 +63,28 @@ pub async fn handle(
             routed.start,
             &request_id,
             log,
+            None,
         );
     }
 
+    let mut auth = None;
+    if let Some(spec) = routed.auth() {
+        // The question is the backend's head, as the HTTP/1 path sends it.
+        let mut head = Vec::with_capacity(512);
+        direct::write_head(&req, &mut head);
+        let decision = auth::authorize(core, &routed, spec, &head).await;
+        auth = Some(decision.outcome);
+        match decision.result {
+            Ok(grant) => auth::amend_map(req.headers_mut(), &spec.copy, &grant),
+            Err(mut refused) => {
+                let answer = refused.answer();
+                let service = Some(&*routed.service);
+                return local(core, answer, service, routed.start, &request_id, log, auth);
+            }
+        }
+    }
     if hyper::body::Body::is_end_stream(req.body()) {
-        return bodiless(core, req, routed, request_id, id_value, log).await;
+        return bodiless(core, req, routed, request_id, id_value, log, auth).await;
     }
     // Only a request with a body pays for a counter of its bytes.
     let received = Some(Arc::default());
@@ -81,7 +99,7 @@ pub async fn handle(
         instance,
     } = match answer {
         Ok(a) => a,
-        Err(e) => return no_answer(core, &e, &routed, &request_id, log),
+        Err(e) => return no_answer(core, &e, &routed, &request_id, log, auth),
     };
     let upstream_time = routed.start.elapsed();
 
@@ -101,6 +119,7 @@ pub async fn handle(
             routed.start,
             &request_id,
             log,
+            auth,
         );
     }
     fields::rewrite_response(response.headers_mut());
@@ -124,6 +143,7 @@ pub async fn handle(
         request_id,
         log,
         received,
+        auth,
     });
     let stall = core.rules().response_timeout;
     response.map(|b| {
@@ -145,6 +165,7 @@ async fn bodiless(
     request_id: RequestId,
     id_value: HeaderValue,
     log: Option<LogFields>,
+    auth: Option<Outcome>,
 ) -> Response<ProxyBody> {
     let mut head = Vec::with_capacity(512);
     direct::write_head(&req, &mut head);
@@ -161,7 +182,7 @@ async fn bodiless(
         instance,
     } = match answer {
         Ok(a) => a,
-        Err(e) => return no_answer(core, &e, &routed, &request_id, log),
+        Err(e) => return no_answer(core, &e, &routed, &request_id, log, auth),
     };
     headers.insert(fields::X_REQUEST_ID, unindexed(id_value));
     let closing = Box::new(body::Closing {
@@ -175,6 +196,7 @@ async fn bodiless(
         request_id,
         log,
         received: None,
+        auth,
     });
     let mut resp = Response::new(Either::Left(Either::Right(body.closing(closing))));
     *resp.status_mut() = status;
@@ -233,6 +255,7 @@ fn no_answer(
     routed: &Routed,
     request_id: &RequestId,
     log: Option<LogFields>,
+    auth: Option<Outcome>,
 ) -> Response<ProxyBody> {
     let service = &routed.service;
     tracing::debug!(service = %service.name, error = %e, "no backend answer");
@@ -243,6 +266,7 @@ fn no_answer(
         routed.start,
         request_id,
         log,
+        auth,
     )
 }
 
@@ -254,6 +278,7 @@ fn local(
     start: Instant,
     request_id: &RequestId,
     log: Option<LogFields>,
+    auth: Option<Outcome>,
 ) -> Response<ProxyBody> {
     let bytes_out = answer.body_len().unwrap_or(0) as u64;
     let resp = answer_response(answer, request_id);
@@ -264,6 +289,7 @@ fn local(
             start: Some(start),
             bytes_out,
             request_id: request_id.as_bytes(),
+            auth,
             ..Finished::default()
         },
         log.as_ref(),
