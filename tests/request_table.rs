@@ -9,21 +9,14 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
-use http::{Method, Request, StatusCode, Uri};
+use http::{Request, StatusCode};
 use http_body_util::Full;
 
 use common::backend::Backend;
-use common::client::{h2, send, send_on, Got};
+use common::client::{request, send_on, Got, Proto};
 use common::consul::ConsulAgent;
 use common::net::free_port;
 use common::router::{start_router, wait_routable};
-
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Proto {
-    H1,
-    H2,
-}
 
 /// What the backend must (not) have received: `(field, Some(value))` present with that
 /// value (`{port}` is the router's port), `(field, None)` absent.
@@ -222,59 +215,7 @@ const CASES: &[Case] = &[
 ];
 
 async fn run(proto: Proto, addr: SocketAddr, c: &Case) -> Got {
-    let uri: Uri = match proto {
-        // HTTP/2 carries the host as :authority, so the target goes in an absolute URI.
-        Proto::H2 => Uri::builder()
-            .scheme("http")
-            .authority(c.host)
-            .path_and_query(c.target)
-            .build()
-            .unwrap(),
-        Proto::H1 => c.target.parse().unwrap(),
-    };
-    let mut req = Request::builder()
-        .method(Method::from_bytes(c.method.as_bytes()).unwrap())
-        .uri(uri);
-    if proto == Proto::H1 {
-        req = req.header("host", c.host);
-    }
-    for (k, v) in c.send {
-        // Connection-specific fields cannot be sent over HTTP/2.
-        let h1_only = matches!(*k, "upgrade" | "connection" | "te" | "proxy");
-        if proto == Proto::H1 || !h1_only {
-            req = req.header(*k, *v);
-        }
-    }
-    let req = req.body(Full::<Bytes>::default()).unwrap();
-    match proto {
-        Proto::H1 => send(addr, req).await,
-        Proto::H2 => {
-            let mut s = h2(addr).await;
-            let resp = tokio::time::timeout(Duration::from_secs(30), s.send_request(req))
-                .await
-                .expect("answer in time");
-            match resp {
-                Ok(r) => {
-                    let (parts, body) = r.into_parts();
-                    let body = http_body_util::BodyExt::collect(body)
-                        .await
-                        .map(|b| b.to_bytes())
-                        .unwrap_or_default();
-                    Got {
-                        status: parts.status,
-                        headers: parts.headers,
-                        body: String::from_utf8_lossy(&body).into_owned(),
-                    }
-                }
-                // Not an answer from the router: never what a case wants.
-                Err(e) => Got {
-                    status: StatusCode::from_u16(599).unwrap(),
-                    headers: http::HeaderMap::new(),
-                    body: format!("stream error: {e}"),
-                },
-            }
-        }
-    }
+    request(proto, addr, (c.method, c.host, c.target), c.send, "").await
 }
 
 fn check(c: &Case, proto: Proto, port: u16, got: &Got) -> Result<(), String> {

@@ -106,7 +106,10 @@ impl ServiceMetrics {
 
     /// Counts a forward auth decision (one of [`AUTH_OUTCOMES`]) that took `took`.
     pub fn auth(&self, outcome: &str, took: Duration) {
-        let i = AUTH_OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(3);
+        let i = AUTH_OUTCOMES
+            .iter()
+            .position(|o| *o == outcome)
+            .unwrap_or(3);
         self.auth[i].fetch_add(1, Relaxed);
         self.auth_duration.record(took);
     }
@@ -169,7 +172,8 @@ const UPSTREAM_ERRORS: Family = Family {
 const AUTH_DECISIONS: Family = Family {
     name: "consul_router_auth_decisions_total",
     kind: "counter",
-    help: "Forward auth decisions by protected service and outcome (allowed, cached, denied, error).",
+    help:
+        "Forward auth decisions by protected service and outcome (allowed, cached, denied, error).",
 };
 const AUTH_DURATION: Family = Family {
     name: "consul_router_auth_duration_seconds",

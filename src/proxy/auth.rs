@@ -193,7 +193,8 @@ async fn decide(core: &Core, routed: &Routed, spec: &AuthSpec, q: &Question<'_>)
     };
     let _ = tokio::time::timeout(auth.rules.response_timeout, drain).await;
     if let (Some(ttl), Some(key)) = (spec.cache, key) {
-        auth.cache.put(&routed.service.name, key, ttl, grant.clone());
+        auth.cache
+            .put(&routed.service.name, key, ttl, grant.clone());
     }
     Decision {
         outcome: Outcome::Allowed,
@@ -416,7 +417,10 @@ mod tests {
         amend_head(&mut head, &[HeaderName::from_static("x-user")], &grant).unwrap();
         let text = String::from_utf8(head).unwrap();
         assert!(!text.contains("mallory"), "{text}");
-        assert!(text.ends_with("X-Forwarded-Uri: /evil\r\nx-user: alice\r\n\r\n"), "{text}");
+        assert!(
+            text.ends_with("X-Forwarded-Uri: /evil\r\nx-user: alice\r\n\r\n"),
+            "{text}"
+        );
         assert!(text.contains("Content-Length: 5\r\n"), "{text}");
     }
 

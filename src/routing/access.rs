@@ -97,7 +97,9 @@ impl Access {
                     match HeaderName::from_bytes(name.as_bytes()) {
                         Ok(n) if !copy.contains(&n) => copy.push(n),
                         Ok(_) => {}
-                        Err(_) => tracing::warn!(service, tag = %tag, "ignoring a field name that is not a token"),
+                        Err(_) => {
+                            tracing::warn!(service, tag = %tag, "ignoring a field name that is not a token")
+                        }
                     }
                 }
             } else if let Some(v) = tag.strip_prefix(AUTH_CACHE_KEY_TAG) {
@@ -107,7 +109,11 @@ impl Access {
         auth.sort_unstable();
         auth.dedup();
         if auth.len() > 1 {
-            tracing::warn!(service, ?auth, "instances name different router.auth services; the first by name is asked");
+            tracing::warn!(
+                service,
+                ?auth,
+                "instances name different router.auth services; the first by name is asked"
+            );
         }
         let auth = auth.first().map(|name| AuthSpec {
             service: (*name).into(),
@@ -136,11 +142,19 @@ fn parse_allow(service: &str, value: &str) -> Box<[IpNet]> {
             .or_else(|_| entry.parse::<IpAddr>().map(IpNet::from));
         match net {
             Ok(net) => out.push(net),
-            Err(_) => tracing::warn!(service, entry, "router.allow: not an address or CIDR; left out"),
+            Err(_) => tracing::warn!(
+                service,
+                entry,
+                "router.allow: not an address or CIDR; left out"
+            ),
         }
     }
     if out.is_empty() {
-        tracing::warn!(service, value, "router.allow names no valid address: every client is refused");
+        tracing::warn!(
+            service,
+            value,
+            "router.allow names no valid address: every client is refused"
+        );
     }
     out.into_boxed_slice()
 }
@@ -156,7 +170,11 @@ fn parse_cache(service: &str, value: &str) -> Option<Duration> {
         Ok(d) if d.is_zero() => None,
         Ok(d) => Some(d.min(MAX_AUTH_CACHE)),
         Err(e) => {
-            tracing::warn!(service, value, "router.auth-cache: {e}; decisions are not cached");
+            tracing::warn!(
+                service,
+                value,
+                "router.auth-cache: {e}; decisions are not cached"
+            );
             None
         }
     }

@@ -138,9 +138,8 @@ pub fn build(
     }
 
     reg.instances.retain(|k, _| live_instances.contains(k));
-    reg.services.retain(|k, _| {
-        services.contains_key(k.as_str()) || internal.contains_key(k.as_str())
-    });
+    reg.services
+        .retain(|k, _| services.contains_key(k.as_str()) || internal.contains_key(k.as_str()));
     reg.warned.retain(|k| services.contains_key(k.as_str()));
     for name in odd_expose.difference(&reg.warned_expose) {
         tracing::warn!(service = %name, "router.expose= is neither true nor false; the service is not routed");
@@ -246,7 +245,8 @@ fn make_service(
         .collect();
     let routable = |i: &Instance| {
         i.weight > 0
-            && (i.health == Health::Passing || (i.health == Health::Warning && opts.include_warning))
+            && (i.health == Health::Passing
+                || (i.health == Health::Warning && opts.include_warning))
     };
     // Routable first, then by ID, so positions are stable between rebuilds.
     instances.sort_by(|a, b| {

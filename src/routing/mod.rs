@@ -8,9 +8,9 @@ mod build;
 mod host;
 mod table;
 
+pub use access::{Access, AuthSpec, CacheKey, MAX_AUTH_CACHE};
 #[cfg(test)]
 pub(crate) use build::testing;
-pub use access::{Access, AuthSpec, CacheKey, MAX_AUTH_CACHE};
 pub use build::{build, BuildOptions, CatalogTags, StateRegistry};
 pub use host::{normalize, HostError, MAX_HOST};
 pub use table::{

@@ -133,3 +133,76 @@ pub async fn listed_instance(admin: SocketAddr, id: &str) -> Option<serde_json::
         .flat_map(|r| r["instances"].as_array().cloned().unwrap_or_default())
         .find(|i| i["id"] == id)
 }
+
+/// The client protocol a table case runs over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Proto {
+    H1,
+    H2,
+}
+
+/// One request of a table case over `proto` on a fresh connection: `method` `target` for
+/// `host` with `fields` and `body`. HTTP/2 carries the host as `:authority` and leaves out
+/// connection-specific fields. A stream error comes back as status 599 with its text.
+pub async fn request(
+    proto: Proto,
+    addr: SocketAddr,
+    (method, host, target): (&str, &str, &str),
+    fields: &[(&str, &str)],
+    body: &'static str,
+) -> Got {
+    let uri: http::Uri = match proto {
+        Proto::H2 => http::Uri::builder()
+            .scheme("http")
+            .authority(host)
+            .path_and_query(target)
+            .build()
+            .unwrap(),
+        Proto::H1 => target.parse().unwrap(),
+    };
+    let mut req = Request::builder()
+        .method(http::Method::from_bytes(method.as_bytes()).unwrap())
+        .uri(uri);
+    if proto == Proto::H1 {
+        req = req.header("host", host);
+    }
+    for (k, v) in fields {
+        let h1_only = matches!(*k, "upgrade" | "connection" | "te" | "proxy");
+        if proto == Proto::H1 || !h1_only {
+            req = req.header(*k, *v);
+        }
+    }
+    let req = req
+        .body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap();
+    match proto {
+        Proto::H1 => send(addr, req).await,
+        Proto::H2 => {
+            let mut s = h2(addr).await;
+            let resp = tokio::time::timeout(Duration::from_secs(30), s.send_request(req))
+                .await
+                .expect("answer in time");
+            match resp {
+                Ok(r) => {
+                    let (parts, body) = r.into_parts();
+                    let body = body
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes())
+                        .unwrap_or_default();
+                    Got {
+                        status: parts.status,
+                        headers: parts.headers,
+                        body: String::from_utf8_lossy(&body).into_owned(),
+                    }
+                }
+                // Not an answer from the router: never what a case wants.
+                Err(e) => Got {
+                    status: StatusCode::from_u16(599).unwrap(),
+                    headers: http::HeaderMap::new(),
+                    body: format!("stream error: {e}"),
+                },
+            }
+        }
+    }
+}
