@@ -1620,6 +1620,35 @@ async fn pipelined_requests_after_local_answers() {
         report.check(name, r);
     }
 
+    // A HEAD's local answer has no body, so the next answer on the connection is read right.
+    for (name, host) in [("HEAD 404", "nope.app.test"), ("HEAD 503", "down.app.test")] {
+        let r = async {
+            let mut s = connect(p).await;
+            let head = format!("HEAD /a HTTP/1.1\r\nHost: {host}\r\n\r\n");
+            let req = cat(&[head.as_bytes(), to_raw]);
+            tokio::io::AsyncWriteExt::write_all(&mut s, &req)
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut buf = Vec::new();
+            let first = read_response(&mut s, &mut buf, true).await;
+            ensure!(
+                first.header("content-length").is_some(),
+                "no Content-Length"
+            );
+            // A body sent after the HEAD's answer would be read here as a response, and fail.
+            let second = read_response(&mut s, &mut buf, false).await;
+            ensure!(
+                second.status == 200,
+                "then got {} {}",
+                second.status,
+                esc(&buf)
+            );
+            Ok(())
+        }
+        .await;
+        report.check(name, r);
+    }
+
     // After a 400 (or 501, 405) the connection closes and nothing after reaches a backend.
     for (name, first, status) in [
         ("two Hosts", &b"GET / HTTP/1.1\r\nHost: raw.app.test\r\nHost: raw.app.test\r\n\r\n"[..], 400),

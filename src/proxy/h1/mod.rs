@@ -136,6 +136,8 @@ struct Conn<'p, S> {
     wbuf: Vec<u8>,
     timer: Timer,
     shutdown: watch::Receiver<bool>,
+    /// The current request is a HEAD: a local answer then has no body.
+    head_request: bool,
     /// When the connection last went idle (the last response ended). Clock readings are
     /// shared like this so that a request reads the clock twice, not five times.
     idle_since: std::time::Instant,
@@ -178,6 +180,7 @@ pub async fn serve<S: ClientIo>(
         wbuf: Vec::with_capacity(1024),
         timer: Timer::new(),
         shutdown,
+        head_request: false,
         idle_since: std::time::Instant::now(),
     };
     conn.run().await;
@@ -265,8 +268,12 @@ impl<S: ClientIo> Conn<'_, S> {
         let head = match parse_request(buf, &mut slots) {
             Ok(Some(h)) => h,
             Ok(None) => return None,
-            Err(e) => return Some(Step::Bad(e)),
+            Err(e) => {
+                self.head_request = false;
+                return Some(Step::Bad(e));
+            }
         };
+        self.head_request = head.is_head();
         // Body bytes that came with the head are checked before anything is routed, so a
         // malformed chunk never costs a backend connection.
         if head.body.is_chunked() {
@@ -387,19 +394,25 @@ impl<S: ClientIo> Conn<'_, S> {
         request_id: Option<&RequestId>,
     ) -> (bool, u64) {
         self.wbuf.clear();
+        let head_request = self.head_request;
         write_local(
             &mut self.wbuf,
             &answer,
             close,
             request_id.map(RequestId::as_bytes),
+            head_request,
         );
-        let mut sent = answer.body_len().unwrap_or(0) as u64;
+        let mut sent = if head_request {
+            0
+        } else {
+            answer.body_len().unwrap_or(0) as u64
+        };
         let write = self.client.write_all(&self.wbuf);
         let limit = self.header_timeout;
         if !matches!(self.timer.within(limit, write).await, Some(Ok(()))) {
             return (false, sent);
         }
-        if let AnswerBody::Stream(body) = answer.body {
+        if let (AnswerBody::Stream(body), false) = (answer.body, head_request) {
             match self.relay_chunked(body).await {
                 Some(n) => sent = n,
                 // Cut mid-body: the client sees the connection close.

@@ -226,6 +226,7 @@ pub fn write_local(
     answer: &LocalAnswer,
     close: bool,
     request_id: Option<&[u8]>,
+    head_request: bool,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     write_status(out, answer.status.as_u16());
@@ -260,7 +261,8 @@ pub fn write_local(
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    if let Some(body) = answer.body.as_bytes() {
+    // A HEAD's answer has the fields a GET's would, and no body (RFC 9110 §9.3.2).
+    if let Some(body) = answer.body.as_bytes().filter(|_| !head_request) {
         out.extend_from_slice(body);
     }
 }
