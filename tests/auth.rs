@@ -17,11 +17,13 @@ use hyper::{Request, Response};
 use tokio::net::TcpListener;
 
 use common::backend::{serve_http, Backend};
+use common::certs::{cert_dir, make_cert};
 use common::client::{request, Got, Proto};
 use common::consul::ConsulAgent;
 use common::metrics::{metrics, sample};
 use common::net::free_port;
 use common::router::{start_router, wait_routable};
+use common::tls_client::tls_connect;
 
 /// What the backend must (not) have received: `(field, Some(value))`, `(field, None)`.
 type Fields = &'static [(&'static str, Option<&'static str>)];
@@ -563,4 +565,69 @@ async fn forward_auth_and_allow_lists_over_http1_and_http2() {
         0.0,
         "a service without auth has no decisions"
     );
+}
+
+/// The same step behind TLS: the question says `https` and the TLS port, on both ALPN
+/// protocols.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forward_auth_over_tls() {
+    let consul = ConsulAgent::start().await;
+    let app = Backend::start("app").await;
+    let (sso_port, _, _sso) = start_sso().await;
+    consul.register("sso", "sso-1", sso_port, &[]).await;
+    consul
+        .register("app", "app-1", app.port(), &["router.auth=sso"])
+        .await;
+    let dir = cert_dir("auth-tls");
+    let (cert, key) = make_cert(&dir, "wild", &["*.app.test"]);
+    let port = free_port();
+    let toml = format!(
+        "[tls]\nlisten = \"127.0.0.1:{port}\"\n[[tls.certs]]\ncert = \"{}\"\nkey = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    let router = start_router(&consul.addr(), &toml).await;
+    wait_routable(&router, "app.app.test").await;
+    let addr = router.tls_addr.expect("a TLS listener");
+    for alpn in [&b"http/1.1"[..], b"h2"] {
+        let tls = tls_connect(addr, Some("app.app.test"), &[alpn]).await;
+        let io = hyper_util::rt::TokioIo::new(tls);
+        let req = Request::get("https://app.app.test/in?tls=1")
+            .header("authorization", "Bearer echo")
+            .body(Full::<Bytes>::default())
+            .unwrap();
+        let resp = if alpn == b"h2" {
+            let exec = hyper_util::rt::TokioExecutor::new();
+            let (mut s, conn) = hyper::client::conn::http2::handshake(exec, io)
+                .await
+                .unwrap();
+            tokio::spawn(conn);
+            s.send_request(req).await.unwrap()
+        } else {
+            let (mut s, conn) = hyper::client::conn::http1::handshake(io).await.unwrap();
+            tokio::spawn(conn);
+            let (mut parts, body) = req.into_parts();
+            parts.uri = "/in?tls=1".parse().unwrap();
+            parts
+                .headers
+                .insert("host", "app.app.test".parse().unwrap());
+            s.send_request(Request::from_parts(parts, body))
+                .await
+                .unwrap()
+        };
+        assert_eq!(resp.status(), 403, "{alpn:?}");
+        let body = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .unwrap()
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body);
+        for want in [
+            "GET /in?tls=1\n".to_owned(),
+            "x-forwarded-proto: https\n".to_owned(),
+            format!("x-forwarded-port: {port}\n"),
+            "x-forwarded-uri: /in?tls=1\n".to_owned(),
+        ] {
+            assert!(text.contains(&want), "{alpn:?}: {want:?} not in {text}");
+        }
+    }
 }

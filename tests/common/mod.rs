@@ -11,6 +11,7 @@
 //! - `metrics`: samples of `/metrics`.
 //! - `process`: child processes with captured output ([`Process`]).
 //! - `wait`: [`wait_until`] and friends.
+//! - `tls_client`: [`tls_connect`], a TLS client that accepts any certificate.
 //! - `net`, `temp`, `tools`: free ports and TCP states, temporary directories, programs.
 #![allow(dead_code, unused_imports)]
 
@@ -26,6 +27,7 @@ pub mod process;
 pub mod raw;
 pub mod router;
 pub mod temp;
+pub mod tls_client;
 pub mod tools;
 pub mod wait;
 
