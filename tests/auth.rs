@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 
 use common::backend::{serve_http, Backend};
 use common::certs::{cert_dir, make_cert};
-use common::client::{request, Got, Proto};
+use common::client::{get_admin, request, Got, Proto};
 use common::consul::ConsulAgent;
 use common::metrics::{metrics, sample};
 use common::net::free_port;
@@ -536,6 +536,37 @@ async fn forward_auth_and_allow_lists_over_http1_and_http2() {
         asked_with("Bearer bad") - before,
         2,
         "denials are not cached"
+    );
+
+    // `/api/routes` shows each service's policy.
+    let (_, routes) = get_admin(untrusted.admin_addr, "/api/routes").await;
+    let v: serde_json::Value = serde_json::from_str(&routes).unwrap();
+    let route = |host: &str| {
+        v["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["host"] == host)
+            .cloned()
+            .unwrap_or_default()
+    };
+    let app_access = &route("app.app.test")["access"];
+    assert_eq!(app_access["auth"], "sso", "{routes}");
+    assert_eq!(
+        app_access["auth_headers"],
+        serde_json::json!(["x-user", "x-scopes"])
+    );
+    assert_eq!(
+        route("cached.app.test")["access"]["auth_cache_seconds"],
+        30.0
+    );
+    assert_eq!(
+        route("walled.app.test")["access"]["allow"],
+        serde_json::json!([["10.0.0.0/8"]])
+    );
+    assert!(
+        route("sso.app.test").is_null(),
+        "an auth service has no host"
     );
 
     let text = metrics(untrusted.admin_addr).await;

@@ -23,7 +23,7 @@ use serde::Serialize;
 mod exposition;
 
 use crate::config::AdminToken;
-use crate::routing::{Health, Routes, RoutingTable};
+use crate::routing::{Access, Health, Routes, RoutingTable};
 use crate::server::Handler;
 
 /// The admin page: one self-contained HTML file (inline CSS and JS), served from the binary.
@@ -264,7 +264,42 @@ struct RouteView<'a> {
     host: String,
     service: &'a str,
     strategy: &'static str,
+    /// Who may call it, when its tags say.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    access: Option<AccessView<'a>>,
     instances: Vec<InstanceView<'a>>,
+}
+
+/// A service's `router.allow` lists and forward auth.
+#[derive(Serialize)]
+struct AccessView<'a> {
+    allow: Vec<Vec<String>>,
+    auth: Option<&'a str>,
+    auth_headers: Vec<&'a str>,
+    auth_cache_seconds: Option<f64>,
+}
+
+impl<'a> From<&'a Access> for AccessView<'a> {
+    fn from(a: &'a Access) -> Self {
+        AccessView {
+            allow: a
+                .allow
+                .iter()
+                .map(|l| l.iter().map(ToString::to_string).collect())
+                .collect(),
+            auth: a.auth.as_ref().map(|x| &*x.service),
+            auth_headers: a
+                .auth
+                .iter()
+                .flat_map(|x| x.copy.iter().map(|h| h.as_str()))
+                .collect(),
+            auth_cache_seconds: a
+                .auth
+                .as_ref()
+                .and_then(|x| x.cache)
+                .map(|d| d.as_secs_f64()),
+        }
+    }
 }
 
 #[derive(Serialize)]
@@ -289,6 +324,7 @@ impl<'a> From<&'a RoutingTable> for RoutesView<'a> {
                 host,
                 service: &svc.name,
                 strategy: svc.strategy().as_str(),
+                access: svc.access.as_deref().map(AccessView::from),
                 instances: svc
                     .instances
                     .iter()
