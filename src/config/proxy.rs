@@ -29,6 +29,12 @@ pub struct FileProxy {
     pub h2_max_concurrent_streams: Option<u32>,
     /// Response header a backend reports its load in; `""` turns it off.
     pub load_header: Option<String>,
+    /// Most streams on one HTTP/2 backend connection (the server's limit applies if lower).
+    pub h2_backend_max_streams: Option<usize>,
+    /// Most HTTP/2 connections per `router.proto=h2c`/`h2` instance.
+    pub h2_backend_max_connections: Option<usize>,
+    /// PING period on HTTP/2 backend connections, and the longest wait for its answer.
+    pub h2_backend_ping_interval: Option<String>,
 }
 
 /// Validated proxy settings.
@@ -53,6 +59,12 @@ pub struct ProxyConfig {
     pub h2_max_concurrent_streams: u32,
     /// Response header read as the instance's load and removed (lowercase); `None`: off.
     pub load_header: Option<http::HeaderName>,
+    /// Most streams per HTTP/2 backend connection.
+    pub h2_backend_max_streams: usize,
+    /// Most HTTP/2 connections per instance.
+    pub h2_backend_max_connections: usize,
+    /// PING period (and answer limit) on HTTP/2 backend connections.
+    pub h2_backend_ping_interval: Duration,
 }
 
 /// The response header backends report their load in, unless `proxy.load_header` says.
@@ -96,7 +108,32 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
         header_timeout: parse_duration("proxy.header_timeout", p.header_timeout.as_deref(), "30s")?,
         h2_max_concurrent_streams: p.h2_max_concurrent_streams.unwrap_or(128),
         load_header: load_header(p.load_header.as_deref())?,
+        h2_backend_max_streams: p.h2_backend_max_streams.unwrap_or(100),
+        h2_backend_max_connections: p.h2_backend_max_connections.unwrap_or(4),
+        h2_backend_ping_interval: parse_duration(
+            "proxy.h2_backend_ping_interval",
+            p.h2_backend_ping_interval.as_deref(),
+            "10s",
+        )?,
     };
+    if !(1..=10_000).contains(&proxy.h2_backend_max_streams) {
+        return Err(invalid(
+            "proxy.h2_backend_max_streams",
+            "must be between 1 and 10000",
+        ));
+    }
+    if !(1..=64).contains(&proxy.h2_backend_max_connections) {
+        return Err(invalid(
+            "proxy.h2_backend_max_connections",
+            "must be between 1 and 64",
+        ));
+    }
+    if proxy.h2_backend_ping_interval < Duration::from_secs(1) {
+        return Err(invalid(
+            "proxy.h2_backend_ping_interval",
+            "must be at least 1s",
+        ));
+    }
     if proxy.header_timeout.is_zero() {
         return Err(invalid("proxy.header_timeout", "must be above zero"));
     }

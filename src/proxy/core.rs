@@ -62,6 +62,8 @@ pub struct Core {
     load_header: Option<http::HeaderName>,
     /// `tls.redirect_http`: the TLS listener's port plain requests are redirected to.
     redirect_https: Option<u16>,
+    /// HTTP/2 backend connections (`router.proto=h2c`/`h2`).
+    h2_backends: crate::upstream::H2Settings,
 }
 
 impl Core {
@@ -87,7 +89,13 @@ impl Core {
                 .as_ref()
                 .filter(|t| t.redirect_http)
                 .map(|t| t.listen.port()),
+            h2_backends: super::h2up::settings(cfg),
         }
+    }
+
+    /// How HTTP/2 backend connections are made and shared.
+    pub fn h2_backends(&self) -> &crate::upstream::H2Settings {
+        &self.h2_backends
     }
 
     /// Whether a request on `conn` gets a redirect to https: `tls.redirect_http` is on, the
