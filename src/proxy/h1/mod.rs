@@ -5,6 +5,7 @@
 //! write on each socket. The connection may be plain TCP or TLS ([`ClientIo`]); the
 //! listener has already read its first bytes and decided it is HTTP/1.
 
+mod bridge;
 pub mod framing;
 pub mod head;
 mod relay;
@@ -505,6 +506,9 @@ impl<S: ClientIo> Conn<'_, S> {
     /// Sends one request to the service by the core's attempts and relays the answer;
     /// false when the client connection must close.
     async fn forward(&mut self, ex: Exchange) -> bool {
+        if ex.routed.service.proto.is_h2() {
+            return self.bridge(ex).await;
+        }
         let core = self.core;
         let mut attempts = core.attempts(&ex.routed, ex.replayable);
         // A pooled connection first. One the backend closed as we took it gets one fresh

@@ -209,7 +209,8 @@ impl<'b> ResponseHead<'_, 'b> {
     }
 }
 
-fn write_status(out: &mut Vec<u8>, status: u16) {
+/// Writes a status code's three digits.
+pub(super) fn write_status(out: &mut Vec<u8>, status: u16) {
     let s = status.min(999);
     out.extend_from_slice(&[
         b'0' + (s / 100) as u8,
