@@ -237,7 +237,7 @@ impl<'h> Question<'h> {
         out.extend_from_slice(self.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &self.fields {
-            if is_left_out(name) || copy.iter().any(|c| name.eq_ignore_ascii_case(c.as_str())) {
+            if is_left_out(name) || is_copied(name, copy) {
                 continue;
             }
             push_field(out, name, value);
@@ -288,6 +288,23 @@ fn is_left_out(name: &str) -> bool {
     LEFT_OUT.iter().any(|l| name.eq_ignore_ascii_case(l))
 }
 
+/// Whether a request field named `name` is a client's copy of one of the granted fields
+/// `copy`: in any case, and with `_` read as `-`, as WSGI, PHP and CGI read names (a
+/// client's `X_User` is their `HTTP_X_USER`, as `X-User` is).
+pub fn is_copied(name: &str, copy: &[HeaderName]) -> bool {
+    let fold = |b: u8| {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    copy.iter().any(|c| {
+        let c = c.as_str().as_bytes();
+        c.len() == name.len() && name.bytes().zip(c).all(|(a, &b)| fold(a) == fold(b))
+    })
+}
+
 fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(name.as_bytes());
     out.extend_from_slice(b": ");
@@ -308,7 +325,7 @@ pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Res
     out.extend_from_slice(q.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &q.fields {
-        if !copy.iter().any(|c| name.eq_ignore_ascii_case(c.as_str())) {
+        if !is_copied(name, copy) {
             push_field(&mut out, name, value);
         }
     }
@@ -324,7 +341,15 @@ pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Res
 
 /// The same for a request's `HeaderMap` (the HTTP/2 path).
 pub fn amend_map(headers: &mut http::HeaderMap, copy: &[HeaderName], grant: &Grant) {
-    for name in copy {
+    if copy.is_empty() {
+        return;
+    }
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_copied(n.as_str(), copy))
+        .cloned()
+        .collect();
+    for name in gone {
         headers.remove(name);
     }
     for (name, value) in grant.iter().flat_map(|g| g.iter()) {
@@ -422,6 +447,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Content-Length: 5\r\n"), "{text}");
+        // Underscore spellings read as the granted field by CGI-style backends go too.
+        let mut head = b"GET / HTTP/1.1\r\nX_User: a\r\nx_USER: b\r\nX_Users: c\r\n\r\n".to_vec();
+        amend_head(&mut head, &[HeaderName::from_static("x-user")], &None).unwrap();
+        assert_eq!(head, b"GET / HTTP/1.1\r\nX_Users: c\r\n\r\n");
     }
 
     #[test]
