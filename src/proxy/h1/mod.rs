@@ -487,6 +487,10 @@ impl<S: ClientIo> Conn<'_, S> {
         let Some(spec) = ex.routed.auth() else {
             return Ok(());
         };
+        // A trailer could carry a granted field past the rewritten head.
+        if !spec.copy.is_empty() {
+            ex.body.refuse_trailers();
+        }
         let decision = auth::authorize(self.core, &ex.routed, spec, &self.wbuf).await;
         ex.auth = Some(decision.outcome);
         let grant = decision.result?;
