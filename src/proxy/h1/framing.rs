@@ -196,6 +196,12 @@ const FORBIDDEN_TRAILERS: [u64; 23] = {
     out
 };
 
+/// Whether a trailer named `name` is refused on the HTTP/1 path (any case, `_` as `-`):
+/// the HTTP/2 path asks too, for the trailers hyper's client would write to a backend.
+pub fn forbidden_trailer(name: &[u8]) -> bool {
+    FORBIDDEN_TRAILERS.contains(&name_hash(name))
+}
+
 impl Framing {
     /// A chunked body at its start.
     pub const CHUNKED: Framing = Framing::Chunked(Chunk {

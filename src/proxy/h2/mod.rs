@@ -83,6 +83,8 @@ pub async fn handle(
             }
         }
     }
+    let copy = routed.auth().map_or(&[][..], |s| &s.copy[..]);
+    fields::limit_trailers(req.headers_mut(), copy);
     if hyper::body::Body::is_end_stream(req.body()) {
         return bodiless(core, req, routed, request_id, id_value, log, auth).await;
     }
