@@ -402,6 +402,8 @@ impl<S: ClientIo> Conn<'_, S> {
             request_id.map(RequestId::as_bytes),
             head_request,
         );
+        // No body goes after the head either for a status that never has one.
+        let head_request = head_request || response::never_has_body(answer.status.as_u16());
         let mut sent = if head_request {
             0
         } else {
