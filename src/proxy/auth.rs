@@ -247,26 +247,35 @@ impl<'h> Question<'h> {
         out.extend_from_slice(b"\r\n");
     }
 
-    /// The value a decision is cached under, if the request has one.
+    /// The value a decision is cached under, if the request has exactly one. A key field
+    /// or cookie given twice is not cached (always asked): the auth service may decide on
+    /// another copy than the one the router would key by (the last cookie of a name, as a
+    /// Python `dict` reads them), and a forged value would then be cached as an allow.
     fn cache_key(&self, key: &CacheKey) -> Option<&'h [u8]> {
-        match key {
-            CacheKey::Field(name) => self
-                .fields
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
-                .map(|(_, v)| *v),
-            CacheKey::Cookie(cookie) => self
-                .fields
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-                .flat_map(|(_, v)| v.split(|&b| b == b';'))
-                .find_map(|pair| {
-                    let pair = pair.trim_ascii();
-                    let eq = pair.iter().position(|&b| b == b'=')?;
-                    (&pair[..eq] == cookie.as_bytes()).then_some(&pair[eq + 1..])
-                }),
+        let mut values: Box<dyn Iterator<Item = &'h [u8]> + '_> = match key {
+            CacheKey::Field(name) => Box::new(
+                self.fields
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
+                    .map(|(_, v)| *v),
+            ),
+            CacheKey::Cookie(cookie) => Box::new(
+                self.fields
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+                    .flat_map(|(_, v)| v.split(|&b| b == b';'))
+                    .filter_map(|pair| {
+                        let pair = pair.trim_ascii();
+                        let eq = pair.iter().position(|&b| b == b'=')?;
+                        (pair[..eq].trim_ascii() == cookie.as_bytes()).then_some(&pair[eq + 1..])
+                    }),
+            ),
+        };
+        let first = values.next()?;
+        if values.next().is_some() {
+            return None;
         }
-        .filter(|v| !v.is_empty())
+        Some(first).filter(|v| !v.is_empty())
     }
 }
 
@@ -427,6 +436,14 @@ mod tests {
             Some(&b"abc"[..])
         );
         assert_eq!(q.cache_key(&CacheKey::Cookie("none".into())), None);
+        // Given twice: never cached.
+        let twice = b"GET / HTTP/1.1\r\nCookie: session=forged; session=good\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n";
+        let q = Question::parse(twice).unwrap();
+        assert_eq!(q.cache_key(&CacheKey::Cookie("session".into())), None);
+        assert_eq!(
+            q.cache_key(&CacheKey::Field(http::header::AUTHORIZATION)),
+            None
+        );
     }
 
     #[test]
