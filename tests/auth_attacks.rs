@@ -241,8 +241,7 @@ async fn a_duplicated_cache_cookie_does_not_cache_a_decision_under_a_forged_valu
         let session = cookie
             .split(';')
             .filter_map(|c| c.trim().split_once('='))
-            .filter(|(k, _)| *k == "session")
-            .last()
+            .rfind(|(k, _)| *k == "session")
             .map(|(_, v)| v);
         let resp = match session {
             Some("abc123") => Response::builder().status(200).header("x-user", "alice"),
@@ -304,6 +303,50 @@ async fn an_ipv4_mapped_client_is_checked_as_its_ipv4_address() {
     let seen = backend.received();
     assert!(
         has(&seen.bytes, "x-real-ip: 10.1.2.3"),
+        "{}",
+        esc(&seen.bytes)
+    );
+}
+
+/// `router.auth-headers=` naming a framing field: the client's `Content-Length` was taken
+/// out of the backend's head and the auth answer's (`Content-Length: 0`) put in, while the
+/// router still relayed the body by the client's length: the backend read the body as a
+/// second request that no one asked the auth service about, with any `X-User` it liked.
+/// Such names (framing, hop-by-hop, Host, the router's own forwarding fields) are not
+/// copied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_framing_field_named_in_auth_headers_smuggles_no_request() {
+    let consul = ConsulAgent::start().await;
+    let backend = RawBackend::start_with(Script::answer(RAW_OK)).await;
+    let alice = RawBackend::start_with(Script::answer(ALLOW_ALICE)).await;
+    consul.register("alice", "alice-1", alice.port(), &[]).await;
+    let tags = [
+        EXPOSE,
+        "router.auth=alice",
+        "router.auth-headers=X-User, Content-Length, Transfer-Encoding, Host, X-Real-IP",
+    ];
+    consul
+        .register("selfharm", "selfharm-1", backend.port(), &tags)
+        .await;
+    let router = start_router(&consul.addr(), "expose = \"tagged\"\n").await;
+    wait_routable(&router, "selfharm.app.test").await;
+    let inner = "GET /smuggled HTTP/1.1\r\nHost: selfharm.app.test\r\nX-User: admin\r\n\r\n";
+    let raw = format!(
+        "POST /outer HTTP/1.1\r\nHost: selfharm.app.test\r\nContent-Length: {}\r\n\r\n{inner}",
+        inner.len()
+    );
+    let _ = talk(router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+    let seen = backend.settled(0).await;
+    let text = String::from_utf8_lossy(&seen.bytes).to_ascii_lowercase();
+    let head = &text[..text.find("\r\n\r\n").unwrap_or(text.len())];
+    assert!(
+        head.contains(&format!("content-length: {}", inner.len()))
+            && !head.contains("content-length: 0"),
+        "the backend's head must frame the body as the router relays it: {}",
+        esc(&seen.bytes)
+    );
+    assert!(
+        head.contains("host: selfharm.app.test") && head.contains("x-user: alice"),
         "{}",
         esc(&seen.bytes)
     );
