@@ -351,3 +351,24 @@ async fn a_framing_field_named_in_auth_headers_smuggles_no_request() {
         esc(&seen.bytes)
     );
 }
+
+/// An HTTP/2 request may carry more fields than the question's parser took (128; the
+/// listener's 16 KiB header list holds about 490 short ones): any client could then make a
+/// protected service answer `503 authorization service unavailable`, counted as an auth
+/// error and a 5xx, at will (and page on ConsulRouterHigh5xxRatio).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_http2_fields_are_asked_about_not_answered_503() {
+    let s = setup().await;
+    let names: Vec<String> = (0..300).map(|i| format!("f{i}")).collect();
+    let mut fields: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    fields.push(("x-user", "mallory"));
+    let req = ("GET", "app.app.test", "/many");
+    let got = request(Proto::H2, s.router.proxy_addr, req, &fields, "").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    let seen = s.backend.settled(0).await;
+    assert!(
+        has(&seen.bytes, "x-user: alice") && !has(&seen.bytes, "mallory"),
+        "{}",
+        esc(&seen.bytes)
+    );
+}
