@@ -25,8 +25,11 @@ use super::error::{Error, ErrorType};
 use super::h2::direct;
 use crate::routing::{AuthSpec, CacheKey};
 
-/// Most fields a question may carry (the fast path's own limit is 100).
-const MAX_FIELDS: usize = 128;
+/// Most fields a question may carry: more than any head either path lets through (the
+/// fast path's limit is 100; HTTP/2's 16 KiB header list holds at most 496 fields of 33
+/// bytes, plus the router's own and the granted ones). A head the parser could not take
+/// would answer 503 to any client that sent many short fields.
+const MAX_FIELDS: usize = 640;
 /// Most body bytes of an allowing answer read so its connection can be pooled.
 const DRAIN_LIMIT: u64 = 64 * 1024;
 /// Slots in the decision cache; a colliding decision replaces the older one.
