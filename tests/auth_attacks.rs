@@ -372,3 +372,98 @@ async fn many_http2_fields_are_asked_about_not_answered_503() {
         esc(&seen.bytes)
     );
 }
+
+/// An auth service that refuses everything, with every field a relay must not pass on.
+const DENY: &[u8] = b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\n\
+Transfer-Encoding: chunked\r\nConnection: keep-alive, X-Secret\r\nX-Secret: s\r\n\
+Keep-Alive: timeout=1\r\nUpgrade: websocket\r\nX-Request-Id: evil\r\n\
+Proxy-Authenticate: Basic\r\n\r\n5\r\nnope\n\r\n0\r\n\r\n";
+
+/// Every way into a backend behind an auth service that says no: nothing reaches it, on
+/// HTTP/1 (upgrades, h2c, absolute form, `OPTIONS *`, HEAD, HTTP/1.0, bodies hiding a
+/// request, `Expect`, pipelining) and HTTP/2; and the denial reaches the client framed by
+/// the router, without the auth service's connection fields.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_reaches_a_backend_its_auth_service_refuses() {
+    let consul = ConsulAgent::start().await;
+    let backend = RawBackend::start_with(Script::answer(RAW_OK)).await;
+    let deny = RawBackend::start_with(Script::answer(DENY)).await;
+    consul.register("deny", "deny-1", deny.port(), &[]).await;
+    let tags = [EXPOSE, "router.auth=deny", COPY];
+    consul
+        .register("locked", "locked-1", backend.port(), &tags)
+        .await;
+    let router = start_router(&consul.addr(), "expose = \"tagged\"\n").await;
+    wait_routable(&router, "locked.app.test").await;
+    let h = "Host: locked.app.test\r\n";
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: locked.app.test\r\n\r\n";
+    // Each request and the responses it gets (a denial, or 400 for what follows it).
+    let raws: Vec<(String, usize)> = vec![
+        (format!("GET / HTTP/1.1\r\n{h}\r\n"), 1),
+        (format!("OPTIONS * HTTP/1.1\r\n{h}\r\n"), 1),
+        ("GET http://locked.app.test/abs HTTP/1.1\r\nHost: other.app.test\r\n\r\n".into(), 1),
+        (format!("GET / HTTP/1.0\r\n{h}\r\n"), 1),
+        (format!("GET /ws HTTP/1.1\r\n{h}Connection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n\x01\x05hello"), 2),
+        (format!("GET / HTTP/1.1\r\n{h}Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"), 2),
+        (format!("POST / HTTP/1.1\r\n{h}Content-Length: {}\r\n\r\n{smuggled}", smuggled.len()), 1),
+        (format!("POST / HTTP/1.1\r\n{h}Expect: 100-continue\r\nContent-Length: {}\r\n\r\n{smuggled}", smuggled.len()), 1),
+        (format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\n\r\n{:x}\r\n{smuggled}\r\n0\r\n\r\n", smuggled.len()), 1),
+        (format!("POST / HTTP/1.1\r\n{h}Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n0\r\n\r\n{smuggled}"), 1),
+        (format!("GET /1 HTTP/1.1\r\n{h}\r\nGET /2 HTTP/1.1\r\n{h}\r\n{smuggled}"), 3),
+        (format!("GET / HTTP/1.1\r\n{h}Connection: Authorization, X-Forwarded-For\r\nAuthorization: x\r\n\r\n"), 1),
+    ];
+    let mut failed = Vec::new();
+    for (raw, want) in &raws {
+        let got = talk(router.proxy_addr, &[raw], Duration::ZERO, *want, Wait::No).await;
+        for r in &got.responses {
+            let bad = ["x-secret", "upgrade", "keep-alive", "proxy-authenticate"]
+                .iter()
+                .find(|f| r.header(f).is_some());
+            if r.status != 401 && r.status != 400 || bad.is_some() {
+                failed.push(format!("{}: {} {bad:?}", esc(raw.as_bytes()), r.status));
+            }
+            if r.header("x-request-id").as_deref() == Some("evil") {
+                failed.push(format!(
+                    "{}: the auth service's X-Request-Id",
+                    esc(raw.as_bytes())
+                ));
+            }
+        }
+        if got.garbage.is_some() || got.responses.len() != *want {
+            failed.push(format!(
+                "{}: {:?} {}",
+                esc(raw.as_bytes()),
+                got.garbage,
+                esc(&got.bytes)
+            ));
+        }
+    }
+    // HEAD: the denial's head, no body.
+    let head = format!("HEAD / HTTP/1.1\r\n{h}\r\n");
+    let got = common::raw::exactly(router.proxy_addr, head.as_bytes(), 20).await;
+    if !got.starts_with(b"HTTP/1.1 401") || !got.ends_with(b"\r\n\r\n") {
+        failed.push(format!("HEAD: {}", esc(&got)));
+    }
+    for (method, target, body) in [
+        ("GET", "/", ""),
+        ("HEAD", "/", ""),
+        ("POST", "/", "body"),
+        ("OPTIONS", "*", ""),
+    ] {
+        let req = (method, "locked.app.test", target);
+        let got = request(Proto::H2, router.proxy_addr, req, &[], body).await;
+        if got.status != 401 || got.headers.contains_key("x-secret") {
+            failed.push(format!(
+                "[H2] {method} {target}: {} {:?}",
+                got.status, got.headers
+            ));
+        }
+    }
+    let seen = backend.settled(0).await;
+    assert!(
+        seen.accepted == 0 && seen.bytes.is_empty(),
+        "the backend was reached: {}",
+        esc(&seen.bytes)
+    );
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
