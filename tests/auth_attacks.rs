@@ -467,3 +467,78 @@ async fn nothing_reaches_a_backend_its_auth_service_refuses() {
     );
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+/// An auth service that never answers (each question times out) or answers an allow with a
+/// large body: the router gives up its connections and in-flight counts, nothing stays
+/// open or counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hung_or_verbose_auth_service_leaks_no_connection_or_in_flight_count() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::AsyncReadExt;
+    let consul = ConsulAgent::start().await;
+    let backend = RawBackend::start_with(Script::answer(RAW_OK)).await;
+    // Hung: reads questions, never answers; counts connections opened and closed.
+    let hung = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let hung_port = hung.local_addr().unwrap().port();
+    let (opened, closed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (o, c) = (opened.clone(), closed.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = hung.accept().await {
+            o.fetch_add(1, Ordering::SeqCst);
+            let c = c.clone();
+            tokio::spawn(async move {
+                let mut b = [0u8; 4096];
+                while matches!(s.read(&mut b).await, Ok(n) if n > 0) {}
+                c.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    let mut big = b"HTTP/1.1 200 OK\r\nX-User: alice\r\nContent-Length: 1000000\r\n\r\n".to_vec();
+    big.resize(big.len() + 1_000_000, b'x');
+    let verbose = RawBackend::start_with(Script::answer(&big)).await;
+    consul.register("hung", "hung-1", hung_port, &[]).await;
+    consul
+        .register("verbose", "verbose-1", verbose.port(), &[])
+        .await;
+    let port = backend.port();
+    consul
+        .register("h", "h-1", port, &[EXPOSE, "router.auth=hung", COPY])
+        .await;
+    consul
+        .register("v", "v-1", port, &[EXPOSE, "router.auth=verbose", COPY])
+        .await;
+    let toml = "expose = \"tagged\"\n[proxy]\nauth_timeout = \"300ms\"\n";
+    let router = start_router(&consul.addr(), toml).await;
+    wait_routable(&router, "h.app.test").await;
+    wait_routable(&router, "v.app.test").await;
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let addr = router.proxy_addr;
+        let proto = if i % 2 == 0 { Proto::H1 } else { Proto::H2 };
+        tasks.push(tokio::spawn(async move {
+            let h = request(proto, addr, ("GET", "h.app.test", "/"), &[], "").await;
+            let v = request(proto, addr, ("GET", "v.app.test", "/"), &[], "").await;
+            (h.status.as_u16(), v.status.as_u16())
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), (503, 200));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let table = router.routes.load();
+    for name in ["hung", "verbose"] {
+        let svc = table.service_named(name).expect("the auth service");
+        let n: u64 = svc
+            .instances
+            .iter()
+            .map(|i| i.state.in_flight.load(Ordering::Relaxed))
+            .sum();
+        assert_eq!(n, 0, "{name}: in flight after every answer");
+    }
+    assert_eq!(
+        opened.load(Ordering::SeqCst),
+        closed.load(Ordering::SeqCst),
+        "every connection to the hung auth service was closed"
+    );
+}
