@@ -25,8 +25,11 @@ use super::error::{Error, ErrorType};
 use super::h2::direct;
 use crate::routing::{AuthSpec, CacheKey};
 
-/// Most fields a question may carry (the fast path's own limit is 100).
-const MAX_FIELDS: usize = 128;
+/// Most fields a question may carry: more than any head either path lets through (the
+/// fast path's limit is 100; HTTP/2's 16 KiB header list holds at most 496 fields of 33
+/// bytes, plus the router's own and the granted ones). A head the parser could not take
+/// would answer 503 to any client that sent many short fields.
+const MAX_FIELDS: usize = 640;
 /// Most body bytes of an allowing answer read so its connection can be pooled.
 const DRAIN_LIMIT: u64 = 64 * 1024;
 /// Slots in the decision cache; a colliding decision replaces the older one.
@@ -237,7 +240,7 @@ impl<'h> Question<'h> {
         out.extend_from_slice(self.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &self.fields {
-            if is_left_out(name) || copy.iter().any(|c| name.eq_ignore_ascii_case(c.as_str())) {
+            if is_left_out(name) || is_copied(name, copy) {
                 continue;
             }
             push_field(out, name, value);
@@ -247,26 +250,35 @@ impl<'h> Question<'h> {
         out.extend_from_slice(b"\r\n");
     }
 
-    /// The value a decision is cached under, if the request has one.
+    /// The value a decision is cached under, if the request has exactly one. A key field
+    /// or cookie given twice is not cached (always asked): the auth service may decide on
+    /// another copy than the one the router would key by (the last cookie of a name, as a
+    /// Python `dict` reads them), and a forged value would then be cached as an allow.
     fn cache_key(&self, key: &CacheKey) -> Option<&'h [u8]> {
-        match key {
-            CacheKey::Field(name) => self
-                .fields
-                .iter()
-                .find(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
-                .map(|(_, v)| *v),
-            CacheKey::Cookie(cookie) => self
-                .fields
-                .iter()
-                .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
-                .flat_map(|(_, v)| v.split(|&b| b == b';'))
-                .find_map(|pair| {
-                    let pair = pair.trim_ascii();
-                    let eq = pair.iter().position(|&b| b == b'=')?;
-                    (&pair[..eq] == cookie.as_bytes()).then_some(&pair[eq + 1..])
-                }),
+        let mut values: Box<dyn Iterator<Item = &'h [u8]> + '_> = match key {
+            CacheKey::Field(name) => Box::new(
+                self.fields
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case(name.as_str()))
+                    .map(|(_, v)| *v),
+            ),
+            CacheKey::Cookie(cookie) => Box::new(
+                self.fields
+                    .iter()
+                    .filter(|(n, _)| n.eq_ignore_ascii_case("cookie"))
+                    .flat_map(|(_, v)| v.split(|&b| b == b';'))
+                    .filter_map(|pair| {
+                        let pair = pair.trim_ascii();
+                        let eq = pair.iter().position(|&b| b == b'=')?;
+                        (pair[..eq].trim_ascii() == cookie.as_bytes()).then_some(&pair[eq + 1..])
+                    }),
+            ),
+        };
+        let first = values.next()?;
+        if values.next().is_some() {
+            return None;
         }
-        .filter(|v| !v.is_empty())
+        Some(first).filter(|v| !v.is_empty())
     }
 }
 
@@ -286,6 +298,23 @@ fn is_left_out(name: &str) -> bool {
         "x-forwarded-uri",
     ];
     LEFT_OUT.iter().any(|l| name.eq_ignore_ascii_case(l))
+}
+
+/// Whether a request field named `name` is a client's copy of one of the granted fields
+/// `copy`: in any case, and with `_` read as `-`, as WSGI, PHP and CGI read names (a
+/// client's `X_User` is their `HTTP_X_USER`, as `X-User` is).
+pub fn is_copied(name: &str, copy: &[HeaderName]) -> bool {
+    let fold = |b: u8| {
+        if b == b'_' {
+            b'-'
+        } else {
+            b.to_ascii_lowercase()
+        }
+    };
+    copy.iter().any(|c| {
+        let c = c.as_str().as_bytes();
+        c.len() == name.len() && name.bytes().zip(c).all(|(a, &b)| fold(a) == fold(b))
+    })
 }
 
 fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
@@ -308,7 +337,7 @@ pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Res
     out.extend_from_slice(q.target.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for (name, value) in &q.fields {
-        if !copy.iter().any(|c| name.eq_ignore_ascii_case(c.as_str())) {
+        if !is_copied(name, copy) {
             push_field(&mut out, name, value);
         }
     }
@@ -324,7 +353,15 @@ pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Res
 
 /// The same for a request's `HeaderMap` (the HTTP/2 path).
 pub fn amend_map(headers: &mut http::HeaderMap, copy: &[HeaderName], grant: &Grant) {
-    for name in copy {
+    if copy.is_empty() {
+        return;
+    }
+    let gone: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| is_copied(n.as_str(), copy))
+        .cloned()
+        .collect();
+    for name in gone {
         headers.remove(name);
     }
     for (name, value) in grant.iter().flat_map(|g| g.iter()) {
@@ -402,6 +439,14 @@ mod tests {
             Some(&b"abc"[..])
         );
         assert_eq!(q.cache_key(&CacheKey::Cookie("none".into())), None);
+        // Given twice: never cached.
+        let twice = b"GET / HTTP/1.1\r\nCookie: session=forged; session=good\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n";
+        let q = Question::parse(twice).unwrap();
+        assert_eq!(q.cache_key(&CacheKey::Cookie("session".into())), None);
+        assert_eq!(
+            q.cache_key(&CacheKey::Field(http::header::AUTHORIZATION)),
+            None
+        );
     }
 
     #[test]
@@ -422,6 +467,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Content-Length: 5\r\n"), "{text}");
+        // Underscore spellings read as the granted field by CGI-style backends go too.
+        let mut head = b"GET / HTTP/1.1\r\nX_User: a\r\nx_USER: b\r\nX_Users: c\r\n\r\n".to_vec();
+        amend_head(&mut head, &[HeaderName::from_static("x-user")], &None).unwrap();
+        assert_eq!(head, b"GET / HTTP/1.1\r\nX_Users: c\r\n\r\n");
     }
 
     #[test]

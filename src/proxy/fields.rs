@@ -444,9 +444,12 @@ pub fn client_ip_in<'a>(
             if part.is_empty() {
                 continue;
             }
+            // An IPv4-mapped address is its IPv4 address, as X-Real-IP writes it and as
+            // allow-lists and ip_hash must read it.
             let Some(ip) = std::str::from_utf8(part)
                 .ok()
                 .and_then(|s| s.parse::<IpAddr>().ok())
+                .map(canonical)
             else {
                 return client;
             };
@@ -574,6 +577,11 @@ mod tests {
             ip("8.8.8.8")
         );
         assert_eq!(client_ip_in([&b"junk"[..]].into_iter(), lo, &trusted), lo);
+        let mapped = [&b"::ffff:10.1.2.3"[..]];
+        assert_eq!(
+            client_ip_in(mapped.into_iter(), lo, &trusted),
+            ip("10.1.2.3")
+        );
         assert!(is_h2c_upgrade(b"h2c"));
         assert!(is_h2c_upgrade(b"websocket, H2C"));
         assert!(!is_h2c_upgrade(b"websocket"));

@@ -95,6 +95,9 @@ impl Access {
             } else if let Some(v) = tag.strip_prefix(AUTH_HEADERS_TAG) {
                 for name in v.split(',').map(str::trim).filter(|n| !n.is_empty()) {
                     match HeaderName::from_bytes(name.as_bytes()) {
+                        Ok(n) if !grantable(&n) => {
+                            tracing::warn!(service, tag = %tag, field = %n, "router.auth-headers: a framing, connection, routing or forwarding field is never granted; left out")
+                        }
                         Ok(n) if !copy.contains(&n) => copy.push(n),
                         Ok(_) => {}
                         Err(_) => {
@@ -130,6 +133,16 @@ impl Access {
             auth,
         })
     }
+}
+
+/// Whether an auth answer's field may be copied onto a request: not one that frames the
+/// body (the router relays it by the client's framing, so a backend told otherwise would
+/// read the body as another request, never asked about), not a hop-by-hop or connection
+/// field, not `Host` (routing), not one the router sets itself (X-Forwarded-*, X-Real-IP,
+/// X-Request-Id) or any `_` spelling of those, and not `Trailer` or `Expect`.
+fn grantable(name: &HeaderName) -> bool {
+    use crate::proxy::fields::{classify, Field};
+    classify(name.as_str()) == Field::Other && !matches!(name.as_str(), "trailer" | "expect")
 }
 
 /// An allow-list value: addresses and CIDRs separated by commas. Entries that are neither
@@ -260,6 +273,13 @@ mod tests {
         // Disagreeing services: the first by name; an empty name stays (unavailable).
         let a = access(&[&["router.auth=b"], &["router.auth=a"]]).unwrap();
         assert_eq!(&*a.auth.unwrap().service, "a");
+        // Framing, connection, routing and forwarding fields are never granted.
+        let a = access(&[&[
+            "router.auth=sso",
+            "router.auth-headers=Content-Length, transfer-encoding, Host, X-Real-IP, X_Forwarded_For, Connection, TE, Trailer, X-User",
+        ]])
+        .unwrap();
+        assert_eq!(&*a.auth.unwrap().copy, &[HeaderName::from_static("x-user")]);
         let a = access(&[&["router.auth="]]).unwrap();
         assert_eq!(&*a.auth.unwrap().service, "");
     }

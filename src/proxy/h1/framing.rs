@@ -34,6 +34,8 @@ pub struct Chunk {
     line: u32,
     /// Hash of the trailer field name being read (lowercase, `_` as `-`).
     name: u64,
+    /// Every trailer field is refused ([`Framing::refuse_trailers`]).
+    no_trailers: bool,
 }
 
 /// Where in the chunked grammar the next byte falls.
@@ -194,6 +196,12 @@ const FORBIDDEN_TRAILERS: [u64; 23] = {
     out
 };
 
+/// Whether a trailer named `name` is refused on the HTTP/1 path (any case, `_` as `-`):
+/// the HTTP/2 path asks too, for the trailers hyper's client would write to a backend.
+pub fn forbidden_trailer(name: &[u8]) -> bool {
+    FORBIDDEN_TRAILERS.contains(&name_hash(name))
+}
+
 impl Framing {
     /// A chunked body at its start.
     pub const CHUNKED: Framing = Framing::Chunked(Chunk {
@@ -201,7 +209,18 @@ impl Framing {
         size: 0,
         line: 0,
         name: 0,
+        no_trailers: false,
     });
+
+    /// Refuses every trailer field of a chunked body, not only the forbidden ones: for a
+    /// request to a service whose forward auth grants fields (`router.auth-headers=`),
+    /// which a trailer of that name would otherwise forge to a backend that merges
+    /// trailers into its fields.
+    pub fn refuse_trailers(&mut self) {
+        if let Framing::Chunked(c) = self {
+            c.no_trailers = true;
+        }
+    }
 
     /// Whether the body has ended (an `UntilClose` body ends only at EOF).
     pub fn is_done(&self) -> bool {
@@ -372,7 +391,7 @@ fn advance_chunked(
             At::TrailerStart => match b {
                 b'\r' => c.at = At::FinalLf,
                 // A field line starts with its name: no folding, no bare LF, no empty name.
-                _ if is_tchar(b) => {
+                _ if is_tchar(b) && !c.no_trailers => {
                     c.name = name_step(FNV_OFFSET, b);
                     c.at = At::TrailerName;
                 }
@@ -480,6 +499,10 @@ mod tests {
     fn chunked_without_trailers() {
         let body = b"1A\r\nabcdefghijklmnopqrstuvwxyz\r\n0\r\n\r\n";
         assert_eq!(run(Framing::CHUNKED, body, 7).unwrap(), body.len());
+        let mut strict = Framing::CHUNKED;
+        strict.refuse_trailers();
+        assert_eq!(run(strict, body, 7).unwrap(), body.len());
+        assert!(run(strict, b"1\r\na\r\n0\r\nX-User: admin\r\n\r\n", 7).is_err());
     }
 
     #[test]

@@ -403,6 +403,8 @@ impl<S: ClientIo> Conn<'_, S> {
             request_id.map(RequestId::as_bytes),
             head_request,
         );
+        // No body goes after the head either for a status that never has one.
+        let head_request = head_request || response::never_has_body(answer.status.as_u16());
         let mut sent = if head_request {
             0
         } else {
@@ -488,6 +490,10 @@ impl<S: ClientIo> Conn<'_, S> {
         let Some(spec) = ex.routed.auth() else {
             return Ok(());
         };
+        // A trailer could carry a granted field past the rewritten head.
+        if !spec.copy.is_empty() {
+            ex.body.refuse_trailers();
+        }
         let decision = auth::authorize(self.core, &ex.routed, spec, &self.wbuf).await;
         ex.auth = Some(decision.outcome);
         let grant = decision.result?;

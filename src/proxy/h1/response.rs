@@ -209,6 +209,12 @@ impl<'b> ResponseHead<'_, 'b> {
     }
 }
 
+/// Whether a response with `status` never has a body, whatever its fields say (RFC 9112
+/// §6.3): 1xx, 204 and 304.
+pub fn never_has_body(status: u16) -> bool {
+    matches!(status, 100..=199 | 204 | 304)
+}
+
 /// Writes a status code's three digits.
 pub(super) fn write_status(out: &mut Vec<u8>, status: u16) {
     let s = status.min(999);
@@ -238,7 +244,11 @@ pub fn write_local(
     if let Some((title, _, value)) = text {
         field(out, title.as_bytes(), value.as_bytes());
     }
+    // A 1xx, 204 or 304 (an auth service's, relayed) has no body and no framing fields:
+    // a chunked terminator after it would be read as the start of the next response.
+    let status_bodiless = never_has_body(answer.status.as_u16());
     match answer.body.as_bytes() {
+        _ if status_bodiless => {}
         Some(body) => {
             out.extend_from_slice(b"Content-Length: ");
             push_u64(out, body.len() as u64);
@@ -263,7 +273,11 @@ pub fn write_local(
     }
     out.extend_from_slice(b"\r\n");
     // A HEAD's answer has the fields a GET's would, and no body (RFC 9110 §9.3.2).
-    if let Some(body) = answer.body.as_bytes().filter(|_| !head_request) {
+    if let Some(body) = answer
+        .body
+        .as_bytes()
+        .filter(|_| !head_request && !status_bodiless)
+    {
         out.extend_from_slice(body);
     }
 }

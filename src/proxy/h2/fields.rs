@@ -4,10 +4,12 @@
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 
+use crate::proxy::auth::is_copied;
 use crate::proxy::fields::{
     classify, request_fate, response_fate, set_fields, Connection, Fate, Field, FieldWriter,
     Forwarding, Kept, SetField,
 };
+use crate::proxy::h1::framing::forbidden_trailer;
 
 /// `X-Forwarded-For`.
 pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -118,6 +120,33 @@ pub fn rewrite_response(headers: &mut HeaderMap) {
         let fate = response_fate(classify(name), false);
         fate == Fate::Drop || (fate == Fate::Keep && named(name))
     });
+}
+
+/// A request's `Trailer` field says which trailers hyper's HTTP/1 client writes to the
+/// backend (it drops the others): the names the HTTP/1 path refuses in a trailer (framing,
+/// routing, credentials, the client's address; any case, `_` as `-`) and the fields forward
+/// auth grants (`copy`) are taken out of it, and the field itself when none is left, so a
+/// client's HTTP/2 trailers forge none of them to a backend that merges trailers into its
+/// fields.
+pub fn limit_trailers(headers: &mut HeaderMap, copy: &[HeaderName]) {
+    if !headers.contains_key(header::TRAILER) {
+        return;
+    }
+    let kept: Vec<String> = headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|n| !n.is_empty() && !forbidden_trailer(n.as_bytes()) && !is_copied(n, copy))
+        .map(str::to_owned)
+        .collect();
+    headers.remove(header::TRAILER);
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            headers.insert(header::TRAILER, v);
+        }
+    }
 }
 
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one, joined with

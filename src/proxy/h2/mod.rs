@@ -84,6 +84,8 @@ pub async fn handle(
             }
         }
     }
+    let copy = routed.auth().map_or(&[][..], |s| &s.copy[..]);
+    fields::limit_trailers(req.headers_mut(), copy);
     if routed.service.proto.is_h2() {
         let log = (log, auth);
         return backend::exchange(core, req, routed, request_id, id_value, log).await;
