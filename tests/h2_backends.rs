@@ -367,7 +367,8 @@ async fn the_pool_opens_connections_at_the_servers_stream_limit() {
     consul
         .register("pool", "pool-1", backend.port(), &["router.proto=h2c"])
         .await;
-    let toml = "[proxy]\nh2_backend_max_connections = 3\n";
+    // A long idle_timeout: the reaper must not close the first connection mid-test.
+    let toml = "[proxy]\nh2_backend_max_connections = 3\nidle_timeout = \"60s\"\n";
     let router = start_router(&consul.addr(), toml).await;
     wait_routable(&router, "pool.app.test").await;
     let table = router.routes.load();
@@ -375,7 +376,7 @@ async fn the_pool_opens_connections_at_the_servers_stream_limit() {
         .state
         .clone();
 
-    // A first connection, its SETTINGS read (before them, h2's initial limit applies).
+    // A first connection, its SETTINGS read (before them it takes one stream).
     let got = raw(
         router.proxy_addr,
         "GET /empty HTTP/1.1\r\nHost: pool.app.test\r\n\r\n",
