@@ -341,6 +341,23 @@ async fn bidi(c: &mut Client, room: usize) -> (tokio::sync::mpsc::Sender<Msg>, S
     (tx, replies)
 }
 
+/// A `/t.Echo/Hang` call with its two messages read: the backend holds it open after them.
+async fn hanging_stream(c: &mut Client) -> Streaming<Msg> {
+    let mut stream = bounded(
+        "hang",
+        server_stream(c, "/t.Echo/Hang", Request::new(msg(2, 8))),
+    )
+    .await
+    .expect("stream");
+    for _ in 0..2 {
+        bounded("first messages", stream.message())
+            .await
+            .expect("message")
+            .expect("some");
+    }
+    stream
+}
+
 /// Bounded: a call that hangs fails the test instead.
 async fn bounded<T>(what: &str, f: impl Future<Output = T>) -> T {
     tokio::time::timeout(LIMIT, f)
@@ -488,18 +505,7 @@ async fn deadlines_are_the_routers_and_quiet_streams_live() {
 async fn a_backend_killed_mid_stream_fails_the_call_promptly() {
     let s = setup("", Duration::ZERO).await;
     let mut c = client(s.router.proxy_addr).await;
-    let mut stream = bounded(
-        "hang",
-        server_stream(&mut c, "/t.Echo/Hang", Request::new(msg(2, 8))),
-    )
-    .await
-    .expect("stream");
-    for _ in 0..2 {
-        bounded("first messages", stream.message())
-            .await
-            .expect("message")
-            .expect("some");
-    }
+    let mut stream = hanging_stream(&mut c).await;
     s.backend.kill();
     let t = Instant::now();
     let e = bounded("after the kill", stream.message())
@@ -516,6 +522,95 @@ async fn a_backend_killed_mid_stream_fails_the_call_promptly() {
     .await
     .expect_err("backend gone");
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+}
+
+/// A TCP relay to `to` on 127.0.0.1:0 that can be frozen: from then on it passes no byte
+/// either way and closes nothing, like a backend host that stopped answering.
+struct Freezer {
+    addr: SocketAddr,
+    frozen: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Freezer {
+    async fn start(to: SocketAddr) -> Freezer {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (frozen, watch) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((client, _)) = listener.accept().await else {
+                    continue;
+                };
+                let Ok(server) = TcpStream::connect(to).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(pass(cr, sw, watch.clone()));
+                tokio::spawn(pass(sr, cw, watch.clone()));
+            }
+        });
+        Freezer { addr, frozen, task }
+    }
+}
+
+impl Drop for Freezer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn pass(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut frozen: tokio::sync::watch::Receiver<bool>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(n) if n > 0 => n,
+                _ => return,
+            },
+            _ = frozen.wait_for(|f| *f) => 0,
+        };
+        if n == 0 {
+            // Hold both sockets open, silent, until the test ends.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return;
+        }
+        let now_frozen = *frozen.borrow();
+        if now_frozen || to.write_all(&buf[..n]).await.is_err() {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backend_that_stops_answering_is_found_by_pings() {
+    let consul = ConsulAgent::start().await;
+    let backend = GrpcBackend::start(Duration::ZERO).await;
+    let relay = Freezer::start(backend.addr).await;
+    consul
+        .register("grpc", "grpc-1", relay.addr.port(), &["router.proto=h2c"])
+        .await;
+    let toml = "[proxy]\nh2_backend_ping_interval = \"1s\"\n";
+    let router = start_router(&consul.addr(), toml).await;
+    wait_routable(&router, HOST).await;
+    let mut c = client(router.proxy_addr).await;
+    let mut stream = hanging_stream(&mut c).await;
+    // The host goes silent: no FIN, no reset. Only the PINGs can tell.
+    relay.frozen.send_replace(true);
+    let t = Instant::now();
+    let e = bounded("after the freeze", stream.message())
+        .await
+        .expect_err("an error, not a hang");
+    assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    assert_ne!(e.code(), Code::Ok, "{e:?}");
+    drop(backend);
 }
 
 /// The router process's resident set, from /proc.
@@ -581,6 +676,7 @@ async fn ten_thousand_messages_each_way_with_flat_memory() {
     );
     let after = rss_bytes(router.process.id());
     let growth = after.saturating_sub(before);
+    eprintln!("router RSS {before} → {after} bytes over 10,000 messages each way");
     assert!(
         growth < 20 * 1024 * 1024,
         "router RSS grew {growth} bytes ({before} → {after}) over 10,000 messages each way"

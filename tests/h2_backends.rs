@@ -19,6 +19,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::watch;
 use tokio_stream::StreamExt;
 
 use common::certs::{cert_dir, make_ca, make_cert, make_cert_signed};
@@ -26,6 +27,7 @@ use common::consul::ConsulAgent;
 use common::metrics::{metrics, sample};
 use common::raw::{esc, exactly, mask_ids};
 use common::router::{start_router, wait_routable};
+use common::wait::wait_until;
 
 type Body = UnsyncBoxBody<Bytes, hyper::Error>;
 
@@ -90,6 +92,16 @@ async fn answer(req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
 async fn h2_backend(
     tls: Option<Arc<rustls::ServerConfig>>,
 ) -> (SocketAddr, tokio::task::JoinHandle<()>) {
+    let (_, gate) = watch::channel(true);
+    h2_backend_with(tls, None, gate).await
+}
+
+/// [`h2_backend`] advertising `max_streams`; `/hold` answers once `gate` is true.
+async fn h2_backend_with(
+    tls: Option<Arc<rustls::ServerConfig>>,
+    max_streams: Option<u32>,
+    gate: watch::Receiver<bool>,
+) -> (SocketAddr, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
@@ -98,23 +110,30 @@ async fn h2_backend(
                 continue;
             };
             let tls = tls.clone();
+            let gate = gate.clone();
             tokio::spawn(async move {
                 let mut b = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-                b.auto_date_header(false);
+                b.auto_date_header(false)
+                    .max_concurrent_streams(max_streams);
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let mut gate = gate.clone();
+                    async move {
+                        if req.uri().path() == "/hold" {
+                            let _ = gate.wait_for(|open| *open).await;
+                        }
+                        answer(req).await
+                    }
+                });
                 match tls {
                     None => {
-                        let _ = b
-                            .serve_connection(TokioIo::new(stream), service_fn(answer))
-                            .await;
+                        let _ = b.serve_connection(TokioIo::new(stream), svc).await;
                     }
                     Some(cfg) => {
                         let Ok(s) = tokio_rustls::TlsAcceptor::from(cfg).accept(stream).await
                         else {
                             return;
                         };
-                        let _ = b
-                            .serve_connection(TokioIo::new(s), service_fn(answer))
-                            .await;
+                        let _ = b.serve_connection(TokioIo::new(s), svc).await;
                     }
                 }
             });
@@ -337,6 +356,66 @@ async fn h2_over_tls_is_verified_against_the_configured_ca() {
         &[("service", "h2stranger"), ("kind", "tls")],
     );
     assert!(n >= 1.0, "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pool_opens_connections_at_the_servers_stream_limit() {
+    let consul = ConsulAgent::start().await;
+    let (open, gate) = watch::channel(false);
+    // The server allows 2 streams per connection; the router, 3 connections per instance.
+    let (backend, _task) = h2_backend_with(None, Some(2), gate).await;
+    consul
+        .register("pool", "pool-1", backend.port(), &["router.proto=h2c"])
+        .await;
+    // A long idle_timeout: the reaper must not close the first connection mid-test.
+    let toml = "[proxy]\nh2_backend_max_connections = 3\nidle_timeout = \"60s\"\n";
+    let router = start_router(&consul.addr(), toml).await;
+    wait_routable(&router, "pool.app.test").await;
+    let table = router.routes.load();
+    let state = table.lookup("pool.app.test").expect("service").instances[0]
+        .state
+        .clone();
+
+    // A first connection, its SETTINGS read (before them it takes one stream).
+    let got = raw(
+        router.proxy_addr,
+        "GET /empty HTTP/1.1\r\nHost: pool.app.test\r\n\r\n",
+        20,
+    )
+    .await;
+    assert!(got.starts_with("HTTP/1.1 204 "), "{got:?}");
+    // 8 requests held at the backend: 3 connections × 2 streams, the last 2 queued on
+    // connections at their limit.
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let at = router.proxy_addr;
+        held.push(tokio::spawn(async move {
+            raw(at, "GET /hold HTTP/1.1\r\nHost: pool.app.test\r\n\r\n", 40).await
+        }));
+    }
+    wait_until(
+        Duration::from_secs(10),
+        "8 streams on 3 connections",
+        || async { state.h2.usage() == (3, 8) },
+    )
+    .await;
+    open.send_replace(true);
+    for h in held {
+        let got = h.await.expect("request task");
+        assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got:?}");
+    }
+    wait_until(Duration::from_secs(5), "streams released", || async {
+        state.h2.usage() == (3, 0)
+    })
+    .await;
+    let text = metrics(router.admin_addr).await;
+    assert!(sample(&text, "consul_router_h2_backend_streams_queued_total", &[]) >= 2.0);
+    // The admin API shows the pool.
+    let inst = common::client::listed_instance(router.admin_addr, "pool-1")
+        .await
+        .expect("listed");
+    assert_eq!(inst["proto"], "h2c");
+    assert_eq!(inst["h2_pool"]["connections"], 3);
 }
 
 /// An HTTP/2 frame head.

@@ -22,6 +22,7 @@ use common::router::{start_router, wait_routable};
 /// value (`{port}` is the router's port), `(field, None)` absent.
 type Fields = &'static [(&'static str, Option<&'static str>)];
 
+#[derive(Clone, Copy)]
 struct Case {
     name: &'static str,
     /// The router whose peer (127.0.0.1) is trusted, or the one that trusts nobody.
@@ -214,6 +215,26 @@ const CASES: &[Case] = &[
     },
 ];
 
+/// A `tbl` case again, for the same backend behind `router.proto=h2c`: the same answer,
+/// for its own host, except that the router says `te: trailers` to an HTTP/2 backend
+/// itself (gRPC requires it; connection-specific fields are otherwise never sent).
+fn on_h2c(c: &Case) -> Option<Case> {
+    let backend: Vec<(&str, Option<&str>)> = c
+        .backend
+        .iter()
+        .map(|&(name, want)| match (name, want) {
+            ("te", None) => (name, Some("trailers")),
+            (_, Some("tbl.app.test")) => (name, Some("tblh2.app.test")),
+            other => other,
+        })
+        .collect();
+    (c.host == "tbl.app.test").then(|| Case {
+        host: "tblh2.app.test",
+        backend: Vec::leak(backend),
+        ..*c
+    })
+}
+
 async fn run(proto: Proto, addr: SocketAddr, c: &Case) -> Got {
     request(proto, addr, (c.method, c.host, c.target), c.send, "").await
 }
@@ -270,8 +291,13 @@ fn check(c: &Case, proto: Proto, port: u16, got: &Got) -> Result<(), String> {
 async fn one_table_over_http1_and_http2() {
     let consul = ConsulAgent::start().await;
     let b1 = Backend::start("b1").await;
+    // The same backend over HTTP/2 (h2c): every `tbl` case runs against it too.
+    let b1h2 = Backend::start_h2c("b1").await;
     let dead = free_port();
     consul.register("tbl", "tbl-1", b1.port(), &[]).await;
+    consul
+        .register("tblh2", "tblh2-1", b1h2.port(), &["router.proto=h2c"])
+        .await;
     consul.register("retry", "retry-dead", dead, &[]).await;
     consul.register("retry", "retry-live", b1.port(), &[]).await;
     consul.register("dead", "dead-1", dead, &[]).await;
@@ -280,13 +306,19 @@ async fn one_table_over_http1_and_http2() {
         .await;
     let trusted = start_router(&consul.addr(), "").await;
     let untrusted = start_router(&consul.addr(), "trusted_proxies = [\"10.9.9.9/32\"]\n").await;
-    for host in ["tbl.app.test", "retry.app.test", "dead.app.test"] {
+    for host in [
+        "tbl.app.test",
+        "tblh2.app.test",
+        "retry.app.test",
+        "dead.app.test",
+    ] {
         wait_routable(&trusted, host).await;
         wait_routable(&untrusted, host).await;
     }
     let mut failed = Vec::new();
     let mut ran = 0;
-    for c in CASES {
+    let h2c: Vec<Case> = CASES.iter().filter_map(on_h2c).collect();
+    for c in CASES.iter().chain(&h2c) {
         let router = if c.trusted { &trusted } else { &untrusted };
         for proto in [Proto::H1, Proto::H2] {
             // The retry case: every pick order must end at the live instance.
@@ -308,13 +340,16 @@ async fn one_table_over_http1_and_http2() {
         failed.join("\n  ")
     );
     // Bodies both ways of the same size: streamed (chunked from the backend), and HEAD.
-    for proto in [Proto::H1, Proto::H2] {
+    for (proto, host) in [Proto::H1, Proto::H2]
+        .into_iter()
+        .flat_map(|p| [(p, "tbl.app.test"), (p, "tblh2.app.test")])
+    {
         for (method, target, len) in [("GET", "/bytes/300000", 300_000), ("HEAD", "/", 0)] {
             let c = Case {
                 name: "body",
                 trusted: true,
                 method,
-                host: "tbl.app.test",
+                host,
                 target,
                 send: &[],
                 status: 200,
@@ -323,8 +358,13 @@ async fn one_table_over_http1_and_http2() {
             };
             for _ in 0..3 {
                 let got = run(proto, trusted.proxy_addr, &c).await;
-                assert_eq!(got.status, StatusCode::OK, "{proto:?} {method} {target}");
-                assert_eq!(got.body.len(), len, "{proto:?} {method} {target}");
+                assert_eq!(
+                    got.status,
+                    StatusCode::OK,
+                    "{proto:?} {host} {method} {target}: {}",
+                    got.body
+                );
+                assert_eq!(got.body.len(), len, "{proto:?} {host} {method} {target}");
             }
         }
     }

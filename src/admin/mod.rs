@@ -313,6 +313,17 @@ struct InstanceView<'a> {
     weight: u32,
     load: Option<f64>,
     in_flight: u64,
+    /// `router.proto=`: `http1`, `h2c` or `h2`.
+    proto: &'static str,
+    /// HTTP/2 instances: connections open and streams in flight on them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    h2_pool: Option<H2PoolView>,
+}
+
+#[derive(Serialize)]
+struct H2PoolView {
+    connections: usize,
+    streams: usize,
 }
 
 impl<'a> From<&'a RoutingTable> for RoutesView<'a> {
@@ -342,6 +353,14 @@ impl<'a> From<&'a RoutingTable> for RoutesView<'a> {
                             .state
                             .in_flight
                             .load(std::sync::atomic::Ordering::Relaxed),
+                        proto: inst.proto.as_str(),
+                        h2_pool: inst.proto.is_h2().then(|| {
+                            let (connections, streams) = inst.state.h2.usage();
+                            H2PoolView {
+                                connections,
+                                streams,
+                            }
+                        }),
                     })
                     .collect(),
             })

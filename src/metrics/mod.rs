@@ -40,6 +40,18 @@ pub fn handle() -> PrometheusHandle {
 
 fn describe() {
     metrics::describe_counter!(
+        "consul_router_h2_backend_connections_opened_total",
+        "HTTP/2 connections opened to router.proto=h2c/h2 instances."
+    );
+    metrics::describe_gauge!(
+        "consul_router_h2_backend_connections",
+        "Open HTTP/2 connections to router.proto=h2c/h2 instances."
+    );
+    metrics::describe_counter!(
+        "consul_router_h2_backend_streams_queued_total",
+        "Streams put on an HTTP/2 backend connection already at its stream limit, because the instance had proxy.h2_backend_max_connections open."
+    );
+    metrics::describe_counter!(
         "consul_router_consul_requests_total",
         "Requests to Consul's HTTP API by endpoint and outcome."
     );

@@ -472,6 +472,38 @@ mod tests {
     }
 
     #[test]
+    fn one_protocol_per_service_and_unknown_ones_fail_closed() {
+        let c = catalog(vec![
+            (
+                "grpc",
+                vec![
+                    spec("g-1", 1, Health::Passing, &["router.proto=h2c"]),
+                    spec("g-2", 2, Health::Passing, &["router.proto=h2c"]),
+                    spec("g-3", 3, Health::Passing, &[]),
+                    spec("g-4", 4, Health::Passing, &["router.proto=h2s"]),
+                ],
+            ),
+            (
+                "typo",
+                vec![spec("t-1", 5, Health::Passing, &["router.proto=http2"])],
+            ),
+            ("plain", vec![spec("p-1", 6, Health::Passing, &[])]),
+        ]);
+        let mut reg = StateRegistry::default();
+        let t = build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        let grpc = &t.services["grpc"];
+        assert_eq!(grpc.proto, Proto::H2c, "most instances say h2c");
+        let routable: Vec<&str> = grpc.routable().iter().map(|i| &*i.id).collect();
+        assert_eq!(routable, ["g-1", "g-2"], "the others are not routed");
+        let typo = &t.services["typo"];
+        assert_eq!(typo.routable, 0, "an unknown value is never spoken to");
+        assert_eq!(t.services["plain"].proto, Proto::Http1);
+        assert_eq!(reg.warned_proto.len(), 3, "each warned once");
+        build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        assert_eq!(reg.warned_proto.len(), 3);
+    }
+
+    #[test]
     fn maps_domains_and_tag_hosts() {
         let c = catalog(vec![
             (

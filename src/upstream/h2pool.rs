@@ -364,16 +364,18 @@ impl H2Pool {
         let Some(list) = self.conns.load_full() else {
             return;
         };
-        let mut idle = false;
-        for c in list.iter() {
-            let used = c.used.swap(false, Ordering::Relaxed);
-            idle |= !c.is_open() || (!used && c.active.load(Ordering::Relaxed) == 0);
-        }
-        if idle {
-            self.prune(|c| {
-                c.is_open()
-                    && (c.used.load(Ordering::Relaxed) || c.active.load(Ordering::Relaxed) > 0)
-            });
+        let gone: Vec<*const H2Conn> = list
+            .iter()
+            .filter(|c| {
+                let used = c.used.swap(false, Ordering::Relaxed);
+                !c.is_open() || (!used && c.active.load(Ordering::Relaxed) == 0)
+            })
+            .map(Arc::as_ptr)
+            .collect();
+        if !gone.is_empty() {
+            // By identity: a connection leased since it was looked at goes all the same,
+            // and closes once that stream ends.
+            self.prune(|c| !gone.iter().any(|g| std::ptr::eq(*g, c)));
         }
     }
 
@@ -421,6 +423,10 @@ where
         .keep_alive_interval(settings.ping_interval)
         .keep_alive_timeout(settings.ping_interval)
         .keep_alive_while_idle(true)
+        // One stream until the server's SETTINGS say how many (h2 then takes its value, or
+        // no limit if it names none): a burst on a new connection spreads over new ones
+        // instead of queueing past a limit not yet known.
+        .initial_max_send_streams(1)
         .handshake::<_, H2Body>(TokioIo::new(io))
         .await
         .map_err(ConnectError::Handshake)?;

@@ -25,6 +25,30 @@ where
     B::Data: Send,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
+    serve(listener, handler, false)
+}
+
+/// Serves HTTP/2 with prior knowledge (h2c) on `listener`, one task per connection, until
+/// aborted.
+pub fn serve_h2c<F, Fut, B>(listener: TcpListener, handler: F) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    serve(listener, handler, true)
+}
+
+fn serve<F, Fut, B>(listener: TcpListener, handler: F, h2c: bool) -> tokio::task::JoinHandle<()>
+where
+    F: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: std::future::Future<Output = Result<Response<B>, Infallible>> + Send + 'static,
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -32,10 +56,17 @@ where
             };
             let h = handler.clone();
             tokio::spawn(async move {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(h))
-                    .with_upgrades()
-                    .await;
+                let io = TokioIo::new(stream);
+                let _ = if h2c {
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(io, service_fn(h))
+                        .await
+                } else {
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(io, service_fn(h))
+                        .with_upgrades()
+                        .await
+                };
             });
         }
     })
@@ -60,17 +91,31 @@ pub struct Backend {
 
 impl Backend {
     pub async fn start(name: &str) -> Backend {
+        Self::start_as(name, false).await
+    }
+
+    /// The same backend speaking HTTP/2 with prior knowledge (`router.proto=h2c`).
+    pub async fn start_h2c(name: &str) -> Backend {
+        Self::start_as(name, true).await
+    }
+
+    async fn start_as(name: &str, h2c: bool) -> Backend {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let n = name.to_owned();
         let requests = Arc::new(Mutex::new(Vec::new()));
         let seen = requests.clone();
-        let task = serve_http(listener, move |req: Request<Incoming>| {
+        let handler = move |req: Request<Incoming>| {
             seen.lock()
                 .unwrap()
                 .push(format!("{} {}", req.method(), req.uri()));
             backend_answer(n.clone(), req)
-        });
+        };
+        let task = if h2c {
+            serve_h2c(listener, handler)
+        } else {
+            serve_http(listener, handler)
+        };
         Backend {
             name: name.into(),
             addr,

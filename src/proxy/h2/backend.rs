@@ -30,6 +30,7 @@ pub(super) async fn exchange(
     (log, auth): (Option<LogFields>, Option<Outcome>),
 ) -> Response<ProxyBody> {
     let grpc = h2up::is_grpc(req.headers());
+    let head_request = req.method() == http::Method::HEAD;
     let call_deadline = grpc
         .then(|| h2up::grpc_deadline(req.headers(), routed.start))
         .flatten();
@@ -96,9 +97,21 @@ pub(super) async fn exchange(
         received,
     });
     let deadline = call_deadline.map(tokio::time::Instant::from_std);
+    // No body may follow (RFC 9110 §6.4.1): said at once, so the head goes out with
+    // END_STREAM, whatever the backend's stream state.
+    let status = response.status();
+    let bodiless = head_request
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
     response.map(|b| {
         Either::Left(Either::Left(UpstreamBody::h2(
-            b, lease, in_flight, stall, deadline, closing,
+            (!bodiless).then_some(b),
+            lease,
+            in_flight,
+            stall,
+            deadline,
+            closing,
         )))
     })
 }

@@ -110,11 +110,11 @@ impl UpstreamBody {
         }
     }
 
-    /// The body of a response from an HTTP/2 backend: `lease` is held until it ends; it
-    /// fails when it stalls for `stall` (`None`: never), and ends with a gRPC
-    /// `DEADLINE_EXCEEDED` at `deadline`, if given.
+    /// The body of a response from an HTTP/2 backend (`None`: none may follow, as after
+    /// HEAD): `lease` is held until it ends; it fails when it stalls for `stall` (`None`:
+    /// never), and ends with a gRPC `DEADLINE_EXCEEDED` at `deadline`, if given.
     pub fn h2(
-        inner: Incoming,
+        inner: Option<Incoming>,
         lease: H2Lease,
         in_flight: InFlight,
         stall: Option<Duration>,
@@ -122,7 +122,7 @@ impl UpstreamBody {
         closing: Box<Closing>,
     ) -> Self {
         UpstreamBody {
-            inner: Some(Stall::limited(inner, stall)),
+            inner: inner.map(|b| Stall::limited(b, stall)),
             sender: None,
             in_flight,
             closing: Some(closing),
