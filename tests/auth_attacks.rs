@@ -542,3 +542,25 @@ async fn a_hung_or_verbose_auth_service_leaks_no_connection_or_in_flight_count()
         "every connection to the hung auth service was closed"
     );
 }
+
+/// An HTTP/1.0 request is forwarded as HTTP/1.0 (README, Proxying); granting fields
+/// rewrote its request line as HTTP/1.1, so the backend read it with HTTP/1.1's defaults
+/// (persistent connection, chunked answers) that the router does not give a 1.0 client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_fields_keep_an_http10_request_line() {
+    let s = setup().await;
+    let raw = "GET /old HTTP/1.0\r\nHost: app.app.test\r\n\r\n";
+    let got = talk(s.router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+    assert_eq!(
+        got.first().map(|r| r.status),
+        Ok(200),
+        "{}",
+        esc(&got.bytes)
+    );
+    let seen = s.backend.settled(0).await;
+    assert!(
+        seen.bytes.starts_with(b"GET /old HTTP/1.0\r\n") && has(&seen.bytes, "x-user: alice"),
+        "{}",
+        esc(&seen.bytes)
+    );
+}
