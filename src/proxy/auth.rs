@@ -211,6 +211,8 @@ struct Question<'h> {
     target: &'h str,
     fields: Vec<(&'h str, &'h [u8])>,
     len: usize,
+    /// The head's HTTP version: 1.0 (`0`) or 1.1 (`1`).
+    version: u8,
 }
 
 impl<'h> Question<'h> {
@@ -228,6 +230,7 @@ impl<'h> Question<'h> {
             target: req.path.unwrap_or("/"),
             fields: req.headers.iter().map(|h| (h.name, h.value)).collect(),
             len,
+            version: req.version.unwrap_or(1),
         })
     }
 
@@ -324,7 +327,7 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Rewrites an HTTP/1.1 backend head in `head`: every field named in `copy` (the client's
+/// Rewrites an HTTP/1 backend head in `head` (its version kept): every field named in `copy` (the client's
 /// copies) out, then the granted fields in, before the blank line.
 pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Result<(), Error> {
     if copy.is_empty() {
@@ -335,7 +338,13 @@ pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Res
     out.extend_from_slice(q.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(q.target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // An HTTP/1.0 request goes on as HTTP/1.0.
+    let version: &[u8] = if q.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    };
+    out.extend_from_slice(version);
     for (name, value) in &q.fields {
         if !is_copied(name, copy) {
             push_field(&mut out, name, value);
