@@ -564,3 +564,37 @@ async fn granted_fields_keep_an_http10_request_line() {
         esc(&seen.bytes)
     );
 }
+
+/// Some trusted proxies append the client with its port (`203.0.113.9:50123`, Azure
+/// Application Gateway; `[2001:db8::9]:50123`): read as no address, the client became the
+/// proxy itself, and an allow-list that lists the proxy's network (an internal service
+/// behind an internal load balancer) let every client in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_address_with_a_port_is_the_client_not_the_proxy() {
+    let consul = ConsulAgent::start().await;
+    let backend = RawBackend::start_with(Script::answer(RAW_OK)).await;
+    // The proxy (127.0.0.1, trusted by default) is on the list; its clients are not.
+    let tags = [EXPOSE, "router.allow=127.0.0.0/8"];
+    consul
+        .register("internal", "internal-1", backend.port(), &tags)
+        .await;
+    let router = start_router(&consul.addr(), "expose = \"tagged\"\n").await;
+    wait_routable(&router, "internal.app.test").await;
+    for xff in ["203.0.113.9:50123", "[2001:db8::9]:50123", "[2001:db8::9]"] {
+        let raw =
+            format!("GET / HTTP/1.1\r\nHost: internal.app.test\r\nX-Forwarded-For: {xff}\r\n\r\n");
+        let got = talk(router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+        let status = got.first().map(|r| r.status).unwrap_or(0);
+        assert_eq!(status, 403, "{xff}: {}", esc(&got.bytes));
+    }
+    let raw =
+        "GET / HTTP/1.1\r\nHost: internal.app.test\r\nX-Forwarded-For: 127.0.0.9:50123\r\n\r\n";
+    let got = talk(router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+    assert_eq!(
+        got.first().map(|r| r.status),
+        Ok(200),
+        "{}",
+        esc(&got.bytes)
+    );
+    assert!(has(&backend.received().bytes, "x-real-ip: 127.0.0.9"));
+}
