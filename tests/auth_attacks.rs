@@ -598,3 +598,40 @@ async fn a_forwarded_address_with_a_port_is_the_client_not_the_proxy() {
     );
     assert!(has(&backend.received().bytes, "x-real-ip: 127.0.0.9"));
 }
+
+/// A client's X-User in every shape a parser behind us might read as a field: folded onto
+/// another field, bare LF line ends, whitespace around the name, a NUL, in a value that a
+/// lax backend splits, twice: the backend gets alice's and nothing of the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_forged_granted_field_reaches_the_backend() {
+    let s = setup().await;
+    let h = "Host: app.app.test";
+    let heads: Vec<String> = vec![
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\r\n X-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\r\n\tX-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\n{h}\nX-User: admin\n\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User : admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\n X-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User\t: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\rX-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\nX-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User: admin\r\nX-USER: admin\r\nx-user: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User\0: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User:admin\r\n\r\n"),
+    ];
+    let mut failed = Vec::new();
+    for raw in &heads {
+        let mark = s.backend.mark();
+        let got = talk(s.router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+        let seen = s.backend.settled(mark).await;
+        let status = got.first().map(|r| r.status).unwrap_or(0);
+        if has(&seen.bytes, "admin") || (status == 200 && !has(&seen.bytes, "x-user: alice")) {
+            failed.push(format!(
+                "{} -> {status}: {}",
+                esc(raw.as_bytes()),
+                esc(&seen.bytes)
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
