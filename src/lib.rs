@@ -341,6 +341,7 @@ async fn reap_idle(routes: Arc<Routes>, idle_timeout: Duration) {
             for inst in svc.instances.iter() {
                 inst.state.idle.evict_expired(idle_timeout);
                 inst.state.idle_hyper.evict_expired(idle_timeout);
+                inst.state.h2.evict_idle();
             }
         }
     }

@@ -148,6 +148,7 @@ pub(crate) fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         consul,
         proxy,
         tls,
+        upstream_tls,
     )
 }
 

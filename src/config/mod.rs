@@ -14,6 +14,7 @@ mod parse;
 mod proxy;
 mod routing;
 mod tls;
+mod upstream_tls;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -31,6 +32,7 @@ pub use logs::LogFormat;
 pub use proxy::{FileProxy, ProxyConfig, DEFAULT_LOAD_HEADER};
 pub use routing::{Expose, DEFAULT_EXCLUDED};
 pub use tls::{CertPaths, FileCert, FileTls, TlsConfig};
+pub use upstream_tls::{FileUpstreamTls, UpstreamTlsConfig};
 
 /// Why a configuration was refused. Every variant names the key at fault.
 #[derive(Debug, thiserror::Error)]
@@ -114,6 +116,8 @@ pub struct FileConfig {
     pub proxy: FileProxy,
     /// TLS listener settings; absent means no TLS listener.
     pub tls: Option<FileTls>,
+    /// TLS to `router.proto=h2` backends.
+    pub upstream_tls: Option<FileUpstreamTls>,
 }
 
 /// Command-line values that override the file. `None` leaves the file's value.
@@ -184,6 +188,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// The TLS listener, if `[tls]` is present.
     pub tls: Option<TlsConfig>,
+    /// TLS to `router.proto=h2` backends.
+    pub upstream_tls: UpstreamTlsConfig,
 }
 
 impl Default for Config {
@@ -242,6 +248,7 @@ impl Config {
             consul,
             proxy,
             tls,
+            upstream_tls,
         } = file;
         let listener = listener::validate(
             listener::FileListener {
@@ -289,6 +296,7 @@ impl Config {
             tls,
             &[("listen", listener.listen), ("admin_listen", admin.listen)],
         )?;
+        let upstream_tls = upstream_tls::validate(upstream_tls)?;
 
         Ok(Config {
             listen: listener.listen,
@@ -310,6 +318,7 @@ impl Config {
             consul,
             proxy,
             tls,
+            upstream_tls,
         })
     }
 }
@@ -356,6 +365,22 @@ mod tests {
             (
                 "[proxy]\nh2_max_concurrent_streams = 0",
                 "proxy.h2_max_concurrent_streams",
+            ),
+            (
+                "[proxy]\nh2_backend_max_streams = 0",
+                "proxy.h2_backend_max_streams",
+            ),
+            (
+                "[proxy]\nh2_backend_max_connections = 65",
+                "proxy.h2_backend_max_connections",
+            ),
+            (
+                "[proxy]\nh2_backend_ping_interval = \"10ms\"",
+                "proxy.h2_backend_ping_interval",
+            ),
+            (
+                "[upstream_tls]\nca_file = \"/nonexistent.pem\"",
+                "upstream_tls.ca_file",
             ),
             ("[proxy]\nload_header = \"x load\"", "proxy.load_header"),
             ("[proxy]\nload_header = \"X_Load\"", "proxy.load_header"),

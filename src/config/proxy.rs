@@ -31,6 +31,12 @@ pub struct FileProxy {
     pub load_header: Option<String>,
     /// Longest wait for a `router.auth=` service's answer, all tries together.
     pub auth_timeout: Option<String>,
+    /// Most streams on one HTTP/2 backend connection (the server's limit applies if lower).
+    pub h2_backend_max_streams: Option<usize>,
+    /// Most HTTP/2 connections per `router.proto=h2c`/`h2` instance.
+    pub h2_backend_max_connections: Option<usize>,
+    /// PING period on HTTP/2 backend connections, and the longest wait for its answer.
+    pub h2_backend_ping_interval: Option<String>,
 }
 
 /// Validated proxy settings.
@@ -57,6 +63,12 @@ pub struct ProxyConfig {
     pub load_header: Option<http::HeaderName>,
     /// Longest wait for an auth service's answer head, all tries together.
     pub auth_timeout: Duration,
+    /// Most streams per HTTP/2 backend connection.
+    pub h2_backend_max_streams: usize,
+    /// Most HTTP/2 connections per instance.
+    pub h2_backend_max_connections: usize,
+    /// PING period (and answer limit) on HTTP/2 backend connections.
+    pub h2_backend_ping_interval: Duration,
 }
 
 /// The response header backends report their load in, unless `proxy.load_header` says.
@@ -101,7 +113,32 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
         h2_max_concurrent_streams: p.h2_max_concurrent_streams.unwrap_or(128),
         load_header: load_header(p.load_header.as_deref())?,
         auth_timeout: parse_duration("proxy.auth_timeout", p.auth_timeout.as_deref(), "2s")?,
+        h2_backend_max_streams: p.h2_backend_max_streams.unwrap_or(100),
+        h2_backend_max_connections: p.h2_backend_max_connections.unwrap_or(4),
+        h2_backend_ping_interval: parse_duration(
+            "proxy.h2_backend_ping_interval",
+            p.h2_backend_ping_interval.as_deref(),
+            "10s",
+        )?,
     };
+    if !(1..=10_000).contains(&proxy.h2_backend_max_streams) {
+        return Err(invalid(
+            "proxy.h2_backend_max_streams",
+            "must be between 1 and 10000",
+        ));
+    }
+    if !(1..=64).contains(&proxy.h2_backend_max_connections) {
+        return Err(invalid(
+            "proxy.h2_backend_max_connections",
+            "must be between 1 and 64",
+        ));
+    }
+    if proxy.h2_backend_ping_interval < Duration::from_secs(1) {
+        return Err(invalid(
+            "proxy.h2_backend_ping_interval",
+            "must be at least 1s",
+        ));
+    }
     if proxy.auth_timeout.is_zero() {
         return Err(invalid("proxy.auth_timeout", "must be above zero"));
     }

@@ -103,11 +103,6 @@ impl<'a> Attempts<'a> {
         Some(inst)
     }
 
-    /// An idle connection from `pool` still young enough, if any.
-    fn idle<C: Pooled>(&self, pool: &IdlePool<C>) -> Option<C> {
-        pool.take(self.rules.idle_timeout, self.start)
-    }
-
     /// Marks the start of a try; every try after the first counts as a retry.
     fn begin(&mut self) {
         if self.tries > 0 {
@@ -126,6 +121,11 @@ impl<'a> Attempts<'a> {
         self.start + self.rules.response_timeout
     }
 
+    /// Whether the current try is the fresh connection a broken pooled one calls for.
+    pub fn fresh_connection_next(&self) -> bool {
+        self.next == Next::FreshConnection
+    }
+
     /// The rules in force.
     pub fn rules(&self) -> &AttemptRules {
         self.rules
@@ -141,6 +141,17 @@ impl<'a> Attempts<'a> {
         &mut self,
         pool: impl Fn(&'a Instance) -> &'a IdlePool<C>,
     ) -> Option<Try<'a, C>> {
+        let (idle_timeout, now) = (self.rules.idle_timeout, self.start);
+        self.next_try_with(|inst| pool(inst).take(idle_timeout, now))
+    }
+
+    /// [`Attempts::next_try`] for connections kept elsewhere than an [`IdlePool`] (the
+    /// HTTP/2 pools): `take` gives an existing connection to the instance, if any; it is
+    /// not called when the rule calls for a fresh connection.
+    pub fn next_try_with<C>(
+        &mut self,
+        take: impl FnOnce(&'a Instance) -> Option<C>,
+    ) -> Option<Try<'a, C>> {
         let inst = match self.next {
             Next::Answer => return None,
             Next::FreshConnection => self.current?,
@@ -150,7 +161,7 @@ impl<'a> Attempts<'a> {
                 self.begin();
                 return Some(Try {
                     inst,
-                    conn: self.idle(pool(inst)),
+                    conn: take(inst),
                 });
             }
         };

@@ -65,6 +65,8 @@ pub struct Core {
     redirect_https: Option<u16>,
     /// Forward auth's rules and decision cache.
     auth: Auth,
+    /// HTTP/2 backend connections (`router.proto=h2c`/`h2`).
+    h2_backends: crate::upstream::H2Settings,
 }
 
 impl Core {
@@ -92,7 +94,13 @@ impl Core {
                 .as_ref()
                 .filter(|t| t.redirect_http)
                 .map(|t| t.listen.port()),
+            h2_backends: super::h2up::settings(cfg),
         }
+    }
+
+    /// How HTTP/2 backend connections are made and shared.
+    pub fn h2_backends(&self) -> &crate::upstream::H2Settings {
+        &self.h2_backends
     }
 
     /// Whether a request on `conn` gets a redirect to https: `tls.redirect_http` is on, the

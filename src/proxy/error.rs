@@ -191,6 +191,8 @@ impl From<ConnectError> for Error {
         match e {
             ConnectError::Failed(e) => Error::upstream(ErrorKind::ConnectRefused).because(e),
             ConnectError::Timeout => Error::upstream(ErrorKind::ConnectTimeout),
+            ConnectError::Tls(e) => Error::upstream(ErrorKind::Tls).because(e),
+            ConnectError::Handshake(e) => Error::upstream(ErrorKind::ConnectRefused).because(e),
         }
     }
 }

@@ -17,6 +17,7 @@ pub mod error;
 pub mod fields;
 pub mod h1;
 pub mod h2;
+pub mod h2up;
 pub mod target;
 
 use std::sync::Arc;

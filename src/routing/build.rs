@@ -10,7 +10,8 @@ use crate::config::Expose;
 
 use super::access::Access;
 use super::table::{
-    Health, Instance, InstanceSpec, InstanceState, NameMap, RoutingTable, Service, ServiceStats,
+    Health, Instance, InstanceSpec, InstanceState, NameMap, Proto, RoutingTable, Service,
+    ServiceStats,
 };
 
 /// Tag that declares an extra host for the service.
@@ -19,6 +20,9 @@ pub const HOST_TAG: &str = "router.host=";
 pub const STRATEGY_TAG: &str = "router.strategy=";
 /// Tag that exposes (`true`) or hides (any other value) the service.
 pub const EXPOSE_TAG: &str = "router.expose=";
+/// Tag prefix naming the protocol an instance is spoken to in: `h2c`, `h2` (`http1` is the
+/// default).
+pub const PROTO_TAG: &str = "router.proto=";
 
 /// Each service's tags as `/v1/catalog/services` lists them (the union over its instances).
 pub type CatalogTags = HashMap<String, Vec<String>>;
@@ -58,6 +62,9 @@ pub struct StateRegistry {
     warned: HashSet<String>,
     /// Services whose `router.expose=` value was neither true nor false, logged once.
     warned_expose: HashSet<String>,
+    /// Instances with an unknown `router.proto=` or one that is not their service's,
+    /// logged once.
+    warned_proto: HashSet<(String, String, u16)>,
     epoch: Instant,
     generation: u64,
 }
@@ -69,6 +76,7 @@ impl Default for StateRegistry {
             services: HashMap::new(),
             warned: HashSet::new(),
             warned_expose: HashSet::new(),
+            warned_proto: HashSet::new(),
             epoch: Instant::now(),
             generation: 0,
         }
@@ -141,6 +149,7 @@ pub fn build(
     reg.services
         .retain(|k, _| services.contains_key(k.as_str()) || internal.contains_key(k.as_str()));
     reg.warned.retain(|k| services.contains_key(k.as_str()));
+    reg.warned_proto.retain(|k| live_instances.contains(k));
     for name in odd_expose.difference(&reg.warned_expose) {
         tracing::warn!(service = %name, "router.expose= is neither true nor false; the service is not routed");
     }
@@ -230,17 +239,33 @@ fn make_service(
     live_instances: &mut HashSet<(String, String, u16)>,
 ) -> Arc<Service> {
     let strategy = choose_strategy(name, specs, opts.default_strategy, &mut reg.warned);
+    let protos: Vec<Option<Proto>> = specs.iter().map(instance_proto).collect();
+    let proto = service_proto(&protos);
     let mut instances: Vec<Instance> = specs
         .iter()
-        .map(|spec| {
+        .zip(&protos)
+        .map(|(spec, &own)| {
             let key = (spec.id.clone(), spec.address.clone(), spec.port);
             let state = reg
                 .instances
                 .entry(key.clone())
                 .or_insert_with(|| Arc::new(InstanceState::new(opts.max_idle_per_instance)))
                 .clone();
+            let mut inst = make_instance(spec, state, own.unwrap_or(proto));
+            if own != Some(proto) {
+                // Fail closed: an unknown value may be a typo of `h2` (TLS), and a
+                // protocol other than the service's cannot take its requests.
+                inst.weight = 0;
+                if reg.warned_proto.insert(key.clone()) {
+                    tracing::warn!(
+                        service = %name, instance = %spec.id,
+                        service_proto = proto.as_str(),
+                        "router.proto= is unknown or not the service's; the instance is not routed"
+                    );
+                }
+            }
             live_instances.insert(key);
-            make_instance(spec, state)
+            inst
         })
         .collect();
     let routable = |i: &Instance| {
@@ -275,13 +300,38 @@ fn make_service(
         hosts: own_hosts.into_boxed_slice(),
         instances: instances.into_boxed_slice(),
         routable: n_routable,
+        proto,
         picker,
         stats,
         access: Access::from_specs(name, specs).map(Box::new),
     })
 }
 
-fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>) -> Instance {
+/// An instance's `router.proto=` protocol: HTTP/1 without the tag, `None` for a value the
+/// router does not know.
+fn instance_proto(spec: &InstanceSpec) -> Option<Proto> {
+    spec.tags
+        .iter()
+        .find_map(|t| t.strip_prefix(PROTO_TAG))
+        .map_or(Some(Proto::Http1), Proto::from_tag)
+}
+
+/// A service's protocol: the one most of its instances name (ties: the first in
+/// `Proto` order). One per service, because the request is shaped for it before an
+/// instance is picked.
+fn service_proto(protos: &[Option<Proto>]) -> Proto {
+    let mut votes = [0usize; 3];
+    for p in protos.iter().flatten() {
+        votes[*p as usize] += 1;
+    }
+    [Proto::Http1, Proto::H2c, Proto::H2]
+        .into_iter()
+        .rev()
+        .max_by_key(|p| votes[*p as usize])
+        .unwrap_or_default()
+}
+
+fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>, proto: Proto) -> Instance {
     let socket = spec
         .address
         .parse::<IpAddr>()
@@ -301,6 +351,7 @@ fn make_instance(spec: &InstanceSpec, state: Arc<InstanceState>) -> Instance {
         socket,
         health: spec.health,
         weight,
+        proto,
         // Service IDs are unique per agent only: the node makes the identity unique.
         id_hash: hash_bytes(spec.id.as_bytes()) ^ hash_bytes(spec.node.as_bytes()).rotate_left(17),
         state,

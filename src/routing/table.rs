@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::{Candidate, Exclude, Picker, Strategy};
-pub use crate::upstream::InstanceState;
+pub use crate::upstream::{InstanceState, Proto};
 
 /// The `state` labels of instance counts, in [`Service::instance_counts`] order.
 pub const INSTANCE_STATES: [&str; 5] =
@@ -119,8 +119,10 @@ pub struct Instance {
     pub socket: Option<SocketAddr>,
     /// Health.
     pub health: Health,
-    /// Effective weight for its health.
+    /// Effective weight for its health (0 when its protocol is not the service's).
     pub weight: u32,
+    /// The protocol it is spoken to in (`router.proto=`).
+    pub proto: Proto,
     pub(crate) id_hash: u64,
     /// Shared runtime state.
     pub state: Arc<InstanceState>,
@@ -159,6 +161,8 @@ pub struct Service {
     pub instances: Box<[Instance]>,
     /// How many of `instances` are routable.
     pub routable: usize,
+    /// The protocol of its routable instances (one per service: see `routing::build`).
+    pub proto: Proto,
     pub(crate) picker: Picker,
     /// Counters and usage that outlive the snapshot.
     pub stats: Arc<ServiceStats>,

@@ -30,6 +30,12 @@ pub enum ConnectError {
     /// Not made within the connect timeout.
     #[error("backend connect timeout")]
     Timeout,
+    /// The TLS handshake failed, or did not settle on HTTP/2.
+    #[error("backend TLS: {0}")]
+    Tls(String),
+    /// The HTTP/2 handshake failed.
+    #[error("backend HTTP/2 handshake: {0}")]
+    Handshake(hyper::Error),
 }
 
 /// Opens a TCP connection within `timeout`, with Nagle off: to `socket` when the address is

@@ -3,6 +3,7 @@
 //! instance. Routing builds on this; the proxy uses both.
 
 mod conn;
+pub mod h2pool;
 mod pool;
 mod stall;
 
@@ -10,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use conn::{connect_tcp, BackendConn, ConnectError, Sender};
+pub use h2pool::{H2Body, H2Lease, H2Pool, H2Settings, Proto};
 pub use pool::{IdlePool, Pooled};
 pub use stall::{BoxError, RequestBody, Stall, Stalled};
 
@@ -25,6 +27,8 @@ pub struct InstanceState {
     pub idle: IdlePool<BackendConn>,
     /// Idle hyper client connections, for requests that came over HTTP/2.
     pub idle_hyper: IdlePool<Sender>,
+    /// Multiplexed connections, for `router.proto=h2c`/`h2` instances.
+    pub h2: H2Pool,
 }
 
 impl InstanceState {
@@ -35,6 +39,7 @@ impl InstanceState {
             load: ReportedLoad::default(),
             idle: IdlePool::new(max_idle),
             idle_hyper: IdlePool::new(max_idle),
+            h2: H2Pool::default(),
         }
     }
 }
@@ -136,16 +141,19 @@ pub enum ErrorKind {
     ResponseTimeout,
     /// The response could not be parsed or framed.
     BadResponse,
+    /// The TLS handshake with the backend failed (certificate not trusted, no ALPN `h2`).
+    Tls,
 }
 
 impl ErrorKind {
     /// Every kind, in label order.
-    pub const ALL: [ErrorKind; 5] = [
+    pub const ALL: [ErrorKind; 6] = [
         ErrorKind::ConnectRefused,
         ErrorKind::ConnectTimeout,
         ErrorKind::Reset,
         ErrorKind::ResponseTimeout,
         ErrorKind::BadResponse,
+        ErrorKind::Tls,
     ];
 
     /// The metric label.
@@ -156,12 +164,16 @@ impl ErrorKind {
             ErrorKind::Reset => "reset",
             ErrorKind::ResponseTimeout => "response_timeout",
             ErrorKind::BadResponse => "bad_response",
+            ErrorKind::Tls => "tls",
         }
     }
 
     /// Whether nothing reached the backend, so the request may go to another instance.
     pub fn before_send(self) -> bool {
-        matches!(self, ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout)
+        matches!(
+            self,
+            ErrorKind::ConnectRefused | ErrorKind::ConnectTimeout | ErrorKind::Tls
+        )
     }
 }
 

@@ -29,7 +29,8 @@ pub type RequestBody = Stall<Incoming>;
 #[derive(Debug)]
 pub struct Stall<B> {
     inner: B,
-    timeout: Duration,
+    /// `None`: no limit (gRPC streams, whose gaps between messages are the application's).
+    timeout: Option<Duration>,
     /// Made at the first wait, then moved; one per body.
     sleep: Option<Pin<Box<Sleep>>>,
     waiting: bool,
@@ -40,6 +41,11 @@ pub struct Stall<B> {
 impl<B> Stall<B> {
     /// Wraps `inner` with a stall limit of `timeout`.
     pub fn new(inner: B, timeout: Duration) -> Self {
+        Self::limited(inner, Some(timeout))
+    }
+
+    /// Wraps `inner` with a stall limit of `timeout`, or none.
+    pub fn limited(inner: B, timeout: Option<Duration>) -> Self {
         Stall {
             inner,
             timeout,
@@ -77,9 +83,12 @@ where
             }
             return Poll::Ready(frame.map(|f| f.map_err(Into::into)));
         }
+        let Some(timeout) = this.timeout else {
+            return Poll::Pending;
+        };
         if !this.waiting {
             this.waiting = true;
-            let due = Instant::now() + this.timeout;
+            let due = Instant::now() + timeout;
             match &mut this.sleep {
                 Some(sleep) => sleep.as_mut().reset(due),
                 None => this.sleep = Some(Box::pin(tokio::time::sleep_until(due))),
@@ -88,7 +97,7 @@ where
         if let Some(sleep) = &mut this.sleep {
             ready!(sleep.as_mut().poll(cx));
         }
-        Poll::Ready(Some(Err(Stalled(this.timeout).into())))
+        Poll::Ready(Some(Err(Stalled(timeout).into())))
     }
 
     fn is_end_stream(&self) -> bool {

@@ -25,7 +25,14 @@ fn path_str(p: &Path) -> &str {
 }
 
 fn san(sans: &[&str]) -> String {
-    let names: Vec<String> = sans.iter().map(|s| format!("DNS:{s}")).collect();
+    // `IP:127.0.0.1` is taken as written; anything else is a DNS name.
+    let names: Vec<String> = sans
+        .iter()
+        .map(|s| match s.strip_prefix("IP:") {
+            Some(_) => s.to_string(),
+            None => format!("DNS:{s}"),
+        })
+        .collect();
     format!("subjectAltName={}", names.join(","))
 }
 

@@ -5,6 +5,7 @@
 //! write on each socket. The connection may be plain TCP or TLS ([`ClientIo`]); the
 //! listener has already read its first bytes and decided it is HTTP/1.
 
+mod bridge;
 pub mod framing;
 pub mod head;
 mod relay;
@@ -233,7 +234,7 @@ impl<S: ClientIo> Conn<'_, S> {
                     let start = std::time::Instant::now();
                     let answer = refused.answer();
                     let service = refused.service.as_deref();
-                    self.answer_local(answer, service, close, start, &request_id)
+                    self.answer_local(answer, service, close, start, (&request_id, None))
                         .await
                 }
                 Step::Forward(mut ex) => match self.admit(&mut ex).await {
@@ -500,28 +501,20 @@ impl<S: ClientIo> Conn<'_, S> {
         Ok(())
     }
 
-    /// Answers `ex` locally (its service, start and ID), closing after it if told to.
+    /// Answers `ex` locally (its service, start, ID and auth decision), closing after it if
+    /// told to.
     async fn answer_local_as(&mut self, answer: LocalAnswer, ex: &Exchange, close: bool) -> bool {
-        let close = close || self.closing();
-        let status = answer.status.as_u16();
-        let (keep, bytes_out) = self.answer(answer, close, Some(&ex.request_id)).await;
-        let done = Finished {
-            service: Some(&ex.routed.service),
-            status,
-            start: Some(ex.routed.start),
-            bytes_out,
-            request_id: ex.request_id.as_bytes(),
-            auth: ex.auth,
-            ..Finished::default()
-        };
-        self.core
-            .finish(&done, self.core.logs().then_some(&self.log));
-        keep
+        let (service, start) = (Some(&*ex.routed.service), ex.routed.start);
+        self.answer_local(answer, service, close, start, (&ex.request_id, ex.auth))
+            .await
     }
 
     /// Sends one request to the service by the core's attempts and relays the answer;
     /// false when the client connection must close.
     async fn forward(&mut self, ex: Exchange) -> bool {
+        if ex.routed.service.proto.is_h2() {
+            return self.bridge(ex).await;
+        }
         let core = self.core;
         let mut attempts = core.attempts(&ex.routed, ex.replayable);
         // A pooled connection first. One the backend closed as we took it gets one fresh
@@ -567,7 +560,7 @@ impl<S: ClientIo> Conn<'_, S> {
         service: Option<&Service>,
         close: bool,
         start: std::time::Instant,
-        request_id: &RequestId,
+        (request_id, auth): (&RequestId, Option<Outcome>),
     ) -> bool {
         let close = close || self.closing();
         let status = answer.status.as_u16();
@@ -578,6 +571,7 @@ impl<S: ClientIo> Conn<'_, S> {
             start: Some(start),
             bytes_out,
             request_id: request_id.as_bytes(),
+            auth,
             ..Finished::default()
         };
         self.core

@@ -215,7 +215,8 @@ pub fn never_has_body(status: u16) -> bool {
     matches!(status, 100..=199 | 204 | 304)
 }
 
-fn write_status(out: &mut Vec<u8>, status: u16) {
+/// Writes a status code's three digits.
+pub(super) fn write_status(out: &mut Vec<u8>, status: u16) {
     let s = status.min(999);
     out.extend_from_slice(&[
         b'0' + (s / 100) as u8,

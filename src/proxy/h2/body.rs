@@ -1,5 +1,6 @@
 //! Bodies on the HTTP/2 path: a backend's body streamed through, or a local answer's.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -13,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::routing::Service;
-use crate::upstream::{BoxError, InFlight, Sender, Stall};
+use crate::upstream::{BoxError, H2Lease, InFlight, Sender, Stall};
 
 use crate::proxy::core::{Core, Finished, LogFields, RequestId};
 
@@ -75,11 +76,17 @@ impl Closing {
 /// fails (the backend broke it, or it stalled) drops its connection instead.
 #[derive(Debug)]
 pub struct UpstreamBody {
-    inner: Stall<Incoming>,
+    /// `None` once let go (a gRPC deadline passed).
+    inner: Option<Stall<Incoming>>,
     sender: Option<Sender>,
     in_flight: InFlight,
     closing: Option<Box<Closing>>,
     bytes: u64,
+    /// The stream slot of an HTTP/2 backend connection, freed with the body.
+    lease: Option<H2Lease>,
+    /// A gRPC call's deadline (`grpc-timeout`): at it, the body ends with
+    /// `grpc-status: 4` and the backend's stream is reset.
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl UpstreamBody {
@@ -93,12 +100,51 @@ impl UpstreamBody {
         closing: Option<Box<Closing>>,
     ) -> Self {
         UpstreamBody {
-            inner: Stall::new(inner, stall),
+            inner: Some(Stall::new(inner, stall)),
             sender,
             in_flight,
             closing,
             bytes: 0,
+            lease: None,
+            deadline: None,
         }
+    }
+
+    /// The body of a response from an HTTP/2 backend: `lease` is held until it ends; it
+    /// fails when it stalls for `stall` (`None`: never), and ends with a gRPC
+    /// `DEADLINE_EXCEEDED` at `deadline`, if given.
+    pub fn h2(
+        inner: Incoming,
+        lease: H2Lease,
+        in_flight: InFlight,
+        stall: Option<Duration>,
+        deadline: Option<tokio::time::Instant>,
+        closing: Box<Closing>,
+    ) -> Self {
+        UpstreamBody {
+            inner: Some(Stall::limited(inner, stall)),
+            sender: None,
+            in_flight,
+            closing: Some(closing),
+            bytes: 0,
+            lease: Some(lease),
+            deadline: deadline.map(|d| Box::pin(tokio::time::sleep_until(d))),
+        }
+    }
+
+    /// Whether the call's deadline has passed; if so the backend's stream is let go.
+    fn expire(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(sleep) = &mut self.deadline else {
+            return false;
+        };
+        if sleep.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        self.deadline = None;
+        // Dropping the backend's body resets its stream (CANCEL).
+        self.inner = None;
+        self.lease = None;
+        true
     }
 
     fn close(&mut self) {
@@ -126,7 +172,14 @@ impl Body for UpstreamBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        if this.expire(cx) {
+            this.close();
+            return Poll::Ready(Some(Ok(Frame::trailers(deadline_trailers()))));
+        }
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let polled = Pin::new(inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
                 this.release();
@@ -147,18 +200,34 @@ impl Body for UpstreamBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.inner {
+            None => true,
+            Some(inner) => self.deadline.is_none() && inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+/// The trailers of a gRPC call the router ended at its deadline.
+pub fn deadline_trailers() -> http::HeaderMap {
+    let mut t = http::HeaderMap::with_capacity(2);
+    t.insert("grpc-status", http::HeaderValue::from_static("4"));
+    t.insert(
+        "grpc-message",
+        http::HeaderValue::from_static("deadline%20exceeded%20at%20the%20router"),
+    );
+    t
 }
 
 impl Drop for UpstreamBody {
     fn drop(&mut self) {
         // Bodies known to be empty (HEAD, 204, 304) may never be polled.
-        if self.inner.is_end_stream() {
+        if self.inner.as_ref().is_some_and(Body::is_end_stream) {
             self.release();
         }
         // A body dropped before its end (the client reset the stream) closes too.

@@ -3,6 +3,7 @@
 //! ID, field rules (a `HeaderMap` writer), attempts, and `finish` when the response body
 //! ends. Bodies stream both ways, never buffered.
 
+mod backend;
 pub mod body;
 pub mod client;
 pub mod direct;
@@ -85,6 +86,10 @@ pub async fn handle(
     }
     let copy = routed.auth().map_or(&[][..], |s| &s.copy[..]);
     fields::limit_trailers(req.headers_mut(), copy);
+    if routed.service.proto.is_h2() {
+        let log = (log, auth);
+        return backend::exchange(core, req, routed, request_id, id_value, log).await;
+    }
     if hyper::body::Body::is_end_stream(req.body()) {
         return bodiless(core, req, routed, request_id, id_value, log, auth).await;
     }
@@ -124,16 +129,7 @@ pub async fn handle(
             auth,
         );
     }
-    fields::rewrite_response(response.headers_mut());
-    if let Some(name) = core.load_header_name() {
-        if let Some(value) = response.headers_mut().remove(name) {
-            core.load_header(&in_flight.state().load)
-                .report(value.as_bytes());
-        }
-    }
-    response
-        .headers_mut()
-        .insert(fields::X_REQUEST_ID, unindexed(id_value));
+    response_fields(core, response.headers_mut(), &in_flight, id_value);
     let closing = Box::new(body::Closing {
         core: core.clone(),
         status: response.status().as_u16(),
@@ -316,6 +312,24 @@ pub fn answer_response(answer: LocalAnswer, request_id: &RequestId) -> Response<
     }
     set_request_id(h, request_id);
     resp
+}
+
+/// A backend's response fields for the client: the field rules, the load header read
+/// (and removed), the request ID.
+fn response_fields(
+    core: &Core,
+    headers: &mut http::HeaderMap,
+    in_flight: &crate::upstream::InFlight,
+    id_value: HeaderValue,
+) {
+    fields::rewrite_response(headers);
+    if let Some(name) = core.load_header_name() {
+        if let Some(value) = headers.remove(name) {
+            core.load_header(&in_flight.state().load)
+                .report(value.as_bytes());
+        }
+    }
+    headers.insert(fields::X_REQUEST_ID, unindexed(id_value));
 }
 
 /// A request ID for the client's HPACK never to index: each is unique, so indexing would

@@ -1,0 +1,131 @@
+//! HTTP/2 clients to HTTP/2 backends (`router.proto=h2c`/`h2`): the request, its body
+//! streamed as it comes (never buffered), goes on the instance's pool ([`crate::proxy::h2up`]);
+//! the response's body and trailers (gRPC's `grpc-status`) stream back.
+
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::{BodyExt, Either};
+use hyper::body::{Body, Incoming};
+use hyper::Request;
+
+use super::body::{self, Closing, ProxyBody, UpstreamBody};
+use super::{local, no_answer};
+use crate::proxy::answer::{AnswerBody, LocalAnswer};
+use crate::proxy::auth::Outcome;
+use crate::proxy::core::{Core, LogFields, RequestId, Routed};
+use crate::proxy::error::{Error, ErrorType};
+use crate::proxy::h2up;
+use crate::upstream::{ErrorKind, H2Body, Stall};
+
+/// Exchanges a request already rewritten by the field rules with the service's HTTP/2
+/// instances.
+pub(super) async fn exchange(
+    core: &Arc<Core>,
+    req: Request<Incoming>,
+    routed: Routed,
+    request_id: RequestId,
+    id_value: HeaderValue,
+    (log, auth): (Option<LogFields>, Option<Outcome>),
+) -> Response<ProxyBody> {
+    let grpc = h2up::is_grpc(req.headers());
+    let call_deadline = grpc
+        .then(|| h2up::grpc_deadline(req.headers(), routed.start))
+        .flatten();
+    let rules = core.rules();
+    // gRPC messages may be far apart: only other requests' bodies are timed.
+    let stall = (!grpc).then_some(rules.response_timeout);
+    let received = Some(Arc::default());
+    let mut req = req.map(|b| -> H2Body {
+        Stall::limited(b, stall)
+            .counting(received.clone())
+            .boxed_unsync()
+    });
+    if let Err(e) = h2up::to_h2(&mut req, routed.service.proto) {
+        return local(
+            core,
+            e.answer(),
+            Some(&routed.service),
+            routed.start,
+            &request_id,
+            log,
+            auth,
+        );
+    }
+    let replayable =
+        req.body().is_end_stream() && crate::proxy::attempts::is_idempotent(req.method().as_str());
+    let mut attempts = core.attempts(&routed, replayable);
+    let head_deadline = call_deadline.unwrap_or_else(|| attempts.deadline());
+    let answer = h2up::send(core.h2_backends(), &mut attempts, req, head_deadline).await;
+    let retries = attempts.retries();
+    let h2up::Answer {
+        mut response,
+        lease,
+        in_flight,
+        instance,
+    } = match answer {
+        Ok(a) => a,
+        Err(e) if grpc => {
+            tracing::debug!(service = %routed.service.name, error = %e, "no backend answer");
+            let answer = grpc_answer(&e, call_deadline.is_some());
+            return local(
+                core,
+                answer,
+                Some(&routed.service),
+                routed.start,
+                &request_id,
+                log,
+                auth,
+            );
+        }
+        Err(e) => return no_answer(core, &e, &routed, &request_id, log, auth),
+    };
+    super::response_fields(core, response.headers_mut(), &in_flight, id_value);
+    let closing = Box::new(Closing {
+        core: core.clone(),
+        status: response.status().as_u16(),
+        service: routed.service.clone(),
+        instance,
+        start: routed.start,
+        upstream: routed.start.elapsed(),
+        retries,
+        request_id,
+        log,
+        auth,
+        received,
+    });
+    let deadline = call_deadline.map(tokio::time::Instant::from_std);
+    response.map(|b| {
+        Either::Left(Either::Left(UpstreamBody::h2(
+            b, lease, in_flight, stall, deadline, closing,
+        )))
+    })
+}
+
+/// A gRPC call the router could not get an answer for, as gRPC clients expect it: a
+/// trailers-only response (status 200, the gRPC status in the head). A response timeout
+/// under the call's own deadline is DEADLINE_EXCEEDED (4); anything else UNAVAILABLE (14),
+/// as gRPC maps a 502, 503 or 504.
+pub fn grpc_answer(e: &Error, has_deadline: bool) -> LocalAnswer {
+    let mut a = LocalAnswer::text(StatusCode::OK, "");
+    a.body = AnswerBody::Bytes(bytes::Bytes::new());
+    a.headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/grpc"),
+    );
+    let timeout = e.kind == ErrorType::Upstream(ErrorKind::ResponseTimeout);
+    if timeout && has_deadline {
+        a.headers.extend(body::deadline_trailers());
+    } else {
+        let (_, text) = e.kind.answer();
+        a.headers
+            .insert("grpc-status", HeaderValue::from_static("14"));
+        // The router's own texts are ASCII words: spaces are the only percent-encoding.
+        let message = text.trim_end().replace(' ', "%20");
+        if let Ok(v) = HeaderValue::from_str(&message) {
+            a.headers.insert("grpc-message", v);
+        }
+    }
+    a
+}
