@@ -635,3 +635,83 @@ async fn no_spelling_of_a_forged_granted_field_reaches_the_backend() {
     }
     assert!(failed.is_empty(), "{}", failed.join("\n"));
 }
+
+/// HTTP/2 clients to an HTTP/2 backend (`router.proto=h2c`): the request's body goes on
+/// frame by frame, its trailers too, so a client's trailers named like a granted field or
+/// a forwarding field reached the backend (the `Trailer`-field limit only binds hyper's
+/// HTTP/1 client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_trailer_to_an_h2_backend_never_forges_a_granted_or_forwarding_field() {
+    use std::sync::{Arc, Mutex};
+    let consul = ConsulAgent::start().await;
+    let alice = RawBackend::start_with(Script::answer(ALLOW_ALICE)).await;
+    consul.register("alice", "alice-1", alice.port(), &[]).await;
+    // An h2c backend that records every request trailer it gets.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(frame)) = body.frame().await {
+                            if let Ok(t) = frame.into_trailers() {
+                                for (k, v) in &t {
+                                    let v = v.to_str().unwrap_or("?");
+                                    log.lock().unwrap().push(format!("{k}: {v}"));
+                                }
+                            }
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let exec = hyper_util::rt::TokioExecutor::new();
+                let _ = hyper::server::conn::http2::Builder::new(exec)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let tags = [EXPOSE, "router.proto=h2c", "router.auth=alice", COPY];
+    consul.register("grpcish", "grpcish-1", port, &tags).await;
+    let router = start_router(&consul.addr(), "expose = \"tagged\"\n").await;
+    wait_routable(&router, "grpcish.app.test").await;
+
+    let (mut sender, _conn) = h2_client(router.proxy_addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let body = StreamBody::new(ReceiverStream(rx));
+    let req = Request::post("http://grpcish.app.test/t")
+        .body(body)
+        .unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-user", "admin".parse().unwrap());
+    trailers.insert("x_user", "admin".parse().unwrap());
+    trailers.insert("x-forwarded-for", "10.66.66.66".parse().unwrap());
+    trailers.insert("authorization", "Bearer admin".parse().unwrap());
+    trailers.insert("x-fine", "kept".parse().unwrap());
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await;
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    });
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("an answer in time");
+    if let Ok(r) = resp {
+        let _ = r.into_body().collect().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = seen.lock().unwrap().clone();
+    let forged: Vec<&String> = got
+        .iter()
+        .filter(|t| t.contains("admin") || t.contains("10.66.66.66"))
+        .collect();
+    assert!(
+        forged.is_empty(),
+        "a client's trailers reached the h2 backend: {got:?}"
+    );
+}
