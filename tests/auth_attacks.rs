@@ -542,3 +542,176 @@ async fn a_hung_or_verbose_auth_service_leaks_no_connection_or_in_flight_count()
         "every connection to the hung auth service was closed"
     );
 }
+
+/// An HTTP/1.0 request is forwarded as HTTP/1.0 (README, Proxying); granting fields
+/// rewrote its request line as HTTP/1.1, so the backend read it with HTTP/1.1's defaults
+/// (persistent connection, chunked answers) that the router does not give a 1.0 client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn granted_fields_keep_an_http10_request_line() {
+    let s = setup().await;
+    let raw = "GET /old HTTP/1.0\r\nHost: app.app.test\r\n\r\n";
+    let got = talk(s.router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+    assert_eq!(
+        got.first().map(|r| r.status),
+        Ok(200),
+        "{}",
+        esc(&got.bytes)
+    );
+    let seen = s.backend.settled(0).await;
+    assert!(
+        seen.bytes.starts_with(b"GET /old HTTP/1.0\r\n") && has(&seen.bytes, "x-user: alice"),
+        "{}",
+        esc(&seen.bytes)
+    );
+}
+
+/// Some trusted proxies append the client with its port (`203.0.113.9:50123`, Azure
+/// Application Gateway; `[2001:db8::9]:50123`): read as no address, the client became the
+/// proxy itself, and an allow-list that lists the proxy's network (an internal service
+/// behind an internal load balancer) let every client in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_address_with_a_port_is_the_client_not_the_proxy() {
+    let consul = ConsulAgent::start().await;
+    let backend = RawBackend::start_with(Script::answer(RAW_OK)).await;
+    // The proxy (127.0.0.1, trusted by default) is on the list; its clients are not.
+    let tags = [EXPOSE, "router.allow=127.0.0.0/8"];
+    consul
+        .register("internal", "internal-1", backend.port(), &tags)
+        .await;
+    let router = start_router(&consul.addr(), "expose = \"tagged\"\n").await;
+    wait_routable(&router, "internal.app.test").await;
+    for xff in ["203.0.113.9:50123", "[2001:db8::9]:50123", "[2001:db8::9]"] {
+        let raw =
+            format!("GET / HTTP/1.1\r\nHost: internal.app.test\r\nX-Forwarded-For: {xff}\r\n\r\n");
+        let got = talk(router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+        let status = got.first().map(|r| r.status).unwrap_or(0);
+        assert_eq!(status, 403, "{xff}: {}", esc(&got.bytes));
+    }
+    let raw =
+        "GET / HTTP/1.1\r\nHost: internal.app.test\r\nX-Forwarded-For: 127.0.0.9:50123\r\n\r\n";
+    let got = talk(router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+    assert_eq!(
+        got.first().map(|r| r.status),
+        Ok(200),
+        "{}",
+        esc(&got.bytes)
+    );
+    assert!(has(&backend.received().bytes, "x-real-ip: 127.0.0.9"));
+}
+
+/// A client's X-User in every shape a parser behind us might read as a field: folded onto
+/// another field, bare LF line ends, whitespace around the name, a NUL, in a value that a
+/// lax backend splits, twice: the backend gets alice's and nothing of the client's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_spelling_of_a_forged_granted_field_reaches_the_backend() {
+    let s = setup().await;
+    let h = "Host: app.app.test";
+    let heads: Vec<String> = vec![
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\r\n X-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\r\n\tX-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\n{h}\nX-User: admin\n\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User : admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\n X-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User\t: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\rX-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-Test: a\nX-User: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User: admin\r\nX-USER: admin\r\nx-user: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User\0: admin\r\n\r\n"),
+        format!("GET / HTTP/1.1\r\n{h}\r\nX-User:admin\r\n\r\n"),
+    ];
+    let mut failed = Vec::new();
+    for raw in &heads {
+        let mark = s.backend.mark();
+        let got = talk(s.router.proxy_addr, &[raw], Duration::ZERO, 1, Wait::No).await;
+        let seen = s.backend.settled(mark).await;
+        let status = got.first().map(|r| r.status).unwrap_or(0);
+        if has(&seen.bytes, "admin") || (status == 200 && !has(&seen.bytes, "x-user: alice")) {
+            failed.push(format!(
+                "{} -> {status}: {}",
+                esc(raw.as_bytes()),
+                esc(&seen.bytes)
+            ));
+        }
+    }
+    assert!(failed.is_empty(), "{}", failed.join("\n"));
+}
+
+/// HTTP/2 clients to an HTTP/2 backend (`router.proto=h2c`): the request's body goes on
+/// frame by frame, its trailers too, so a client's trailers named like a granted field or
+/// a forwarding field reached the backend (the `Trailer`-field limit only binds hyper's
+/// HTTP/1 client).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_trailer_to_an_h2_backend_never_forges_a_granted_or_forwarding_field() {
+    use std::sync::{Arc, Mutex};
+    let consul = ConsulAgent::start().await;
+    let alice = RawBackend::start_with(Script::answer(ALLOW_ALICE)).await;
+    consul.register("alice", "alice-1", alice.port(), &[]).await;
+    // An h2c backend that records every request trailer it gets.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let log = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let log = log.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                    let log = log.clone();
+                    async move {
+                        let mut body = req.into_body();
+                        while let Some(Ok(frame)) = body.frame().await {
+                            if let Ok(t) = frame.into_trailers() {
+                                for (k, v) in &t {
+                                    let v = v.to_str().unwrap_or("?");
+                                    log.lock().unwrap().push(format!("{k}: {v}"));
+                                }
+                            }
+                        }
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+                    }
+                });
+                let exec = hyper_util::rt::TokioExecutor::new();
+                let _ = hyper::server::conn::http2::Builder::new(exec)
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    let tags = [EXPOSE, "router.proto=h2c", "router.auth=alice", COPY];
+    consul.register("grpcish", "grpcish-1", port, &tags).await;
+    let router = start_router(&consul.addr(), "expose = \"tagged\"\n").await;
+    wait_routable(&router, "grpcish.app.test").await;
+
+    let (mut sender, _conn) = h2_client(router.proxy_addr).await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(4);
+    let body = StreamBody::new(ReceiverStream(rx));
+    let req = Request::post("http://grpcish.app.test/t")
+        .body(body)
+        .unwrap();
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("x-user", "admin".parse().unwrap());
+    trailers.insert("x_user", "admin".parse().unwrap());
+    trailers.insert("x-forwarded-for", "10.66.66.66".parse().unwrap());
+    trailers.insert("authorization", "Bearer admin".parse().unwrap());
+    trailers.insert("x-fine", "kept".parse().unwrap());
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Frame::data(Bytes::from_static(b"a")))).await;
+        let _ = tx.send(Ok(Frame::trailers(trailers))).await;
+    });
+    let resp = tokio::time::timeout(Duration::from_secs(10), sender.send_request(req))
+        .await
+        .expect("an answer in time");
+    if let Ok(r) = resp {
+        let _ = r.into_body().collect().await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let got = seen.lock().unwrap().clone();
+    let forged: Vec<&String> = got
+        .iter()
+        .filter(|t| t.contains("admin") || t.contains("10.66.66.66"))
+        .collect();
+    assert!(
+        forged.is_empty(),
+        "a client's trailers reached the h2 backend: {got:?}"
+    );
+}

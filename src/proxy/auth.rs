@@ -34,6 +34,9 @@ const MAX_FIELDS: usize = 640;
 const DRAIN_LIMIT: u64 = 64 * 1024;
 /// Slots in the decision cache; a colliding decision replaces the older one.
 const CACHE_SLOTS: usize = 4096;
+/// Longest key value cached (a longer one is always asked): 4,096 slots of 64 KiB keys
+/// would hold 256 MiB.
+const MAX_CACHE_KEY: usize = 4096;
 
 /// What came of asking: the metric label and access log value.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,7 +116,7 @@ async fn decide(core: &Core, routed: &Routed, spec: &AuthSpec, q: &Question<'_>)
     let auth = core.auth();
     let key = spec.cache.and_then(|_| q.cache_key(&spec.cache_key));
     if let Some(key) = key {
-        if let Some(grant) = auth.cache.get(&routed.service.name, key) {
+        if let Some(grant) = auth.cache.get(&routed.service.name, spec, key) {
             return Decision {
                 outcome: Outcome::Cached,
                 result: Ok(grant),
@@ -197,7 +200,7 @@ async fn decide(core: &Core, routed: &Routed, spec: &AuthSpec, q: &Question<'_>)
     let _ = tokio::time::timeout(auth.rules.response_timeout, drain).await;
     if let (Some(ttl), Some(key)) = (spec.cache, key) {
         auth.cache
-            .put(&routed.service.name, key, ttl, grant.clone());
+            .put(&routed.service.name, spec, key, ttl, grant.clone());
     }
     Decision {
         outcome: Outcome::Allowed,
@@ -211,6 +214,8 @@ struct Question<'h> {
     target: &'h str,
     fields: Vec<(&'h str, &'h [u8])>,
     len: usize,
+    /// The head's HTTP version: 1.0 (`0`) or 1.1 (`1`).
+    version: u8,
 }
 
 impl<'h> Question<'h> {
@@ -228,6 +233,7 @@ impl<'h> Question<'h> {
             target: req.path.unwrap_or("/"),
             fields: req.headers.iter().map(|h| (h.name, h.value)).collect(),
             len,
+            version: req.version.unwrap_or(1),
         })
     }
 
@@ -278,7 +284,7 @@ impl<'h> Question<'h> {
         if values.next().is_some() {
             return None;
         }
-        Some(first).filter(|v| !v.is_empty())
+        Some(first).filter(|v| !v.is_empty() && v.len() <= MAX_CACHE_KEY)
     }
 }
 
@@ -324,7 +330,7 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// Rewrites an HTTP/1.1 backend head in `head`: every field named in `copy` (the client's
+/// Rewrites an HTTP/1 backend head in `head` (its version kept): every field named in `copy` (the client's
 /// copies) out, then the granted fields in, before the blank line.
 pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Result<(), Error> {
     if copy.is_empty() {
@@ -335,7 +341,13 @@ pub fn amend_head(head: &mut Vec<u8>, copy: &[HeaderName], grant: &Grant) -> Res
     out.extend_from_slice(q.method.as_bytes());
     out.push(b' ');
     out.extend_from_slice(q.target.as_bytes());
-    out.extend_from_slice(b" HTTP/1.1\r\n");
+    // An HTTP/1.0 request goes on as HTTP/1.0.
+    let version: &[u8] = if q.version == 0 {
+        b" HTTP/1.0\r\n"
+    } else {
+        b" HTTP/1.1\r\n"
+    };
+    out.extend_from_slice(version);
     for (name, value) in &q.fields {
         if !is_copied(name, copy) {
             push_field(&mut out, name, value);
@@ -380,6 +392,9 @@ struct Cache {
 #[derive(Debug)]
 struct Entry {
     service: Box<str>,
+    /// The policy that decided ([`Cache::policy`]): a decision made under another auth
+    /// service or other granted fields is not reused once the tags change.
+    policy: u64,
     key: Box<[u8]>,
     until: Instant,
     grant: Grant,
@@ -394,20 +409,36 @@ impl Cache {
         (h.finish() as usize) % CACHE_SLOTS
     }
 
-    fn get(&self, service: &str, key: &[u8]) -> Option<Grant> {
+    /// A hash of what a decision depends on besides the key: the auth service asked and the
+    /// fields it grants.
+    fn policy(&self, spec: &AuthSpec) -> u64 {
+        let mut h = self.hasher.build_hasher();
+        h.write(spec.service.as_bytes());
+        for name in spec.copy.iter() {
+            h.write_u8(0);
+            h.write(name.as_str().as_bytes());
+        }
+        h.finish()
+    }
+
+    fn get(&self, service: &str, spec: &AuthSpec, key: &[u8]) -> Option<Grant> {
         let slots = self.slots.get()?;
         let entry = slots[self.slot(service, key)].load();
         let e = entry.as_ref()?;
-        (*e.service == *service && *e.key == *key && Instant::now() < e.until)
+        (*e.service == *service
+            && *e.key == *key
+            && e.policy == self.policy(spec)
+            && Instant::now() < e.until)
             .then(|| e.grant.clone())
     }
 
-    fn put(&self, service: &str, key: &[u8], ttl: Duration, grant: Grant) {
+    fn put(&self, service: &str, spec: &AuthSpec, key: &[u8], ttl: Duration, grant: Grant) {
         let slots = self
             .slots
             .get_or_init(|| (0..CACHE_SLOTS).map(|_| ArcSwapOption::empty()).collect());
         slots[self.slot(service, key)].store(Some(Arc::new(Entry {
             service: service.into(),
+            policy: self.policy(spec),
             key: key.into(),
             until: Instant::now() + ttl,
             grant,
@@ -442,6 +473,16 @@ mod tests {
         // Given twice: never cached.
         let twice = b"GET / HTTP/1.1\r\nCookie: session=forged; session=good\r\nAuthorization: a\r\nAuthorization: b\r\n\r\n";
         let q = Question::parse(twice).unwrap();
+        let long = format!(
+            "GET / HTTP/1.1\r\nAuthorization: {}\r\n\r\n",
+            "a".repeat(5000)
+        );
+        let q_long = Question::parse(long.as_bytes()).unwrap();
+        assert_eq!(
+            q_long.cache_key(&CacheKey::Field(http::header::AUTHORIZATION)),
+            None,
+            "too long to cache"
+        );
         assert_eq!(q.cache_key(&CacheKey::Cookie("session".into())), None);
         assert_eq!(
             q.cache_key(&CacheKey::Field(http::header::AUTHORIZATION)),
@@ -476,12 +517,32 @@ mod tests {
     #[test]
     fn the_cache_keeps_allow_decisions_for_their_time() {
         let c = Cache::default();
-        assert!(c.get("s", b"k").is_none());
-        c.put("s", b"k", Duration::from_secs(60), None);
-        assert!(matches!(c.get("s", b"k"), Some(None)));
-        assert!(c.get("t", b"k").is_none(), "keyed by service too");
-        assert!(c.get("s", b"j").is_none());
-        c.put("s", b"old", Duration::ZERO, None);
-        assert!(c.get("s", b"old").is_none(), "expired");
+        let spec = AuthSpec {
+            service: "sso".into(),
+            copy: Box::new([HeaderName::from_static("x-user")]),
+            cache: Some(Duration::from_secs(60)),
+            cache_key: CacheKey::Field(http::header::AUTHORIZATION),
+        };
+        assert!(c.get("s", &spec, b"k").is_none());
+        c.put("s", &spec, b"k", Duration::from_secs(60), None);
+        assert!(matches!(c.get("s", &spec, b"k"), Some(None)));
+        assert!(c.get("t", &spec, b"k").is_none(), "keyed by service too");
+        assert!(c.get("s", &spec, b"j").is_none());
+        // A decision of another policy (auth service, granted fields) is not reused.
+        let stricter = AuthSpec {
+            service: "sso-strict".into(),
+            ..spec.clone()
+        };
+        assert!(c.get("s", &stricter, b"k").is_none());
+        let more = AuthSpec {
+            copy: Box::new([
+                HeaderName::from_static("x-user"),
+                HeaderName::from_static("x-scopes"),
+            ]),
+            ..spec.clone()
+        };
+        assert!(c.get("s", &more, b"k").is_none());
+        c.put("s", &spec, b"old", Duration::ZERO, None);
+        assert!(c.get("s", &spec, b"old").is_none(), "expired");
     }
 }

@@ -425,6 +425,26 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
     }
 }
 
+/// One `X-Forwarded-For` element as an address: plain, or with a port as some proxies write
+/// it (`203.0.113.9:50123`, `[2001:db8::9]:50123`, `[2001:db8::9]`). Read as no address, such
+/// an element made the trusted proxy itself the client, whatever the client's address.
+fn forwarded_ip(part: &[u8]) -> Option<IpAddr> {
+    let text = std::str::from_utf8(part).ok()?;
+    if let Ok(ip) = text.parse::<IpAddr>() {
+        return Some(ip);
+    }
+    let port_ok = |p: &str| !p.is_empty() && p.len() <= 5 && p.bytes().all(|b| b.is_ascii_digit());
+    if let Some(rest) = text.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        let ok = after.is_empty() || after.strip_prefix(':').is_some_and(port_ok);
+        return ok.then(|| v6.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6))?;
+    }
+    let (v4, port) = text.split_once(':')?;
+    port_ok(port)
+        .then(|| v4.parse::<std::net::Ipv4Addr>().ok().map(IpAddr::V4))
+        .flatten()
+}
+
 /// The client's address: from a trusted peer, the right-most `X-Forwarded-For` address that
 /// is not itself a trusted proxy (the left-most if all are, as nginx's `real_ip_recursive`);
 /// otherwise the peer. `chain` is the field's values in order, as raw bytes; empty
@@ -446,11 +466,7 @@ pub fn client_ip_in<'a>(
             }
             // An IPv4-mapped address is its IPv4 address, as X-Real-IP writes it and as
             // allow-lists and ip_hash must read it.
-            let Some(ip) = std::str::from_utf8(part)
-                .ok()
-                .and_then(|s| s.parse::<IpAddr>().ok())
-                .map(canonical)
-            else {
+            let Some(ip) = forwarded_ip(part).map(canonical) else {
                 return client;
             };
             if !is_trusted(ip, trusted) {
@@ -577,6 +593,27 @@ mod tests {
             ip("8.8.8.8")
         );
         assert_eq!(client_ip_in([&b"junk"[..]].into_iter(), lo, &trusted), lo);
+        for (with_port, want) in [
+            ("203.0.113.9:50123", "203.0.113.9"),
+            ("[2001:db8::9]:443", "2001:db8::9"),
+            ("[2001:db8::9]", "2001:db8::9"),
+        ] {
+            let chain = [with_port.as_bytes()];
+            assert_eq!(client_ip_in(chain.into_iter(), lo, &trusted), ip(want));
+        }
+        for junk in [
+            "1.2.3.4:",
+            "1.2.3.4:x",
+            "[2001:db8::9",
+            "2001:db8::9]:1",
+            "a:1",
+        ] {
+            assert_eq!(
+                client_ip_in([junk.as_bytes()].into_iter(), lo, &trusted),
+                lo,
+                "{junk}"
+            );
+        }
         let mapped = [&b"::ffff:10.1.2.3"[..]];
         assert_eq!(
             client_ip_in(mapped.into_iter(), lo, &trusted),

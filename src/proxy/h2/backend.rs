@@ -38,9 +38,15 @@ pub(super) async fn exchange(
     // gRPC messages may be far apart: only other requests' bodies are timed.
     let stall = (!grpc).then_some(rules.response_timeout);
     let received = Some(Arc::default());
+    // The body's frames go on as they come, trailers too: those a trailer may not carry
+    // (as on the HTTP/1 path) and the fields forward auth grants are taken out of them.
+    let copy: Arc<[http::HeaderName]> = routed
+        .auth()
+        .map_or_else(|| Arc::from([]), |s| Arc::from(&s.copy[..]));
     let mut req = req.map(|b| -> H2Body {
         Stall::limited(b, stall)
             .counting(received.clone())
+            .map_frame(move |f| super::fields::clean_trailers(f, &copy))
             .boxed_unsync()
     });
     if let Err(e) = h2up::to_h2(&mut req, routed.service.proto) {

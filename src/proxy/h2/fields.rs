@@ -149,6 +149,28 @@ pub fn limit_trailers(headers: &mut HeaderMap, copy: &[HeaderName]) {
     }
 }
 
+/// A request body's frame on its way to an HTTP/2 backend: a trailers frame loses the
+/// fields a trailer may not carry on the HTTP/1 path ([`forbidden_trailer`]) and the
+/// fields forward auth grants (`copy`, any case, `_` as `-`); data frames pass as they are.
+pub fn clean_trailers(
+    frame: hyper::body::Frame<bytes::Bytes>,
+    copy: &[HeaderName],
+) -> hyper::body::Frame<bytes::Bytes> {
+    let mut trailers = match frame.into_trailers() {
+        Ok(t) => t,
+        Err(data) => return data,
+    };
+    let gone: Vec<HeaderName> = trailers
+        .keys()
+        .filter(|n| forbidden_trailer(n.as_str().as_bytes()) || is_copied(n.as_str(), copy))
+        .cloned()
+        .collect();
+    for name in gone {
+        trailers.remove(name);
+    }
+    hyper::body::Frame::trailers(trailers)
+}
+
 /// HTTP/2 clients may split `Cookie` into several fields; HTTP/1.1 wants one, joined with
 /// "; " (RFC 9113 §8.2.3).
 pub fn join_cookies(headers: &mut HeaderMap) {
