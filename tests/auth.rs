@@ -16,7 +16,7 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use tokio::net::TcpListener;
 
-use common::backend::{serve_http, Backend};
+use common::backend::{serve_h2c, serve_http, Backend};
 use common::certs::{cert_dir, make_cert};
 use common::client::{get_admin, request, Got, Proto};
 use common::consul::ConsulAgent;
@@ -290,6 +290,48 @@ const CASES: &[Case] = &[
         body_lacks: &[],
     },
     Case {
+        name: "an auth service over h2c: a 2xx grants its fields",
+        trusted: false,
+        method: "GET",
+        host: "h2auth.app.test",
+        target: "/private",
+        send: &[GOOD, ("x-user", "mallory")],
+        body: "",
+        status: 200,
+        backend: &[("x-user", Some("alice")), ("x-scopes", Some("read"))],
+        response: &[],
+        body_has: &[],
+        body_lacks: &["mallory"],
+    },
+    Case {
+        name: "an auth service over h2c: a 401 goes back with its body",
+        trusted: false,
+        method: "POST",
+        host: "h2auth.app.test",
+        target: "/",
+        send: &[("authorization", "Bearer bad")],
+        body: "a body never asked about",
+        status: 401,
+        backend: &[],
+        response: &[("www-authenticate", Some("Bearer realm=\"app\""))],
+        body_has: &["bad token"],
+        body_lacks: &[],
+    },
+    Case {
+        name: "an auth service over h2c: no answer in time is 503",
+        trusted: false,
+        method: "GET",
+        host: "h2auth.app.test",
+        target: "/",
+        send: &[("authorization", "Bearer slow")],
+        body: "",
+        status: 503,
+        backend: &[],
+        response: &[],
+        body_has: &["authorization service unavailable"],
+        body_lacks: &[],
+    },
+    Case {
         name: "an auth service that is not exposed is not routed",
         trusted: false,
         method: "GET",
@@ -359,14 +401,24 @@ fn check(c: &Case, got: &Got) -> Result<(), String> {
 /// The auth service: answers by the `Authorization` it gets, and records each question's
 /// `Authorization` value.
 async fn start_sso() -> (u16, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
+    start_sso_as(false).await
+}
+
+/// The auth service over HTTP/1.1, or over HTTP/2 with prior knowledge (`h2c`).
+async fn start_sso_as(h2c: bool) -> (u16, Arc<Mutex<Vec<String>>>, tokio::task::JoinHandle<()>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let asked = Arc::new(Mutex::new(Vec::new()));
     let seen = asked.clone();
-    let task = serve_http(listener, move |req: Request<Incoming>| {
+    let handler = move |req: Request<Incoming>| {
         let seen = seen.clone();
         async move { Ok::<_, Infallible>(sso(req, &seen).await) }
-    });
+    };
+    let task = if h2c {
+        serve_h2c(listener, handler)
+    } else {
+        serve_http(listener, handler)
+    };
     (port, asked, task)
 }
 
@@ -445,6 +497,14 @@ async fn forward_auth_and_allow_lists_over_http1_and_http2() {
     let auth = "router.auth=sso";
     let copy = "router.auth-headers=X-User, X-Scopes";
     consul.register("sso", "sso-1", sso_port, &[]).await;
+    let (sso2_port, _, _sso2) = start_sso_as(true).await;
+    consul
+        .register("sso2", "sso2-1", sso2_port, &["router.proto=h2c"])
+        .await;
+    let h2auth = &[expose, "router.auth=sso2", copy];
+    consul
+        .register("h2auth", "h2auth-1", app.port(), h2auth)
+        .await;
     consul.register("deadsso", "deadsso-1", dead, &[]).await;
     consul
         .register("app", "app-1", app.port(), &[expose, auth, copy])
@@ -483,6 +543,7 @@ async fn forward_auth_and_allow_lists_over_http1_and_http2() {
         "walled.app.test",
         "local.app.test",
         "deadauth.app.test",
+        "h2auth.app.test",
     ] {
         wait_routable(&trusted, host).await;
         wait_routable(&untrusted, host).await;

@@ -15,15 +15,19 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
-use http::{HeaderName, HeaderValue};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use http_body_util::BodyExt;
 
+use super::answer::StreamBody;
 use super::answer::{AnswerBody, LocalAnswer};
 use super::attempts::{AttemptRules, Attempts};
 use super::core::{Core, Refused, Routed};
 use super::error::{Error, ErrorType};
 use super::h2::direct;
-use crate::routing::{AuthSpec, CacheKey};
+use super::h2::fields as h2fields;
+use super::h2up;
+use crate::routing::{AuthSpec, CacheKey, Service};
+use crate::upstream::H2Body;
 
 /// Most fields a question may carry: more than any head either path lets through (the
 /// fast path's limit is 100; HTTP/2's 16 KiB header list holds at most 496 fields of 33
@@ -143,13 +147,11 @@ async fn decide(core: &Core, routed: &Routed, spec: &AuthSpec, q: &Question<'_>)
     let now = Instant::now();
     // An auth service carries traffic: it is watched like any busy service.
     service.stats.touch_at(now);
-    let mut out = Vec::with_capacity(q.len + 128);
-    q.write(&mut out, &spec.copy);
     let balance = core.balance_key(&service, routed.client, q.target.as_bytes());
     // A question has no body and changes nothing: a broken pooled connection may get it again.
     let mut attempts = Attempts::new(&auth.rules, &service, balance, now, true);
-    let ask = direct::send(core, &mut attempts, &out, q.method == "HEAD");
-    let answer = match tokio::time::timeout(auth.rules.response_timeout, ask).await {
+    let asked = ask(core, &service, &mut attempts, q, &spec.copy);
+    let answer = match tokio::time::timeout(auth.rules.response_timeout, asked).await {
         Ok(Ok(a)) => a,
         Ok(Err(e)) => return unavailable(&e.to_string()),
         Err(_) => return unavailable("auth_timeout"),
@@ -163,7 +165,7 @@ async fn decide(core: &Core, routed: &Routed, spec: &AuthSpec, q: &Question<'_>)
         let relayed = LocalAnswer {
             status: answer.status,
             headers: answer.headers,
-            body: AnswerBody::Stream(answer.body.map_err(std::io::Error::other).boxed_unsync()),
+            body: AnswerBody::Stream(answer.body),
         };
         return Decision {
             outcome,
@@ -208,6 +210,54 @@ async fn decide(core: &Core, routed: &Routed, spec: &AuthSpec, q: &Question<'_>)
     }
 }
 
+/// An auth service's answer, in whichever protocol it was asked: the fields for the
+/// client (the response rules applied), and the body.
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: StreamBody,
+}
+
+/// Puts the question to `service` by `attempts`: as HTTP/1.1 bytes on the fast path's
+/// pool, or as an HTTP/2 request on the instance's pool for a `router.proto=h2c`/`h2`
+/// service.
+async fn ask(
+    core: &Core,
+    service: &Service,
+    attempts: &mut Attempts<'_>,
+    q: &Question<'_>,
+    copy: &[HeaderName],
+) -> Result<Reply, Error> {
+    if !service.proto.is_h2() {
+        let mut out = Vec::with_capacity(q.len + 128);
+        q.write(&mut out, copy);
+        let a = direct::send(core, attempts, &out, q.method == "HEAD").await?;
+        return Ok(Reply {
+            status: a.status,
+            headers: a.headers,
+            body: a.body.map_err(std::io::Error::other).boxed_unsync(),
+        });
+    }
+    let mut req = q.h2_request(copy)?;
+    h2up::to_h2(&mut req, service.proto)?;
+    let deadline = attempts.deadline();
+    let a = h2up::send(core.h2_backends(), attempts, req, deadline).await?;
+    let (parts, body) = a.response.into_parts();
+    let mut headers = parts.headers;
+    h2fields::rewrite_response(&mut headers);
+    // The stream's slot and the in-flight count are held until the body is dropped.
+    let held = (a.lease, a.in_flight);
+    let body = body.map_err(move |e| {
+        let _held = &held;
+        std::io::Error::other(e)
+    });
+    Ok(Reply {
+        status: parts.status,
+        headers,
+        body: body.boxed_unsync(),
+    })
+}
+
 /// The backend's head, parsed again for the question (only on auth's path).
 struct Question<'h> {
     method: &'h str,
@@ -245,15 +295,47 @@ impl<'h> Question<'h> {
         out.push(b' ');
         out.extend_from_slice(self.target.as_bytes());
         out.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &self.fields {
-            if is_left_out(name) || is_copied(name, copy) {
-                continue;
-            }
+        for (name, value) in self.asked(copy) {
             push_field(out, name, value);
         }
-        push_field(out, "X-Forwarded-Method", self.method.as_bytes());
-        push_field(out, "X-Forwarded-Uri", self.target.as_bytes());
         out.extend_from_slice(b"\r\n");
+    }
+
+    /// The question's fields: the request's, less those about the body or the connection
+    /// and the client's copies of what the auth answer will set, then
+    /// `X-Forwarded-Method` and `X-Forwarded-Uri`.
+    fn asked<'q>(&'q self, copy: &'q [HeaderName]) -> impl Iterator<Item = (&'q str, &'h [u8])> {
+        self.fields
+            .iter()
+            .filter(move |(name, _)| !is_left_out(name) && !is_copied(name, copy))
+            .copied()
+            .chain([
+                ("X-Forwarded-Method", self.method.as_bytes()),
+                ("X-Forwarded-Uri", self.target.as_bytes()),
+            ])
+    }
+
+    /// The question as an HTTP/2 request (`Host` still a field: `h2up::to_h2` makes it the
+    /// authority).
+    fn h2_request(&self, copy: &[HeaderName]) -> Result<http::Request<H2Body>, Error> {
+        let bad = |why: &str| Error::new(ErrorType::AuthUnavailable).because(why);
+        let method =
+            http::Method::from_bytes(self.method.as_bytes()).map_err(|e| bad(&e.to_string()))?;
+        let body = http_body_util::Empty::new()
+            .map_err(|never| match never {})
+            .boxed_unsync();
+        let mut req = http::Request::builder()
+            .method(method)
+            .uri(self.target)
+            .body(body)
+            .map_err(|e| bad(&e.to_string()))?;
+        let headers = req.headers_mut();
+        for (name, value) in self.asked(copy) {
+            let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| bad(&e.to_string()))?;
+            let value = HeaderValue::from_bytes(value).map_err(|e| bad(&e.to_string()))?;
+            headers.append(name, value);
+        }
+        Ok(req)
     }
 
     /// The value a decision is cached under, if the request has exactly one. A key field
