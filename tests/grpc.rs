@@ -100,11 +100,19 @@ impl tonic::server::UnaryService<Msg> for Unary {
 }
 
 /// `/t.Echo/Count`: `n` messages of the request's size (`n` from the request), `gap`
-/// apart; then, for `Hang`, a wait that never ends.
+/// apart, then OK; for `/t.Echo/Hang`, then a wait that never ends; for
+/// `/t.Echo/CountFail`, then RESOURCE_EXHAUSTED in the trailers.
 #[derive(Clone)]
 struct Count {
     gap: Duration,
-    hang: bool,
+    end: End,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum End {
+    Ok,
+    Hang,
+    Fail,
 }
 
 impl tonic::server::ServerStreamingService<Msg> for Count {
@@ -112,17 +120,17 @@ impl tonic::server::ServerStreamingService<Msg> for Count {
     type ResponseStream = BoxStream;
     type Future = BoxFut<BoxStream>;
     fn call(&mut self, req: Request<Msg>) -> Self::Future {
-        let Count { gap, hang } = self.clone();
+        let Count { gap, end } = self.clone();
         let m = req.into_inner();
         let size = m.data.len();
         Box::pin(async move {
-            let s = async_stream(m.n, size, gap, hang);
+            let s = async_stream(m.n, size, gap, end);
             Ok(Response::new(s))
         })
     }
 }
 
-fn async_stream(n: u64, size: usize, gap: Duration, hang: bool) -> BoxStream {
+fn async_stream(n: u64, size: usize, gap: Duration, end: End) -> BoxStream {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         for i in 0..n {
@@ -133,8 +141,12 @@ fn async_stream(n: u64, size: usize, gap: Duration, hang: bool) -> BoxStream {
                 return;
             }
         }
-        if hang {
-            tokio::time::sleep(Duration::from_secs(3600)).await;
+        match end {
+            End::Ok => {}
+            End::Hang => tokio::time::sleep(Duration::from_secs(3600)).await,
+            End::Fail => {
+                let _ = tx.send(Err(Status::resource_exhausted("quota gone"))).await;
+            }
         }
         drop(tx);
     });
@@ -239,8 +251,27 @@ async fn route(
         "/t.Echo/Unary" => g.unary(Unary("echo"), req).await,
         "/t.Echo/Fail" => g.unary(Unary("fail"), req).await,
         "/t.Echo/Slow" => g.unary(Unary("slow"), req).await,
-        "/t.Echo/Count" => g.server_streaming(Count { gap, hang: false }, req).await,
-        "/t.Echo/Hang" => g.server_streaming(Count { gap, hang: true }, req).await,
+        "/t.Echo/Count" => g.server_streaming(Count { gap, end: End::Ok }, req).await,
+        "/t.Echo/Hang" => {
+            g.server_streaming(
+                Count {
+                    gap,
+                    end: End::Hang,
+                },
+                req,
+            )
+            .await
+        }
+        "/t.Echo/CountFail" => {
+            g.server_streaming(
+                Count {
+                    gap,
+                    end: End::Fail,
+                },
+                req,
+            )
+            .await
+        }
         "/t.Echo/Bidi" => g.streaming(Bidi, req).await,
         _ => Status::unimplemented(path).into_http(),
     })
@@ -419,6 +450,23 @@ async fn unary_streams_and_error_trailers() {
 
     // Server stream: 200 messages, then OK.
     assert_eq!(count_all(&mut c, Request::new(msg(200, 64))).await, 200);
+
+    // An error after messages: its status comes in real trailers, after the data.
+    let mut stream = bounded(
+        "count then fail",
+        server_stream(&mut c, "/t.Echo/CountFail", Request::new(msg(3, 16))),
+    )
+    .await
+    .expect("server stream");
+    for i in 0..3 {
+        let m = bounded("message", stream.message()).await.expect("message");
+        assert_eq!(m.map(|m| m.n), Some(i));
+    }
+    let e = bounded("trailers", stream.message())
+        .await
+        .expect_err("the status in the trailers");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert_eq!(e.message(), "quota gone");
 
     // Bidirectional: each message answered before the next is sent.
     let (tx, mut replies) = bounded("bidi", bidi(&mut c, 1)).await;

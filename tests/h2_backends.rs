@@ -259,6 +259,31 @@ async fn http1_clients_to_an_h2c_backend_get_http1_bytes() {
     )
     .await;
 
+    // Expect: 100-continue: the router says 100 itself, then the body goes through.
+    let mut s = TcpStream::connect(at).await.expect("connect");
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: h2.app.test\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n")
+        .await
+        .expect("write");
+    let mut buf = vec![0u8; 25];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf))
+        .await
+        .expect("100 in time")
+        .expect("read");
+    assert_eq!(buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").await.expect("write");
+    let want = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-Request-Id: *\r\n\r\n5\r\nhello\r\n0\r\n\r\n";
+    let mut got = Vec::new();
+    while mask_ids(&got).len() < want.len() && got.len() < 4096 {
+        let n = tokio::time::timeout(Duration::from_secs(5), s.read_buf(&mut got))
+            .await
+            .expect("answer in time")
+            .expect("read");
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(String::from_utf8_lossy(&mask_ids(&got)), want);
+
     // Keep-alive: two requests on one connection, one backend connection for all.
     let mut s = TcpStream::connect(at).await.expect("connect");
     for _ in 0..2 {

@@ -122,8 +122,9 @@ async fn upload<R: AsyncRead + Unpin>(
     }
 }
 
-/// The backend's head (written by the field rules into `head`) as an HTTP/2 request.
-fn request_from_head(head: &[u8], body: H2Body) -> Result<Request<H2Body>, Error> {
+/// The backend's head (written by the field rules into `head`) as an HTTP/2 request, and
+/// whether it asked for `100-continue`.
+fn request_from_head(head: &[u8], body: H2Body) -> Result<(Request<H2Body>, bool), Error> {
     let mut slots = slots();
     let mut req = httparse::Request::new(&mut []);
     let bad = || Error::new(ErrorType::BadTarget);
@@ -138,6 +139,7 @@ fn request_from_head(head: &[u8], body: H2Body) -> Result<Request<H2Body>, Error
         .body(body)
         .map_err(|_| bad())?;
     let headers = r.headers_mut();
+    let mut expects = false;
     for h in req.headers.iter() {
         let (Ok(name), Ok(value)) = (
             HeaderName::from_bytes(h.name.as_bytes()),
@@ -145,15 +147,18 @@ fn request_from_head(head: &[u8], body: H2Body) -> Result<Request<H2Body>, Error
         ) else {
             return Err(bad());
         };
-        // HTTP/2 frames the body itself and has no connection-specific fields.
+        let continue_ = value.as_bytes().eq_ignore_ascii_case(b"100-continue");
+        expects |= name == header::EXPECT && continue_;
+        // HTTP/2 frames the body itself and has no connection-specific fields; the router
+        // answers `Expect: 100-continue` itself (hyper's client does not pass 1xx on).
         if !matches!(
             name,
-            header::TRANSFER_ENCODING | header::CONNECTION | header::UPGRADE
+            header::TRANSFER_ENCODING | header::CONNECTION | header::UPGRADE | header::EXPECT
         ) {
             headers.append(name, value);
         }
     }
-    Ok(r)
+    Ok((r, expects))
 }
 
 /// How the response body goes to the client.
@@ -308,12 +313,23 @@ impl<S: ClientIo> Conn<'_, S> {
         } else {
             Upload(rx).boxed_unsync()
         };
-        let prepared = request_from_head(&self.wbuf, body)
-            .and_then(|mut r| h2up::to_h2(&mut r, ex.routed.service.proto).map(|()| r));
-        let req = match prepared {
+        let prepared = request_from_head(&self.wbuf, body).and_then(|(mut r, expects)| {
+            h2up::to_h2(&mut r, ex.routed.service.proto).map(|()| (r, expects))
+        });
+        let (req, expects) = match prepared {
             Ok(r) => r,
             Err(e) => return self.answer_local_as(e.answer(), &ex, true).await,
         };
+        if expects && !ex.body.is_done() && !ex.http10 {
+            let ok = tokio::time::timeout(
+                stall,
+                self.client.write_all(b"HTTP/1.1 100 Continue\r\n\r\n"),
+            )
+            .await;
+            if !matches!(ok, Ok(Ok(()))) {
+                return false;
+            }
+        }
         let mut attempts = core.attempts(&ex.routed, ex.replayable);
         let deadline = attempts.deadline();
         let closing = self.closing();
