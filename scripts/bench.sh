@@ -91,9 +91,10 @@ if wants grpc && ! grpc_pass_ok; then
   grpc_pass_ok || { echo "bench: grpc needs nginx with grpc_pass (ngx_http_grpc_module; apt-get install nginx-full)" >&2; exit 1; }
 fi
 consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
-build_args=(--bin consul-router)
-wants grpc && build_args+=(--example grpc_backend)
-cargo build --release --locked "${build_args[@]}" >&2
+cargo build --release --locked --bin consul-router >&2
+# Apart: built together, the router would get the dev-dependencies' features (tokio's
+# test-util), which an example's build turns on, and not be the binary the others measure.
+wants grpc && cargo build --release --locked --example grpc_backend >&2
 router_bin="${CARGO_TARGET_DIR:-target}/release/consul-router"
 grpc_bin="${CARGO_TARGET_DIR:-target}/release/examples/grpc_backend"
 
