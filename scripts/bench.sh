@@ -221,6 +221,7 @@ if wants grpc; then
   # The gRPC backend shares CPU 1 with the load tool, like the origin; the tag tells the
   # router to speak HTTP/2 cleartext to it.
   taskset -c "$LOAD_CPU" "$grpc_bin" "$GRPC_ORIGIN" >"$work/logs/grpc_backend.log" 2>&1 & pids+=($!)
+  grpc_pid=$!
   curl -fsS -X PUT "127.0.0.1:$CONSUL/v1/agent/service/register" \
     -d "{\"ID\":\"grpc-1\",\"Name\":\"grpc\",\"Address\":\"127.0.0.1\",\"Port\":$GRPC_ORIGIN,\"Tags\":[\"router.proto=h2c\"]}" >/dev/null
 fi
@@ -431,6 +432,7 @@ for scenario in $SCENARIOS; do
     for p in $(proxies_for "$scenario"); do
       port=$(port_of "$p" "$scenario")
       pid=$(pid_of "$p"); before=$(cpu_ticks "$pid")
+      [ "$scenario" = grpc ] && back_before=$(cpu_ticks "$grpc_pid")
       case "$scenario" in
         small) load_wrk "$port" / 64 ;;
         1k) load_wrk "$port" /1k 64 ;;
@@ -453,10 +455,17 @@ for scenario in $SCENARIOS; do
       fi
       after=$(cpu_ticks "$pid")
       cpu_us=$(awk -v d=$((after-before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d/hz*1e6/n }')
+      # grpc: the backend's CPU per call too, which depends on how the proxy speaks to it.
+      raw_more=
+      if [ "$scenario" = grpc ]; then
+        back_us=$(awk -v d=$(($(cpu_ticks "$grpc_pid") - back_before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d/hz*1e6/n }')
+        printf '%s\t%s\n' "$p" "$back_us" >> "$work/backend.tsv"
+        raw_more=" backend_cpu_us=$back_us"
+      fi
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$round" "$p" "$rps" "$p50" "$p99" "$cpu_us" >> "$results"
       [ -n "$tls" ] && printf '%s\t%s\t%s\n' "$scenario" "$p" "$tls" >> "$tlsinfo"
       [ -n "$errs" ] && echo "bench: $p $scenario: $errs" >&2
-      [ -n "${BENCH_RAW:-}" ] && echo "$p $scenario round $round: rps=$rps p50=$p50 p99=$p99 cpu_us=$cpu_us" >&2
+      [ -n "${BENCH_RAW:-}" ] && echo "$p $scenario round $round: rps=$rps p50=$p50 p99=$p99 cpu_us=$cpu_us$raw_more" >&2
       sleep 1
     done
   done
@@ -490,6 +499,9 @@ awk -F'\t' -v proxies="$proxies" -v order="$ALL_SCENARIOS" '
 if grep -q -E '^(h2c|tls|grpc)' "$results"; then
   echo "h2c, tls, tls-handshake, grpc: h2load gives no percentiles; p50 is its mean (tls-handshake: mean time to first byte, handshake included); cpu us/req is per handshake for tls-handshake"
 fi
+[ -s "$work/backend.tsv" ] && awk -F'\t' -v proxies="$(proxies_for grpc)" '{ s[$1] += $2; n[$1]++ }
+  END { np = split(proxies, ps, " "); for (j = 1; j <= np; j++) if (ps[j] in n) out = out sprintf("%s%s %.2f", (out ? ", " : ""), ps[j], s[ps[j]] / n[ps[j]])
+    print "grpc: backend CPU us per call behind each proxy (on CPU 1, with the load): " out }' "$work/backend.tsv"
 [ -s "$tlsinfo" ] && sort -u "$tlsinfo" | awk -F'\t' '{printf "TLS negotiated, %s %s: %s\n", $1, $2, $3}'
 [ -n "$resumption" ] && echo "TLS session resumption (openssl s_client -sess_in):${resumption%;}"
 true
