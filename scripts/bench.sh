@@ -7,13 +7,23 @@
 # tool and the origin often saturate CPU 1 before a proxy saturates CPU 0, so requests/s
 # understates the difference between proxies and "per core" is the figure to compare.
 #
-# Scenarios (the backend side is always HTTP/1.1 kept alive):
+# Scenarios (the backend side is HTTP/1.1 kept alive but in grpc):
 #   small, 1k, 64k   wrk, 64 HTTP/1.1 connections, a 3-byte, 1 KiB or 64 KiB body
 #   small-1000c      wrk, 1,000 HTTP/1.1 connections, the 3-byte body
 #   h2c              h2load, 64 cleartext HTTP/2 connections (prior knowledge) with 10
 #                    streams each, the 3-byte body
 #   tls              h2load --h1, 64 kept-alive HTTP/1.1 connections over TLS, the 3-byte body
 #   tls-handshake    h2load --h1, a new TLS connection (full handshake) for every request
+#   grpc             h2c to h2c: h2load, GRPC_CONNS (8) cleartext HTTP/2 connections with
+#                    GRPC_STREAMS (16) streams each, unary gRPC calls (POST, a 105-byte
+#                    length-prefixed message, content-type application/grpc, te: trailers) to
+#                    examples/grpc_backend (HTTP/2 cleartext only, one thread, on CPU 1 like
+#                    the origin), which echoes the message with the trailer grpc-status: 0.
+#                    nginx forwards with grpc_pass, HAProxy to a "proto h2" server, and
+#                    consul-router learns the instance speaks h2c from its Consul tag
+#                    router.proto=h2c. Every proxy is first checked with one call (curl: 200,
+#                    the message echoed, grpc-status 0) and every request of every round must
+#                    get a 2xx, or that proxy's row says FAILED instead of figures.
 # TLS: every proxy serves the same ECDSA P-256 certificate, made here with openssl, with
 # session resumption off (nginx: no cache, no tickets; HAProxy: cache size 0, no tickets),
 # and the client's cipher order (HAProxy would pick AES-256 where the others take h2load's
@@ -24,7 +34,8 @@
 #   scripts/bench.sh                 # small 1k 64k small-1000c h2c: 2 rounds of 10 s
 #   ROUNDS=3 DURATION=15 scripts/bench.sh
 #   SCENARIOS=h2c,tls scripts/bench.sh   # any of the above, comma or space separated
-#   SCENARIOS=all scripts/bench.sh   # every scenario, TLS included
+#   SCENARIOS=all scripts/bench.sh   # every scenario, TLS and grpc included
+#   SCENARIOS=grpc scripts/bench.sh  # h2c to an h2c gRPC backend (not in the default set)
 #   BENCH_RAW=1 scripts/bench.sh     # also print every round's figures
 #   ACCESS_LOG=json scripts/bench.sh # consul-router writes its access log (json|text) to a file
 #   BASELINE=/path/to/old/consul-router scripts/bench.sh
@@ -35,7 +46,7 @@ cd "$(dirname "$0")/.."
 
 ROUNDS="${ROUNDS:-2}"
 DURATION="${DURATION:-10}"
-ALL_SCENARIOS="small 1k 64k small-1000c h2c tls tls-handshake"
+ALL_SCENARIOS="small 1k 64k small-1000c h2c tls tls-handshake grpc"
 SCENARIOS="${SCENARIOS:-small 1k 64k small-1000c h2c}"
 SCENARIOS="${SCENARIOS//,/ }"
 [ "$SCENARIOS" = all ] && SCENARIOS="$ALL_SCENARIOS"
@@ -47,7 +58,12 @@ LOAD_CPU="${LOAD_CPU:-1}"
 # (checked: nginx with its session cache and tickets on logs $ssl_session_reused "." for all).
 HS_BATCH="${HS_BATCH:-100}"
 HS_LOOPS="${HS_LOOPS:-2}"
+GRPC_CONNS="${GRPC_CONNS:-8}"
+GRPC_STREAMS="${GRPC_STREAMS:-16}"
 HOST=origin.bench.local
+# grpc: the gRPC backend is the Consul service "grpc"; the method's path is not looked at.
+GRPC_HOST=grpc.bench.local
+GRPC_PATH=/bench.Echo/Unary
 
 for s in $SCENARIOS; do
   case " $ALL_SCENARIOS " in *" $s "*) ;; *) echo "bench: unknown scenario $s (known: $ALL_SCENARIOS, or all)" >&2; exit 1 ;; esac
@@ -58,17 +74,36 @@ need() { command -v "$1" >/dev/null 2>&1 || { [ "$(id -u)" = 0 ] && apt-get inst
 need nginx nginx-light
 need haproxy haproxy
 need wrk wrk
-wants h2c tls tls-handshake && need h2load nghttp2-client
+wants h2c tls tls-handshake grpc && need h2load nghttp2-client
 wants tls tls-handshake && need openssl openssl
+# grpc: nginx's grpc_pass (ngx_http_grpc_module, built into Debian's nginx binary; a build
+# without it refuses the directive). Checked with nginx -t; nginx-full is the package to try.
+grpc_pass_ok() {
+  local d rc=0
+  d=$(mktemp -d)
+  printf 'pid %s/pid; error_log %s/err; events {}\nhttp { server { listen 127.0.0.1:1 http2; location / { grpc_pass grpc://127.0.0.1:1; } } }\n' "$d" "$d" > "$d/t.conf"
+  nginx -t -q -c "$d/t.conf" -p "$d" 2>/dev/null || rc=1
+  rm -rf "$d"
+  return "$rc"
+}
+if wants grpc && ! grpc_pass_ok; then
+  [ "$(id -u)" = 0 ] && { apt-get install -y -qq nginx-full || { apt-get update -qq && apt-get install -y -qq nginx-full; }; } >/dev/null 2>&1
+  grpc_pass_ok || { echo "bench: grpc needs nginx with grpc_pass (ngx_http_grpc_module; apt-get install nginx-full)" >&2; exit 1; }
+fi
 consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 cargo build --release --locked --bin consul-router >&2
+# Apart: built together, the router would get the dev-dependencies' features (tokio's
+# test-util), which an example's build turns on, and not be the binary the others measure.
+wants grpc && cargo build --release --locked --example grpc_backend >&2
 router_bin="${CARGO_TARGET_DIR:-target}/release/consul-router"
+grpc_bin="${CARGO_TARGET_DIR:-target}/release/examples/grpc_backend"
 
 . scripts/lib.sh
 # small-1000c needs about 2,000 descriptors in the router and 1,000 in wrk.
 ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 ORIGIN=$(free_port); NGINX=$(free_port); HAPROXY=$(free_port); ROUTER=$(free_port); ADMIN=$(free_port); CONSUL=$(free_port)
 NGINX_H2=$(free_port); HAPROXY_H2=$(free_port); NGINX_TLS=$(free_port); HAPROXY_TLS=$(free_port); ROUTER_TLS=$(free_port)
+GRPC_ORIGIN=$(free_port); NGINX_GRPC=$(free_port); HAPROXY_GRPC=$(free_port)
 
 # Origin: nginx, one worker, fixed bodies.
 mkdir -p "$work/www" "$work/logs" "$work/tls"
@@ -92,6 +127,13 @@ EOF
 nginx_loc='location / { proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection "";
       proxy_set_header Host $host; proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
       proxy_set_header X-Forwarded-Proto $scheme; proxy_buffering on; }'
+# grpc: h2c in, h2c out (grpc_pass: one stream per upstream connection, kept alive), with
+# the same forwarding fields as the others.
+nginx_grpc=
+wants grpc && nginx_grpc="upstream grpc_origin { server 127.0.0.1:$GRPC_ORIGIN; keepalive 1024; keepalive_requests 1000000; }
+  server { listen 127.0.0.1:$NGINX_GRPC http2;
+    location / { grpc_pass grpc://grpc_origin; grpc_set_header Host \$host;
+      grpc_set_header X-Forwarded-For \$proxy_add_x_forwarded_for; grpc_set_header X-Forwarded-Proto \$scheme; } }"
 # Debian 12's nginx is 1.22: HTTP/2 is a listen parameter ("http2 on;" came in 1.25.1).
 cat > "$work/proxy.conf" <<EOF
 worker_processes 1; daemon off; pid $work/proxy.pid; error_log $work/logs/proxy.err;
@@ -105,7 +147,8 @@ http { access_log off; keepalive_requests 1000000;
   server { listen 127.0.0.1:$NGINX_TLS ssl;
     ssl_certificate $work/tls/cert.pem; ssl_certificate_key $work/tls/key.pem;
     ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache off; ssl_session_tickets off;
-    $nginx_loc } }
+    $nginx_loc }
+  $nginx_grpc }
 EOF
 cat > "$work/haproxy.cfg" <<EOF
 global
@@ -126,6 +169,14 @@ frontend fe
   default_backend be
 backend be
   server origin 127.0.0.1:$ORIGIN
+EOF
+# grpc: h2c in, h2c out; HAProxy multiplexes the streams over its backend connections.
+wants grpc && cat >> "$work/haproxy.cfg" <<EOF
+frontend fe_grpc
+  bind 127.0.0.1:$HAPROXY_GRPC proto h2
+  default_backend be_grpc
+backend be_grpc
+  server grpc 127.0.0.1:$GRPC_ORIGIN proto h2
 EOF
 
 # consul-router's TLS listener, as a config file next to the flags.
@@ -166,6 +217,14 @@ taskset -c "$PROXY_CPU" haproxy -f "$work/haproxy.cfg" -db >"$work/logs/haproxy.
 start_consul "$CONSUL" "$LOAD_CPU"
 curl -fsS -X PUT "127.0.0.1:$CONSUL/v1/agent/service/register" \
   -d "{\"ID\":\"origin-1\",\"Name\":\"origin\",\"Address\":\"127.0.0.1\",\"Port\":$ORIGIN}" >/dev/null
+if wants grpc; then
+  # The gRPC backend shares CPU 1 with the load tool, like the origin; the tag tells the
+  # router to speak HTTP/2 cleartext to it.
+  taskset -c "$LOAD_CPU" "$grpc_bin" "$GRPC_ORIGIN" >"$work/logs/grpc_backend.log" 2>&1 & pids+=($!)
+  grpc_pid=$!
+  curl -fsS -X PUT "127.0.0.1:$CONSUL/v1/agent/service/register" \
+    -d "{\"ID\":\"grpc-1\",\"Name\":\"grpc\",\"Address\":\"127.0.0.1\",\"Port\":$GRPC_ORIGIN,\"Tags\":[\"router.proto=h2c\"]}" >/dev/null
+fi
 log_args=()
 [ -n "${ACCESS_LOG:-}" ] && log_args=(--access-log "$ACCESS_LOG" --access-log-file "$work/logs/access.log")
 RUST_LOG=warn taskset -c "$PROXY_CPU" "$router_bin" "${router_conf[@]}" --workers 1 "${log_args[@]}" \
@@ -199,13 +258,14 @@ pid_of() {
 # port_of PROXY [SCENARIO]: the listener a scenario uses (the router takes h2c on its plain one).
 port_of() {
   case "$1:${2:-}" in
-    nginx:h2c) echo "$NGINX_H2" ;; nginx:tls*) echo "$NGINX_TLS" ;; nginx:*) echo "$NGINX" ;;
-    haproxy:h2c) echo "$HAPROXY_H2" ;; haproxy:tls*) echo "$HAPROXY_TLS" ;; haproxy:*) echo "$HAPROXY" ;;
+    nginx:h2c) echo "$NGINX_H2" ;; nginx:grpc) echo "$NGINX_GRPC" ;; nginx:tls*) echo "$NGINX_TLS" ;; nginx:*) echo "$NGINX" ;;
+    haproxy:h2c) echo "$HAPROXY_H2" ;; haproxy:grpc) echo "$HAPROXY_GRPC" ;; haproxy:tls*) echo "$HAPROXY_TLS" ;; haproxy:*) echo "$HAPROXY" ;;
     consul-router:tls*) echo "$ROUTER_TLS" ;; consul-router:*) echo "$ROUTER" ;;
     baseline:tls*) echo "$BASE_TLS" ;; baseline:*) echo "$BASE" ;;
   esac
 }
-# The proxies a scenario runs: builds without a TLS listener sit the TLS ones out.
+# The proxies a scenario runs: builds without a TLS listener sit the TLS ones out, and a
+# proxy that failed a scenario (grpc: a wrong answer) sits out its remaining rounds.
 proxies_for() {
   local p out=
   for p in $proxies; do
@@ -213,11 +273,37 @@ proxies_for() {
       tls*:consul-router) [ -n "$router_tls" ] || continue ;;
       tls*:baseline) [ -n "$base_tls" ] || continue ;;
     esac
+    failed "$1" "$p" && continue
     out="$out $p"
   done
   echo $out
 }
+# fail SCENARIO PROXY WHY: the proxy's row for the scenario says FAILED and why, not figures.
+: > "$work/failed"
+fail() {
+  local why
+  why=$(printf %s "$3" | tr '\t\n' '  ')
+  failed "$1" "$2" || printf '%s\t%s\tFAILED: %s\n' "$1" "$2" "$why" >> "$work/failed"
+  echo "bench: $2 $1 FAILED: $why" >&2
+}
+failed() { awk -F'\t' -v s="$1" -v p="$2" '$1 == s && $2 == p {f = 1} END {exit !f}' "$work/failed"; }
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
+# grpc_check PORT: one unary call as the grpc scenario makes them (curl, HTTP/2 prior
+# knowledge). Prints what is wrong; nothing if the answer is HTTP/2 200 with content-type
+# application/grpc, the message echoed and the trailer grpc-status: 0.
+grpc_check() {
+  local d="$work/grpc-check" out
+  rm -rf "$d"; mkdir -p "$d"
+  out=$(curl -sS --http2-prior-knowledge --max-time 5 --resolve "$GRPC_HOST:$1:127.0.0.1" \
+    -H 'content-type: application/grpc' -H 'te: trailers' --data-binary "@$work/grpc.msg" \
+    -D "$d/head" -o "$d/body" -w 'HTTP/%{http_version} %{http_code}' "http://$GRPC_HOST:$1$GRPC_PATH" 2>&1) \
+    || { echo "no answer: ${out:-curl failed}"; return; }
+  tr -d '\r' < "$d/head" > "$d/fields"
+  [ "$out" = "HTTP/2 200" ] || { echo "$out, $(tr '\n' ' ' < "$d/body" | head -c 200)"; return; }
+  grep -qix 'content-type: application/grpc' "$d/fields" || { echo "$out without content-type: application/grpc"; return; }
+  grep -qix 'grpc-status: 0' "$d/fields" || { echo "$out without grpc-status: 0 ($(grep -i '^grpc-' "$d/fields" | tr '\n' ' '))"; return; }
+  cmp -s "$d/body" "$work/grpc.msg" || { echo "$out, grpc-status 0, but not the message echoed ($(stat -c %s "$d/body") bytes)"; return; }
+}
 hz=$(getconf CLK_TCK)
 
 # Sanity: every proxy answers, over each protocol a chosen scenario uses.
@@ -226,6 +312,22 @@ for p in $proxies; do
     curl -fsS -H "Host: $HOST" "127.0.0.1:$(port_of $p)$path" >/dev/null || { echo "bench: $p does not answer $path" >&2; cat "$work"/logs/* >&2; exit 1; }
   done
 done
+if wants grpc; then
+  # One unary call: a 5-byte gRPC prefix (not compressed, length 100), then a 100-byte
+  # protobuf-like message (field 1, 98 bytes).
+  { printf '\0\0\0\0\144\n\142'; head -c 98 /dev/zero | tr '\0' 'g'; } > "$work/grpc.msg"
+  for _ in $(seq 1 50); do [ -z "$(grpc_check "$GRPC_ORIGIN")" ] && break; sleep 0.1; done
+  why=$(grpc_check "$GRPC_ORIGIN")
+  [ -z "$why" ] || { echo "bench: the gRPC backend itself: $why" >&2; cat "$work"/logs/* >&2; exit 1; }
+  # A proxy that gets the call wrong is reported FAILED and sits the scenario out; the
+  # router answers a call over HTTP/1.1 only if this build speaks h2c to tagged instances.
+  # Up to 2 s each, for a router whose table lags.
+  for p in $proxies; do
+    for _ in $(seq 1 10); do why=$(grpc_check "$(port_of "$p" grpc)"); [ -z "$why" ] && break; sleep 0.2; done
+    [ -z "$why" ] || { fail grpc "$p" "one call through it: $why"
+      case "$p" in consul-router|baseline) tail -3 "$work/logs/${p/consul-}.log" | sed "s/^/bench: $p log: /" >&2 ;; esac; }
+  done
+fi
 if wants h2c; then
   for p in $(proxies_for h2c); do
     port=$(port_of $p h2c)
@@ -277,14 +379,17 @@ load_wrk() { # PORT PATH CONNS
 h2load_errs() { awk '/^requests:/ { if ($10+$12+$14) printf "%d failed, %d errored, %d timeout; ", $10, $12, $14 }
   /^status codes:/ { if ($5+$7+$9) printf "non-2xx: %d 3xx, %d 4xx, %d 5xx; ", $5, $7, $9 }' <<<"$1"; }
 h2load_tls() { awk -F': ' '/^TLS Protocol:|^Cipher:|^Server Temp Key:/ {printf "%s%s", (n++ ? ", " : ""), $2}' <<<"$1"; }
+# H2_HOST and H2_PATH change the URL's host (origin.bench.local) and path (/); ok2xx is the
+# count of 2xx answers.
 load_h2load() { # PORT TLS(0|1) ARGS...
-  local port=$1 secure=$2 out url
+  local port=$1 secure=$2 out
   shift 2
   local scheme=http
   [ "$secure" = 1 ] && scheme=https
-  out=$(timeout -k 5 $((DURATION + 30)) taskset -c "$LOAD_CPU" h2load -t1 -D "$DURATION" "$@" --connect-to "127.0.0.1:$port" "$scheme://$HOST:$port/" 2>&1)
+  out=$(timeout -k 5 $((DURATION + 30)) taskset -c "$LOAD_CPU" h2load -t1 -D "$DURATION" "$@" --connect-to "127.0.0.1:$port" "$scheme://${H2_HOST:-$HOST}:$port${H2_PATH:-/}" 2>&1)
   rps=$(awk '/^finished in/ {print $4}' <<<"$out")
   reqs=$(awk '/^requests:/ {print $6}' <<<"$out")
+  ok2xx=$(awk '/^status codes:/ {print $3}' <<<"$out")
   p50=$(to_us "$(awk '/^time for request:/ {print $6}' <<<"$out")"); p99=-
   errs=$(h2load_errs "$out")
   tls=$(h2load_tls "$out")
@@ -327,6 +432,7 @@ for scenario in $SCENARIOS; do
     for p in $(proxies_for "$scenario"); do
       port=$(port_of "$p" "$scenario")
       pid=$(pid_of "$p"); before=$(cpu_ticks "$pid")
+      [ "$scenario" = grpc ] && back_before=$(cpu_ticks "$grpc_pid")
       case "$scenario" in
         small) load_wrk "$port" / 64 ;;
         1k) load_wrk "$port" /1k 64 ;;
@@ -335,17 +441,36 @@ for scenario in $SCENARIOS; do
         h2c) load_h2load "$port" 0 -c64 -m10 ;;
         tls) load_h2load "$port" 1 --h1 -c64 -m1 ;;
         tls-handshake) load_handshakes "$port" ;;
-      esac || { echo "bench: the load failed for $p $scenario" >&2; exit 1; }
+        grpc) H2_HOST=$GRPC_HOST H2_PATH=$GRPC_PATH load_h2load "$port" 0 -c"$GRPC_CONNS" -m"$GRPC_STREAMS" \
+                -d "$work/grpc.msg" -H 'content-type: application/grpc' -H 'te: trailers' ;;
+      esac || {
+        [ "$scenario" = grpc ] && { fail grpc "$p" "round $round: h2load got no answer"; continue; }
+        echo "bench: the load failed for $p $scenario" >&2; exit 1; }
+      # grpc: every request answered 2xx (h2load can't see trailers: grpc_check saw them),
+      # or the row is a failure, not a figure. (At the end of -D, h2load may count the 2xx
+      # of a request it no longer counts as done: 2xx can exceed done by a few.)
+      if [ "$scenario" = grpc ] && { [ -n "$errs" ] || [ "${ok2xx:-0}" -lt "$reqs" ]; }; then
+        fail grpc "$p" "round $round: ${ok2xx:-0} of $reqs requests got a 2xx; $errs"
+        continue
+      fi
       after=$(cpu_ticks "$pid")
       cpu_us=$(awk -v d=$((after-before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d/hz*1e6/n }')
+      # grpc: the backend's CPU per call too, which depends on how the proxy speaks to it.
+      raw_more=
+      if [ "$scenario" = grpc ]; then
+        back_us=$(awk -v d=$(($(cpu_ticks "$grpc_pid") - back_before)) -v hz="$hz" -v n="$reqs" 'BEGIN { printf "%.2f", d/hz*1e6/n }')
+        printf '%s\t%s\n' "$p" "$back_us" >> "$work/backend.tsv"
+        raw_more=" backend_cpu_us=$back_us"
+      fi
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$scenario" "$round" "$p" "$rps" "$p50" "$p99" "$cpu_us" >> "$results"
       [ -n "$tls" ] && printf '%s\t%s\t%s\n' "$scenario" "$p" "$tls" >> "$tlsinfo"
       [ -n "$errs" ] && echo "bench: $p $scenario: $errs" >&2
-      [ -n "${BENCH_RAW:-}" ] && echo "$p $scenario round $round: rps=$rps p50=$p50 p99=$p99 cpu_us=$cpu_us" >&2
+      [ -n "${BENCH_RAW:-}" ] && echo "$p $scenario round $round: rps=$rps p50=$p50 p99=$p99 cpu_us=$cpu_us$raw_more" >&2
       sleep 1
     done
   done
   case "$scenario" in tls*) awk -F'\t' -v s="$scenario" '$1 == "no_tls" {printf "%s\t0\t%s\tskip\t%s\n", s, $2, $3}' "$work/skipped" >> "$results" ;; esac
+  awk -F'\t' -v s="$scenario" '$1 == s {printf "%s\t0\t%s\tskip\t%s\n", s, $2, $3}' "$work/failed" >> "$results"
 done
 
 echo
@@ -364,11 +489,19 @@ awk -F'\t' -v proxies="$proxies" -v order="$ALL_SCENARIOS" '
       for (j=1; j<=np; j++) { k=s SUBSEP ps[j]
         if (k in skip) { printf "%-14s %-14s %s\n", s, ps[j], skip[k]; continue }
         if (!(k in n)) continue
-        if (nop99[k]) printf "%-14s %-14s %10.0f %9.0f %9s %12.2f %9.2f %9.2f %9s\n", s, ps[j], rps[k]/n[k], p50[k]/n[k], "-", cpu[k]/n[k], (rps[k]/n[k])/(rps[base]/n[base]), (cpu[base]/n[base])/(cpu[k]/n[k]), "-"
-        else printf "%-14s %-14s %10.0f %9.0f %9.0f %12.2f %9.2f %9.2f %9.2f\n", s, ps[j], rps[k]/n[k], p50[k]/n[k], p99[k]/n[k], cpu[k]/n[k], (rps[k]/n[k])/(rps[base]/n[base]), (cpu[base]/n[base])/(cpu[k]/n[k]), (p99[k]/n[k])/(p99[base]/n[base]) } } }' "$results"
-if grep -q -E '^(h2c|tls)' "$results"; then
-  echo "h2c, tls, tls-handshake: h2load gives no percentiles; p50 is its mean (tls-handshake: mean time to first byte, handshake included); cpu us/req is per handshake for tls-handshake"
+        # No ratios when nginx has no figures for the scenario (grpc: nginx FAILED).
+        hb = (base in n) && !(base in skip)
+        xr = hb ? sprintf("%.2f", (rps[k]/n[k])/(rps[base]/n[base])) : "-"
+        pc = hb ? sprintf("%.2f", (cpu[base]/n[base])/(cpu[k]/n[k])) : "-"
+        px = (hb && !nop99[k]) ? sprintf("%.2f", (p99[k]/n[k])/(p99[base]/n[base])) : "-"
+        p9 = nop99[k] ? "-" : sprintf("%.0f", p99[k]/n[k])
+        printf "%-14s %-14s %10.0f %9.0f %9s %12.2f %9s %9s %9s\n", s, ps[j], rps[k]/n[k], p50[k]/n[k], p9, cpu[k]/n[k], xr, pc, px } } }' "$results"
+if grep -q -E '^(h2c|tls|grpc)' "$results"; then
+  echo "h2c, tls, tls-handshake, grpc: h2load gives no percentiles; p50 is its mean (tls-handshake: mean time to first byte, handshake included); cpu us/req is per handshake for tls-handshake"
 fi
+[ -s "$work/backend.tsv" ] && awk -F'\t' -v proxies="$(proxies_for grpc)" '{ s[$1] += $2; n[$1]++ }
+  END { np = split(proxies, ps, " "); for (j = 1; j <= np; j++) if (ps[j] in n) out = out sprintf("%s%s %.2f", (out ? ", " : ""), ps[j], s[ps[j]] / n[ps[j]])
+    print "grpc: backend CPU us per call behind each proxy (on CPU 1, with the load): " out }' "$work/backend.tsv"
 [ -s "$tlsinfo" ] && sort -u "$tlsinfo" | awk -F'\t' '{printf "TLS negotiated, %s %s: %s\n", $1, $2, $3}'
 [ -n "$resumption" ] && echo "TLS session resumption (openssl s_client -sess_in):${resumption%;}"
 true
