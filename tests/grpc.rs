@@ -300,13 +300,18 @@ type Client = tonic::client::Grpc<Chan>;
 
 /// A gRPC client to the router at `router`, with `:authority` grpc.app.test.
 async fn client(router: SocketAddr) -> Client {
+    client_for(router, "http://grpc.app.test").await
+}
+
+/// A gRPC client to the router at `router` for `origin`'s host.
+async fn client_for(router: SocketAddr, origin: &'static str) -> Client {
     let stream = TcpStream::connect(router).await.expect("connect");
     let (sender, conn) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
             .await
             .expect("h2 handshake");
     tokio::spawn(conn);
-    let origin = Uri::from_static("http://grpc.app.test");
+    let origin = Uri::from_static(origin);
     tonic::client::Grpc::with_origin(Chan(sender), origin)
 }
 
@@ -483,6 +488,33 @@ async fn unary_streams_and_error_trailers() {
         .await
         .expect("clean end")
         .is_none());
+
+    // The router's own refusals in gRPC form: an unknown host, a service with no healthy
+    // instance.
+    let mut nobody = client_for(s.router.proxy_addr, "http://nobody.app.test").await;
+    let e = bounded(
+        "unknown host",
+        unary(&mut nobody, "/t.Echo/Unary", Request::new(msg(1, 1))),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(e.code(), Code::Unimplemented, "{e:?}");
+    assert_eq!(e.message(), "no service for this host");
+    s._consul
+        .register_ttl("grpcdown", "grpcdown-1", s.backend.addr.port(), "critical")
+        .await;
+    wait_until(Duration::from_secs(10), "grpcdown in the table", || async {
+        s.router.routes.load().lookup("grpcdown.app.test").is_some()
+    })
+    .await;
+    let mut down = client_for(s.router.proxy_addr, "http://grpcdown.app.test").await;
+    let e = bounded(
+        "down",
+        unary(&mut down, "/t.Echo/Unary", Request::new(msg(1, 1))),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
 
     // One pooled connection carried it all, and no stream is leased now.
     let table = s.router.routes.load();

@@ -122,29 +122,85 @@ pub(super) async fn exchange(
     })
 }
 
-/// A gRPC call the router could not get an answer for, as gRPC clients expect it: a
-/// trailers-only response (status 200, the gRPC status in the head). A response timeout
-/// under the call's own deadline is DEADLINE_EXCEEDED (4); anything else UNAVAILABLE (14),
-/// as gRPC maps a 502, 503 or 504.
+/// A gRPC call the router could not get an answer for, as gRPC clients expect it (see
+/// [`grpc_form`]): a response timeout under the call's own deadline is DEADLINE_EXCEEDED
+/// (4); anything else as its HTTP status maps (502, 504: UNAVAILABLE).
 pub fn grpc_answer(e: &Error, has_deadline: bool) -> LocalAnswer {
-    let mut a = LocalAnswer::text(StatusCode::OK, "");
-    a.body = AnswerBody::Bytes(bytes::Bytes::new());
+    if e.kind == ErrorType::Upstream(ErrorKind::ResponseTimeout) && has_deadline {
+        let mut a = grpc_form(LocalAnswer::text(StatusCode::OK, ""));
+        a.headers.extend(body::deadline_trailers());
+        return a;
+    }
+    grpc_form(e.answer())
+}
+
+/// A local answer to a gRPC call in gRPC form: a trailers-only response (status 200,
+/// `content-type: application/grpc`, the status in the head, no body), its HTTP status
+/// mapped as gRPC's HTTP-to-gRPC table does (400: INTERNAL, 401: UNAUTHENTICATED, 403:
+/// PERMISSION_DENIED, 404: UNIMPLEMENTED, 429/502/503/504: UNAVAILABLE, else UNKNOWN) and
+/// its text as `grpc-message`. A gRPC client reads no plain-text body.
+pub fn grpc_form(answer: LocalAnswer) -> LocalAnswer {
+    let code = match answer.status.as_u16() {
+        200 => "0",
+        400 => "13",
+        401 => "16",
+        403 => "7",
+        404 => "12",
+        429 | 502..=504 => "14",
+        _ => "2",
+    };
+    let text = match &answer.body {
+        AnswerBody::Static(t) => t.trim_end(),
+        _ => "",
+    };
+    let mut a = LocalAnswer {
+        status: StatusCode::OK,
+        headers: answer.headers,
+        body: AnswerBody::Bytes(bytes::Bytes::new()),
+    };
     a.headers.insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/grpc"),
     );
-    let timeout = e.kind == ErrorType::Upstream(ErrorKind::ResponseTimeout);
-    if timeout && has_deadline {
-        a.headers.extend(body::deadline_trailers());
-    } else {
-        let (_, text) = e.kind.answer();
-        a.headers
-            .insert("grpc-status", HeaderValue::from_static("14"));
-        // The router's own texts are ASCII words: spaces are the only percent-encoding.
-        let message = text.trim_end().replace(' ', "%20");
-        if let Ok(v) = HeaderValue::from_str(&message) {
+    a.headers.remove(header::RETRY_AFTER);
+    a.headers
+        .insert("grpc-status", HeaderValue::from_static(code));
+    // The router's own texts are ASCII words: spaces are the only percent-encoding.
+    if let Ok(v) = HeaderValue::from_str(&text.replace(' ', "%20")) {
+        if !text.is_empty() {
             a.headers.insert("grpc-message", v);
         }
     }
     a
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_forms() {
+        let a = grpc_form(LocalAnswer::text(
+            StatusCode::NOT_FOUND,
+            "no service for this host\n",
+        ));
+        assert_eq!(a.status, StatusCode::OK);
+        assert_eq!(a.headers["grpc-status"], "12");
+        assert_eq!(
+            a.headers["grpc-message"],
+            "no%20service%20for%20this%20host"
+        );
+        assert_eq!(a.headers["content-type"], "application/grpc");
+        assert_eq!(a.body_len(), Some(0));
+        let e = Error::upstream(ErrorKind::ResponseTimeout);
+        assert_eq!(grpc_answer(&e, true).headers["grpc-status"], "4");
+        assert_eq!(grpc_answer(&e, false).headers["grpc-status"], "14");
+        let down = LocalAnswer::text(StatusCode::SERVICE_UNAVAILABLE, "no healthy instance\n");
+        let a = grpc_form(down);
+        assert_eq!(a.headers["grpc-status"], "14");
+        assert!(
+            a.implied().iter().all(Option::is_none),
+            "no Retry-After, no text type"
+        );
+    }
 }

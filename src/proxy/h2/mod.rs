@@ -44,7 +44,10 @@ pub async fn handle(
     let routed = match routed {
         Ok(r) => r,
         Err(mut refused) => {
-            let answer = refused.answer();
+            let mut answer = refused.answer();
+            if super::h2up::is_grpc(req.headers()) {
+                answer = backend::grpc_form(answer);
+            }
             let service = refused.service.as_deref();
             return local(core, answer, service, start, &request_id, log, None);
         }
