@@ -567,6 +567,22 @@ async fn forward_auth_and_allow_lists_over_http1_and_http2() {
         failed.join("\n  ")
     );
 
+    // A gRPC call: the router's own 503 takes gRPC's form (UNAVAILABLE), while the auth
+    // service's answer goes back as it gave it.
+    let grpc = [("content-type", "application/grpc"), GOOD];
+    let call = ("POST", "noauth.app.test", "/pkg.Svc/Call");
+    let got = request(Proto::H2, untrusted.proxy_addr, call, &grpc, "").await;
+    assert_eq!(got.status, 200, "{}", got.body);
+    assert_eq!(got.headers["grpc-status"], "14");
+    let denied = [
+        ("content-type", "application/grpc"),
+        ("authorization", "Bearer bad"),
+    ];
+    let call = ("POST", "app.app.test", "/pkg.Svc/Call");
+    let got = request(Proto::H2, untrusted.proxy_addr, call, &denied, "").await;
+    assert_eq!(got.status, 401, "{}", got.body);
+    assert!(got.headers.get("grpc-status").is_none());
+
     // Allow decisions are cached by Authorization for `router.auth-cache`; denials never.
     let asked_with = |token: &str| asked.lock().unwrap().iter().filter(|a| *a == token).count();
     let before = asked_with("Bearer good");

@@ -81,7 +81,14 @@ pub async fn handle(
         match decision.result {
             Ok(grant) => auth::amend_map(req.headers_mut(), &spec.copy, &grant),
             Err(mut refused) => {
-                let answer = refused.answer();
+                // The auth service's own answer goes back as it is; the router's (no
+                // answer: 503) takes gRPC's form for a gRPC call, as other refusals do.
+                let mut answer = refused.answer();
+                if refused.error.kind != ErrorType::AuthDenied
+                    && super::h2up::is_grpc(req.headers())
+                {
+                    answer = backend::grpc_form(answer);
+                }
                 let service = Some(&*routed.service);
                 return local(core, answer, service, routed.start, &request_id, log, auth);
             }
