@@ -142,14 +142,18 @@ pub async fn send(
             port: t.inst.port,
             tls: t.inst.proto == Proto::H2,
         };
+        // Opening a connection (TCP, TLS, the preface) is a large future and the rare
+        // case: boxed, so every request's future (and the stream task that holds it)
+        // stays small instead of carrying ~8 KB it moves around and never uses.
         let got = match t.conn {
             Some(lease) => Ok((lease, true)),
             // A fresh connection after a pooled one broke: never a shared one.
-            None if attempts.fresh_connection_next() => pool
-                .open(target, settings, connect_timeout)
-                .await
-                .map(|l| (l, false)),
-            None => pool.open_or_share(target, settings, connect_timeout).await,
+            None if attempts.fresh_connection_next() => {
+                Box::pin(pool.open(target, settings, connect_timeout))
+                    .await
+                    .map(|l| (l, false))
+            }
+            None => Box::pin(pool.open_or_share(target, settings, connect_timeout)).await,
         };
         let (lease, reused) = match got {
             Ok(x) => x,
