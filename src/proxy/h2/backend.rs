@@ -11,7 +11,7 @@ use hyper::body::{Body, Incoming};
 use hyper::Request;
 
 use super::body::{self, Closing, ProxyBody, UpstreamBody};
-use super::{local, no_answer};
+use super::{local, no_answer, refuse};
 use crate::proxy::answer::{AnswerBody, LocalAnswer};
 use crate::proxy::auth::Outcome;
 use crate::proxy::core::{Core, LogFields, RequestId, Routed};
@@ -50,15 +50,7 @@ pub(super) async fn exchange(
             .boxed_unsync()
     });
     if let Err(e) = h2up::to_h2(&mut req, routed.service.proto) {
-        return local(
-            core,
-            e.answer(),
-            Some(&routed.service),
-            routed.start,
-            &request_id,
-            log,
-            auth,
-        );
+        return refuse(core, &e, &routed, &request_id, log, auth);
     }
     let replayable =
         req.body().is_end_stream() && crate::proxy::attempts::is_idempotent(req.method().as_str());

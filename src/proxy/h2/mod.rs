@@ -60,15 +60,7 @@ pub async fn handle(
     let id_value =
         HeaderValue::from_bytes(request_id.as_bytes()).unwrap_or(HeaderValue::from_static("-"));
     if let Err(e) = prepare_request(core, &mut req, conn, &routed, &request_id, &id_value) {
-        return local(
-            core,
-            e.answer(),
-            Some(&routed.service),
-            routed.start,
-            &request_id,
-            log,
-            None,
-        );
+        return refuse(core, &e, &routed, &request_id, log, None);
     }
 
     let mut auth = None;
@@ -129,15 +121,7 @@ pub async fn handle(
             .metrics
             .get()
             .upstream_error(ErrorKind::BadResponse);
-        return local(
-            core,
-            e.answer(),
-            Some(service),
-            routed.start,
-            &request_id,
-            log,
-            auth,
-        );
+        return refuse(core, &e, &routed, &request_id, log, auth);
     }
     response_fields(core, response.headers_mut(), &in_flight, id_value);
     let closing = Box::new(body::Closing {
@@ -265,17 +249,21 @@ fn no_answer(
     log: Option<LogFields>,
     auth: Option<Outcome>,
 ) -> Response<ProxyBody> {
-    let service = &routed.service;
-    tracing::debug!(service = %service.name, error = %e, "no backend answer");
-    local(
-        core,
-        e.answer(),
-        Some(service),
-        routed.start,
-        request_id,
-        log,
-        auth,
-    )
+    tracing::debug!(service = %routed.service.name, error = %e, "no backend answer");
+    refuse(core, e, routed, request_id, log, auth)
+}
+
+/// The error's own answer for a routed request, closed in the core.
+fn refuse(
+    core: &Core,
+    e: &Error,
+    routed: &Routed,
+    request_id: &RequestId,
+    log: Option<LogFields>,
+    auth: Option<Outcome>,
+) -> Response<ProxyBody> {
+    let (service, start) = (Some(&*routed.service), routed.start);
+    local(core, e.answer(), service, start, request_id, log, auth)
 }
 
 /// A local answer on the HTTP/2 path, closed in the core like any request.
