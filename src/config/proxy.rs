@@ -37,6 +37,14 @@ pub struct FileProxy {
     pub h2_backend_max_connections: Option<usize>,
     /// PING period on HTTP/2 backend connections, and the longest wait for its answer.
     pub h2_backend_ping_interval: Option<String>,
+    /// After SIGTERM, how long the listeners keep accepting while `/healthz` says 503.
+    pub shutdown_delay: Option<String>,
+    /// Idle time after which an upgraded (101) connection is closed; `0s` or absent: never.
+    pub upgrade_idle_timeout: Option<String>,
+    /// How long an HTTP/2 client may take no response bytes while some are waiting.
+    pub send_timeout: Option<String>,
+    /// Most open client connections over the proxy's listeners; 0: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// Validated proxy settings.
@@ -69,6 +77,15 @@ pub struct ProxyConfig {
     pub h2_backend_max_connections: usize,
     /// PING period (and answer limit) on HTTP/2 backend connections.
     pub h2_backend_ping_interval: Duration,
+    /// After SIGTERM: accept for this long while `/healthz` answers 503, then drain.
+    pub shutdown_delay: Duration,
+    /// Idle limit of an upgraded (101) connection; `None`: none.
+    pub upgrade_idle_timeout: Option<Duration>,
+    /// An HTTP/2 connection whose client takes no response bytes for this long, while
+    /// some wait to be sent, is closed.
+    pub send_timeout: Duration,
+    /// Most open client connections over the proxy's listeners; 0: no limit.
+    pub max_connections: usize,
 }
 
 /// The response header backends report their load in, unless `proxy.load_header` says.
@@ -120,7 +137,19 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
             p.h2_backend_ping_interval.as_deref(),
             "10s",
         )?,
+        shutdown_delay: parse_duration("proxy.shutdown_delay", p.shutdown_delay.as_deref(), "0s")?,
+        upgrade_idle_timeout: Some(parse_duration(
+            "proxy.upgrade_idle_timeout",
+            p.upgrade_idle_timeout.as_deref(),
+            "0s",
+        )?)
+        .filter(|d| !d.is_zero()),
+        send_timeout: parse_duration("proxy.send_timeout", p.send_timeout.as_deref(), "60s")?,
+        max_connections: p.max_connections.unwrap_or(0),
     };
+    if proxy.send_timeout.is_zero() {
+        return Err(invalid("proxy.send_timeout", "must be above zero"));
+    }
     if !(1..=10_000).contains(&proxy.h2_backend_max_streams) {
         return Err(invalid(
             "proxy.h2_backend_max_streams",
