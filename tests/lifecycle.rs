@@ -97,17 +97,9 @@ async fn upgraded(proxy: SocketAddr) -> TcpStream {
     )
     .await
     .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        s.read_exact(&mut byte).await.unwrap();
-        head.push(byte[0]);
-    }
-    assert!(
-        head.starts_with(b"HTTP/1.1 101"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    let (head, rest) = read_head(&mut s).await;
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(rest.is_empty());
     s
 }
 
@@ -257,20 +249,22 @@ async fn admin_h2c_connection_is_closed_when_idle() {
     router.shutdown().await;
 }
 
+/// A new connection to `proxy` that has been answered one GET with 200.
+async fn served(proxy: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    let head = tokio::time::timeout(Duration::from_secs(5), get_on(&mut s))
+        .await
+        .expect("served in time");
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    s
+}
+
 /// Sends one GET on `s` and reads the answer's head.
-async fn get_on(s: &mut TcpStream) -> Vec<u8> {
+async fn get_on(s: &mut TcpStream) -> String {
     s.write_all(b"GET / HTTP/1.1\r\nHost: svc.app.test\r\n\r\n")
         .await
         .unwrap();
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if s.read(&mut byte).await.unwrap() == 0 {
-            break;
-        }
-        head.push(byte[0]);
-    }
-    head
+    read_head(s).await.0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -278,16 +272,8 @@ async fn max_connections_keeps_new_connections_waiting_until_one_closes() {
     let (_c, _b, router) = one_backend("[proxy]\nmax_connections = 2").await;
     let proxy = router.proxy_addr;
     // wait_status's connections are closed: both slots are free again soon.
-    let mut a = TcpStream::connect(proxy).await.unwrap();
-    let head = tokio::time::timeout(Duration::from_secs(5), get_on(&mut a))
-        .await
-        .expect("a");
-    assert!(head.starts_with(b"HTTP/1.1 200"));
-    let mut b = TcpStream::connect(proxy).await.unwrap();
-    let head = tokio::time::timeout(Duration::from_secs(5), get_on(&mut b))
-        .await
-        .expect("b");
-    assert!(head.starts_with(b"HTTP/1.1 200"));
+    let a = served(proxy).await;
+    let b = served(proxy).await;
     // The third waits in the backlog: connected, not served.
     let mut c = TcpStream::connect(proxy).await.unwrap();
     let third = tokio::spawn(async move { get_on(&mut c).await });
@@ -298,11 +284,7 @@ async fn max_connections_keeps_new_connections_waiting_until_one_closes() {
         .await
         .expect("served once a connection closed")
         .unwrap();
-    assert!(
-        head.starts_with(b"HTTP/1.1 200"),
-        "{}",
-        String::from_utf8_lossy(&head)
-    );
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     let m = metrics(router.admin_addr).await;
     assert!(
         sample(&m, "consul_router_connections_limited_total", &[]) >= 1.0,
@@ -437,5 +419,44 @@ async fn socket_for_another_process_is_left_alone() {
         .await;
     assert_ne!(r.proxy_addr, listener.local_addr().unwrap());
     let (code, _, err) = r.stop(Duration::from_secs(20)).await;
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_under_systemd_socket_activate() {
+    let Some(activate) = find_program(&["systemd-socket-activate"], &[]) else {
+        eprintln!("systemd-socket-activate is not installed (package systemd): skipped");
+        return;
+    };
+    let consul = ConsulAgent::start().await;
+    let b = Backend::start("svc").await;
+    consul.register("svc", "svc-1", b.port(), &[]).await;
+    let addr = free_addr();
+    // It listens, and on the first connection execs the router with the socket as fd 3.
+    let plain = router_command();
+    let mut cmd = Command::new(activate);
+    cmd.arg(format!("--listen={addr}"))
+        .arg("--fdname=http")
+        .arg(plain.get_program());
+    for (k, v) in plain.get_envs() {
+        match v {
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
+        };
+    }
+    let router = RouterProcess::builder()
+        .command(cmd)
+        .consul(&consul.addr())
+        .args(["--domain", "app.test"])
+        .spawn();
+    router.wait_listening(addr, Duration::from_secs(10)).await;
+    // The first connection starts it, and waits until the first table is live.
+    assert_eq!(
+        try_get(addr).await,
+        Ok(StatusCode::OK),
+        "{}",
+        router.output()
+    );
+    let (code, _, err) = router.stop(Duration::from_secs(20)).await;
     assert_eq!(code, 0, "{err}");
 }
