@@ -267,3 +267,70 @@ fn load_header(name: Option<&str>) -> Result<Option<http::HeaderName>, ConfigErr
     }
     Ok(Some(header))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+    use std::time::Duration;
+
+    use super::super::{Config, Overrides};
+    use crate::upstream::{BudgetRules, OutlierRules};
+
+    fn parse(text: &str) -> Result<Config, super::ConfigError> {
+        let file = Config::parse_file(text, Path::new("t.toml"))?;
+        Config::from_file(file, &Overrides::default())
+    }
+
+    #[test]
+    fn outlier_and_budget_keys() {
+        let c = Config::default();
+        assert_eq!(c.proxy.outlier, OutlierRules::default());
+        assert_eq!(c.proxy.retry_budget, BudgetRules::default());
+        let c = parse(
+            "[proxy]\noutlier_consecutive_failures = 3\noutlier_base_ejection = \"1s\"\n\
+             outlier_max_ejection = \"10s\"\nmax_ejection_percent = 30\nslow_start = \"20s\"\n\
+             retry_budget_percent = 10\nretry_budget_min_per_second = 0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy.outlier,
+            OutlierRules::new(
+                3,
+                Duration::from_secs(1),
+                Duration::from_secs(10),
+                30,
+                Duration::from_secs(20)
+            )
+        );
+        assert_eq!(c.proxy.retry_budget.percent, 10);
+        assert_eq!(c.proxy.retry_budget.min_per_second, 0);
+        for (text, key) in [
+            (
+                "outlier_consecutive_failures = 1001",
+                "proxy.outlier_consecutive_failures",
+            ),
+            (
+                "outlier_base_ejection = \"1ms\"",
+                "proxy.outlier_base_ejection",
+            ),
+            (
+                "outlier_base_ejection = \"soon\"",
+                "proxy.outlier_base_ejection",
+            ),
+            (
+                "outlier_max_ejection = \"1s\"",
+                "proxy.outlier_max_ejection",
+            ),
+            ("max_ejection_percent = 101", "proxy.max_ejection_percent"),
+            ("slow_start = \"2h\"", "proxy.slow_start"),
+            ("retry_budget_percent = 150", "proxy.retry_budget_percent"),
+            (
+                "retry_budget_min_per_second = 1000000",
+                "proxy.retry_budget_min_per_second",
+            ),
+        ] {
+            let e = parse(&format!("[proxy]\n{text}")).unwrap_err().to_string();
+            assert!(e.starts_with(key), "{text}: {e}");
+        }
+    }
+}

@@ -643,6 +643,99 @@ mod tests {
     }
 
     #[test]
+    fn outlier_and_balance_tags_by_majority() {
+        let c = catalog(vec![
+            (
+                "hot",
+                vec![
+                    spec(
+                        "a",
+                        1,
+                        Health::Passing,
+                        &[
+                            "router.strategy=url-hash",
+                            "router.hash-balance-factor=125",
+                            "router.outlier-5xx=all",
+                        ],
+                    ),
+                    spec(
+                        "b",
+                        2,
+                        Health::Passing,
+                        &["router.strategy=url-hash", "router.hash-balance-factor=125"],
+                    ),
+                    spec(
+                        "c",
+                        3,
+                        Health::Passing,
+                        &["router.strategy=url-hash", "router.hash-balance-factor=150"],
+                    ),
+                ],
+            ),
+            (
+                "odd",
+                vec![spec(
+                    "d",
+                    4,
+                    Health::Passing,
+                    &["router.hash-balance-factor=90", "router.outlier-5xx=404"],
+                )],
+            ),
+            (
+                "plain",
+                vec![spec(
+                    "e",
+                    5,
+                    Health::Passing,
+                    &["router.hash-balance-factor=200"],
+                )],
+            ),
+        ]);
+        let mut reg = StateRegistry::default();
+        let t = build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        let hot = &t.services["hot"];
+        assert_eq!(hot.hash_balance_factor(), Some(125));
+        assert_eq!(hot.outlier_5xx, FailureStatuses::ALL);
+        assert!(reg
+            .warned_tags
+            .contains(&("hot".to_owned(), BALANCE_FACTOR_TAG)));
+        // Values that do not parse are ignored: the defaults.
+        let odd = &t.services["odd"];
+        assert_eq!(odd.hash_balance_factor(), None);
+        assert_eq!(odd.outlier_5xx, FailureStatuses::default());
+        // A factor means nothing to a strategy without a key.
+        assert_eq!(t.services["plain"].hash_balance_factor(), None);
+    }
+
+    #[test]
+    fn only_instances_that_join_after_the_first_table_ramp() {
+        let mut reg = StateRegistry::default();
+        let c1 = catalog(vec![("web", vec![spec("a", 1, Health::Passing, &[])])]);
+        let t1 = build(&c1, &CatalogTags::new(), &opts(), &mut reg);
+        let a = t1.services["web"].routable()[0].state.clone();
+        let c2 = catalog(vec![(
+            "web",
+            vec![
+                spec("a", 1, Health::Passing, &[]),
+                spec("b", 2, Health::Passing, &[]),
+            ],
+        )]);
+        let t2 = build(&c2, &CatalogTags::new(), &opts(), &mut reg);
+        let now = t2.services["web"].stats.millis(Instant::now());
+        let ramp = |id: &str| {
+            let i = t2.services["web"]
+                .instances
+                .iter()
+                .find(|i| &*i.id == id)
+                .unwrap();
+            i.state.outlier.ramp(now, 60_000)
+        };
+        assert_eq!(ramp("a"), 1.0, "in the first table");
+        assert!(ramp("b") < 0.2, "joined later");
+        assert!(Arc::ptr_eq(&a, &t2.services["web"].instances[0].state));
+    }
+
+    #[test]
     fn state_survives_rebuilds_and_is_dropped_with_the_instance() {
         let mut reg = StateRegistry::default();
         let c1 = catalog(vec![("chat", vec![spec("a", 1, Health::Passing, &[])])]);
