@@ -3,6 +3,7 @@
 //! instance. Routing builds on this; the proxy uses both.
 
 mod conn;
+mod dns;
 pub mod h2pool;
 mod pool;
 mod stall;
@@ -11,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 pub use conn::{connect_tcp, BackendConn, ConnectError, Sender};
+pub use dns::{DnsCache, Resolved};
 pub use h2pool::{H2Body, H2Lease, H2Pool, H2Settings, Proto};
 pub use pool::{IdlePool, Pooled};
 pub use stall::{BoxError, RequestBody, Stall, Stalled};
@@ -29,6 +31,8 @@ pub struct InstanceState {
     pub idle_hyper: IdlePool<Sender>,
     /// Multiplexed connections, for `router.proto=h2c`/`h2` instances.
     pub h2: H2Pool,
+    /// The addresses of a host-name instance address, kept for `consul.dns_ttl`.
+    pub dns: DnsCache,
 }
 
 impl InstanceState {
@@ -40,6 +44,7 @@ impl InstanceState {
             idle: IdlePool::new(max_idle),
             idle_hyper: IdlePool::new(max_idle),
             h2: H2Pool::default(),
+            dns: DnsCache::default(),
         }
     }
 }
