@@ -550,6 +550,7 @@ impl Discovery {
         let mut reg = StateRegistry::default();
         let mut schedule = Rebuilds::new(self.cfg.coalesce);
         let mut metrics = TableMetrics::new();
+        let mut provisional = false;
         self.publish_without_consul(&mut reg);
         loop {
             let change = self.changed.notified();
@@ -572,9 +573,23 @@ impl Discovery {
                 let complete = st.model.complete();
                 match schedule.decide(Instant::now(), complete) {
                     Publish::Wait => {
+                        // Listed but not all read: once, a table not yet live in which the
+                        // listed services (and their tag hosts) answer 503, not 404.
+                        let early = match complete {
+                            Some(_) if !provisional => st.model.build_input(),
+                            _ => None,
+                        };
                         drop(st);
                         if complete.is_none() {
                             self.publish_without_consul(&mut reg);
+                        }
+                        if let Some((snapshot, tags)) = early {
+                            provisional = true;
+                            let mut table = build(&snapshot, &tags, &self.build.load(), &mut reg);
+                            table.ready = false;
+                            if !self.routes.load().ready {
+                                self.routes.store(table);
+                            }
                         }
                         continue;
                     }
