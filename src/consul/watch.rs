@@ -16,7 +16,7 @@
 //! The rules (what to keep, watch, read, and when to query or publish) live in `model.rs` and
 //! `schedule.rs`; this file only performs them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -43,6 +43,8 @@ const READ_CONCURRENCY: usize = 4;
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// How often the table's age is reported between answers.
 const AGE_EVERY: Duration = Duration::from_secs(1);
+/// How often the first agent is asked whether it is back, while another one serves.
+pub const PROBE_FIRST_EVERY: Duration = Duration::from_secs(10);
 
 type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -93,7 +95,7 @@ impl DiscoveryHandle {
         let d = &self.discovery;
         let refetch = d.build.load().exclude_services != build.exclude_services;
         d.build.store(Arc::new(build));
-        if refetch {
+        if refetch && d.cfg.enabled {
             // The catalog loop is the first task; a fresh one starts at index 0.
             self.tasks[0] = d.supervised("catalog-watch", |d| Box::pin(d.catalog_loop()));
         }
@@ -135,9 +137,17 @@ impl Discovery {
         })
     }
 
-    /// Starts the supervised loops.
+    /// Starts the supervised loops; with `consul.enabled = false`, only the rebuilder, which
+    /// publishes the static services.
     pub fn spawn(self: &Arc<Self>) -> DiscoveryHandle {
-        let tasks = vec![
+        if !self.cfg.enabled {
+            let tasks = vec![self.supervised("rebuild", |d| Box::pin(d.rebuild_loop()))];
+            return DiscoveryHandle {
+                discovery: self.clone(),
+                tasks,
+            };
+        }
+        let mut tasks = vec![
             self.supervised("catalog-watch", |d| Box::pin(d.catalog_loop())),
             self.supervised("health-state-watch", |d| Box::pin(d.health_loop())),
             self.supervised("cold-reader", |d| Box::pin(d.reader_loop())),
@@ -146,6 +156,9 @@ impl Discovery {
             self.supervised("rebuild", |d| Box::pin(d.rebuild_loop())),
             self.supervised("table-age", |d| Box::pin(d.age_loop())),
         ];
+        if !self.cfg.fallback.is_empty() {
+            tasks.push(self.supervised("probe-first-agent", |d| Box::pin(d.probe_loop())));
+        }
         DiscoveryHandle {
             discovery: self.clone(),
             tasks,
@@ -263,6 +276,29 @@ impl Discovery {
         self.act(st, out);
     }
 
+    /// Until the first table is live, `/healthz` says why: Consul's last failure, or that
+    /// its services are being read.
+    fn waiting(&self, agent: &str, error: Option<&ConsulError>) {
+        if self.routes.load().ready {
+            return;
+        }
+        let reason = match error {
+            None => "reading the services listed in consul".to_owned(),
+            Some(ConsulError::Transport(e)) => format!("consul unreachable at {agent} ({e})"),
+            Some(ConsulError::Timeout) => format!("consul unreachable at {agent} (timed out)"),
+            Some(e) => format!("consul at {agent}: {e}"),
+        };
+        self.routes.set_waiting(Some(reason));
+    }
+
+    /// While another agent serves, asks the first one now and then whether it is back.
+    async fn probe_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PROBE_FIRST_EVERY).await;
+            self.client.probe_first().await;
+        }
+    }
+
     async fn catalog_loop(self: Arc<Self>) {
         let mut cat = CatalogPoll::default();
         let mut current = false;
@@ -277,9 +313,11 @@ impl Discovery {
                     .model
                     .blocking(now, now + blocking_due(self.cfg.wait));
             }
+            let agent = self.client.current_address();
             let r = self.client.catalog_services(index, self.cfg.wait).await;
             self.lock().model.blocking_ended();
             current = false;
+            self.waiting(agent, r.as_ref().err());
             match r {
                 Ok(r) => match cat.judge(Instant::now(), r.index) {
                     CatalogStep::Apply => {
@@ -491,11 +529,29 @@ impl Discovery {
         }
     }
 
+    /// The table before Consul's first answer, or with Consul off: the static services
+    /// alone, live at once only when there is no Consul to wait for. A live table from an
+    /// earlier discovery (a reload) stays until Consul answers this one.
+    fn publish_without_consul(&self, reg: &mut StateRegistry) {
+        let opts = self.build.load();
+        let enabled = self.cfg.enabled;
+        if enabled && (opts.static_services.is_empty() || self.routes.load().ready) {
+            return;
+        }
+        let mut table = build(&BTreeMap::new(), &CatalogTags::new(), &opts, reg);
+        table.ready = !enabled;
+        let routed = table.services.len();
+        self.routes.store(table);
+        tracing::debug!(routed, "static services published");
+    }
+
     /// Coalesces changes and publishes tables.
     async fn rebuild_loop(self: Arc<Self>) {
         let mut reg = StateRegistry::default();
         let mut schedule = Rebuilds::new(self.cfg.coalesce);
         let mut metrics = TableMetrics::new();
+        let mut provisional = false;
+        self.publish_without_consul(&mut reg);
         loop {
             let change = self.changed.notified();
             match schedule.wake_at() {
@@ -514,8 +570,29 @@ impl Discovery {
             }
             let (snapshot, catalog_tags, first) = {
                 let st = self.lock();
-                match schedule.decide(Instant::now(), st.model.complete()) {
-                    Publish::Wait => continue,
+                let complete = st.model.complete();
+                match schedule.decide(Instant::now(), complete) {
+                    Publish::Wait => {
+                        // Listed but not all read: once, a table not yet live in which the
+                        // listed services (and their tag hosts) answer 503, not 404.
+                        let early = match complete {
+                            Some(_) if !provisional => st.model.build_input(),
+                            _ => None,
+                        };
+                        drop(st);
+                        if complete.is_none() {
+                            self.publish_without_consul(&mut reg);
+                        }
+                        if let Some((snapshot, tags)) = early {
+                            provisional = true;
+                            let mut table = build(&snapshot, &tags, &self.build.load(), &mut reg);
+                            table.ready = false;
+                            if !self.routes.load().ready {
+                                self.routes.store(table);
+                            }
+                        }
+                        continue;
+                    }
                     Publish::Now { first, incomplete } => {
                         if incomplete && first {
                             tracing::warn!(
@@ -583,6 +660,8 @@ mod tests {
             max_idle_per_instance: 1,
             exclude_services: cfg.exclude_services.clone(),
             expose,
+            static_services: Default::default(),
+            dns_ttl: Duration::from_secs(30),
         };
         let client = ConsulClient::new(&consul).expect("client");
         Discovery::new(client, consul, opts, Arc::new(Routes::new()))
