@@ -526,6 +526,33 @@ mod tests {
     }
 
     #[test]
+    fn agent_failures_move_on_once_and_others_do_not() {
+        let o = crate::config::Overrides {
+            consul: Some("http://a:1,http://b:2,http://c:3".into()),
+            ..Default::default()
+        };
+        let cfg = crate::config::Config::from_file(Default::default(), &o).unwrap();
+        let c = ConsulClient::new(&cfg.consul).unwrap();
+        let other = c.clone();
+        assert_eq!(c.current_address(), "http://a:1");
+        let status = |code: u16| ConsulError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            body: String::new(),
+        };
+        c.failed_over(0, &ConsulError::Decode("x".into()));
+        c.failed_over(0, &status(403));
+        assert_eq!(c.current_address(), "http://a:1", "the agent answered");
+        c.failed_over(0, &ConsulError::Transport("refused".into()));
+        // A second loop that failed on the same agent does not skip the next one.
+        c.failed_over(0, &ConsulError::Timeout);
+        assert_eq!(other.current_address(), "http://b:2", "clones share it");
+        c.failed_over(1, &status(500));
+        c.failed_over(2, &ConsulError::Timeout);
+        assert_eq!(c.current_address(), "http://a:1", "round again");
+        assert!(!c.on_fallback());
+    }
+
+    #[test]
     fn encodes_segments() {
         let mut s = String::new();
         encode_segment("web app/1", &mut s);

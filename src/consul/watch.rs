@@ -667,6 +667,52 @@ mod tests {
         Discovery::new(client, consul, opts, Arc::new(Routes::new()))
     }
 
+    /// A discovery with one static service, `legacy`, and Consul on or off.
+    fn with_static(enabled: bool) -> Arc<Discovery> {
+        let d = discovery(crate::config::Expose::All);
+        let mut opts = (**d.build.load()).clone();
+        opts.static_services = vec![crate::config::StaticService {
+            name: "legacy".into(),
+            strategy: None,
+            hosts: vec![],
+            instances: vec![crate::config::StaticInstance {
+                host: "10.0.0.5".into(),
+                port: 8080,
+                weight: 1,
+            }],
+        }]
+        .into();
+        let mut cfg = d.cfg.clone();
+        cfg.enabled = enabled;
+        Discovery::new(d.client.clone(), cfg, opts, Arc::new(Routes::new()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn static_services_are_served_before_consul_answers_and_without_it() {
+        for enabled in [true, false] {
+            let d = with_static(enabled);
+            let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let t = d.routes.load_full();
+            assert_eq!(t.ready, !enabled, "live at once only without Consul");
+            assert_eq!(t.services["legacy"].routable, 1);
+        }
+        // The service list arrives, a service unread: once, a table not live yet where it
+        // answers 503 beside the static one.
+        let d = with_static(true);
+        let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+        let tags = vec!["router.host=chat.example.com".to_owned()];
+        d.apply_catalog([("chat".to_owned(), tags)].into(), 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = d.routes.load_full();
+        assert!(!t.ready);
+        assert_eq!(t.lookup("chat.example.com").map(|s| s.routable), Some(0));
+        assert_eq!(t.services["legacy"].routable, 1);
+        // Ten seconds on, the first table is live anyway.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(d.routes.load().ready);
+    }
+
     fn listing() -> CatalogTags {
         [
             ("consul", vec![]),
