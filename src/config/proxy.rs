@@ -38,14 +38,6 @@ pub struct FileProxy {
     pub h2_backend_max_connections: Option<usize>,
     /// PING period on HTTP/2 backend connections, and the longest wait for its answer.
     pub h2_backend_ping_interval: Option<String>,
-    /// After SIGTERM, how long the listeners keep accepting while `/healthz` says 503.
-    pub shutdown_delay: Option<String>,
-    /// Idle time after which an upgraded (101) connection is closed; `0s` or absent: never.
-    pub upgrade_idle_timeout: Option<String>,
-    /// How long an HTTP/2 client may take no response bytes while some are waiting.
-    pub send_timeout: Option<String>,
-    /// Most open client connections over the proxy's listeners; 0: no limit.
-    pub max_connections: Option<usize>,
     /// Consecutive failures (connect errors, broken exchanges, the service's 5xx) that
     /// eject an instance; 0 turns ejection off.
     pub outlier_consecutive_failures: Option<u32>,
@@ -61,6 +53,14 @@ pub struct FileProxy {
     pub retry_budget_min_per_second: Option<u32>,
     /// Ramp of an instance's share after it became routable; `0s`: whole at once.
     pub slow_start: Option<String>,
+    /// After SIGTERM, how long the listeners keep accepting while `/healthz` says 503.
+    pub shutdown_delay: Option<String>,
+    /// Idle time after which an upgraded (101) connection is closed; `0s` or absent: never.
+    pub upgrade_idle_timeout: Option<String>,
+    /// How long an HTTP/2 client may take no response bytes while some are waiting.
+    pub send_timeout: Option<String>,
+    /// Most open client connections over the proxy's listeners; 0: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// Validated proxy settings.
@@ -93,6 +93,10 @@ pub struct ProxyConfig {
     pub h2_backend_max_connections: usize,
     /// PING period (and answer limit) on HTTP/2 backend connections.
     pub h2_backend_ping_interval: Duration,
+    /// Outlier ejection and slow start.
+    pub outlier: OutlierRules,
+    /// The retry budget.
+    pub retry_budget: BudgetRules,
     /// After SIGTERM: accept for this long while `/healthz` answers 503, then drain.
     pub shutdown_delay: Duration,
     /// Idle limit of an upgraded (101) connection; `None`: none.
@@ -102,10 +106,6 @@ pub struct ProxyConfig {
     pub send_timeout: Duration,
     /// Most open client connections over the proxy's listeners; 0: no limit.
     pub max_connections: usize,
-    /// Outlier ejection and slow start.
-    pub outlier: OutlierRules,
-    /// The retry budget.
-    pub retry_budget: BudgetRules,
 }
 
 /// The response header backends report their load in, unless `proxy.load_header` says.
@@ -157,6 +157,11 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
             p.h2_backend_ping_interval.as_deref(),
             "10s",
         )?,
+        outlier: outlier(&p)?,
+        retry_budget: BudgetRules {
+            percent: p.retry_budget_percent.unwrap_or(20),
+            min_per_second: p.retry_budget_min_per_second.unwrap_or(10),
+        },
         shutdown_delay: parse_duration("proxy.shutdown_delay", p.shutdown_delay.as_deref(), "0s")?,
         upgrade_idle_timeout: Some(parse_duration(
             "proxy.upgrade_idle_timeout",
@@ -166,11 +171,6 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
         .filter(|d| !d.is_zero()),
         send_timeout: parse_duration("proxy.send_timeout", p.send_timeout.as_deref(), "60s")?,
         max_connections: p.max_connections.unwrap_or(0),
-        outlier: outlier(&p)?,
-        retry_budget: BudgetRules {
-            percent: p.retry_budget_percent.unwrap_or(20),
-            min_per_second: p.retry_budget_min_per_second.unwrap_or(10),
-        },
     };
     if proxy.send_timeout.is_zero() {
         return Err(invalid("proxy.send_timeout", "must be above zero"));
