@@ -67,6 +67,18 @@ fn describe() {
         "consul_router_upgraded_connections",
         "Open upgraded (WebSocket) tunnels."
     );
+    metrics::describe_counter!(
+        "consul_router_connections_limited_total",
+        "Times an accept loop paused at proxy.max_connections (new connections wait in the backlog)."
+    );
+    metrics::describe_counter!(
+        "consul_router_accept_errors_total",
+        "Failed accepts by reason (process_fd_limit, system_fd_limit, other); each backs off."
+    );
+    metrics::describe_counter!(
+        "consul_router_send_timeouts_total",
+        "HTTP/2 client connections closed for taking no response bytes for proxy.send_timeout."
+    );
     metrics::describe_histogram!(
         "consul_router_table_build_seconds",
         metrics::Unit::Seconds,
