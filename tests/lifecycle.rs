@@ -1,8 +1,9 @@
 //! Restarts, drains and slow clients: `/healthz` 503 the moment a drain begins while
 //! in-flight requests finish; upgraded connections' idle timeout and their close at the end
 //! of the grace period; HTTP/2 clients that never open their window; the admin listener's
-//! h2c idle close; `proxy.max_connections`; and systemd socket activation, with a restart
-//! of the real binary that refuses no connection.
+//! h2c idle close; `proxy.max_connections` and running out of file descriptors; and
+//! systemd socket activation, with a restart and a reload of the real binary that refuse
+//! no connection.
 
 mod common;
 
@@ -325,22 +326,26 @@ fn activated(listener: &std::net::TcpListener) -> Command {
     // Inherited only by the children spawned while this flag is off (the shell).
     rustix::io::fcntl_setfd(listener, rustix::io::FdFlags::empty()).unwrap();
     let fd = listener.as_raw_fd();
-    let mut c = router_command();
     let script = format!(
         "export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=http; exec \"$0\" \"$@\" 3<&{fd} {fd}<&-"
     );
-    let bin = c.get_program().to_owned();
     // bash: dash takes single-digit descriptors only.
-    let mut sh = Command::new("bash");
-    sh.arg("-c").arg(script).arg(bin);
-    for (k, v) in c.get_envs() {
+    wrapped("bash", &["-c", &script])
+}
+
+/// `program args...` followed by the router binary (and then the builder's flags), with
+/// the environment [`router_command`] gives the binary.
+fn wrapped(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
+    let plain = router_command();
+    let mut cmd = Command::new(program);
+    cmd.args(args).arg(plain.get_program());
+    for (k, v) in plain.get_envs() {
         match v {
-            Some(v) => sh.env(k, v),
-            None => sh.env_remove(k),
+            Some(v) => cmd.env(k, v),
+            None => cmd.env_remove(k),
         };
     }
-    c = sh;
-    c
+    cmd
 }
 
 /// GET on a fresh connection: the status, or why there was none.
@@ -415,7 +420,20 @@ async fn socket_activation_restart_refuses_no_connection() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let second = start().await;
     assert_eq!(second.proxy_addr, addr);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A reload keeps the inherited socket: still served, still nothing refused.
+    second.signal(Signal::HUP);
+    second
+        .wait_line(Duration::from_secs(10), "the reload", |l| {
+            l.contains("configuration reloaded")
+        })
+        .await;
+    let served = ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        ok.load(Ordering::Relaxed) > served,
+        "served after the reload"
+    );
     stop.store(true, Ordering::Relaxed);
     for c in clients {
         let failures = c.await.unwrap();
@@ -457,17 +475,7 @@ async fn runs_under_systemd_socket_activate() {
     consul.register("svc", "svc-1", b.port(), &[]).await;
     let addr = free_addr();
     // It listens, and on the first connection execs the router with the socket as fd 3.
-    let plain = router_command();
-    let mut cmd = Command::new(activate);
-    cmd.arg(format!("--listen={addr}"))
-        .arg("--fdname=http")
-        .arg(plain.get_program());
-    for (k, v) in plain.get_envs() {
-        match v {
-            Some(v) => cmd.env(k, v),
-            None => cmd.env_remove(k),
-        };
-    }
+    let cmd = wrapped(activate, &[&format!("--listen={addr}"), "--fdname=http"]);
     let router = RouterProcess::builder()
         .command(cmd)
         .consul(&consul.addr())
@@ -481,6 +489,45 @@ async fn runs_under_systemd_socket_activate() {
         "{}",
         router.output()
     );
+    let (code, _, err) = router.stop(Duration::from_secs(20)).await;
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_file_descriptors_accept_backs_off_and_recovers() {
+    let b = Backend::start("svc").await;
+    // The binary under `ulimit -n 64`, serving a static service (no Consul).
+    let cmd = wrapped("bash", &["-c", "ulimit -n 64 && exec \"$0\" \"$@\""]);
+    let router = RouterProcess::builder()
+        .command(cmd)
+        .toml(&format!(
+            "[consul]\nenabled = false\n[[static_services]]\nname = \"svc\"\ninstances = [\"127.0.0.1:{}\"]",
+            b.port()
+        ))
+        .start_healthy()
+        .await;
+    let proxy = router.proxy_addr;
+    // More idle connections than descriptors: accept fails with EMFILE for the rest, which
+    // wait in the backlog.
+    let mut idle = Vec::new();
+    for _ in 0..80 {
+        idle.push(TcpStream::connect(proxy).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(router.try_exit().is_none(), "{}", router.output());
+    drop(idle);
+    // Served again once descriptors are free, and the failures were counted.
+    wait_until(Duration::from_secs(10), "served after EMFILE", || async {
+        try_get(proxy).await == Ok(StatusCode::OK)
+    })
+    .await;
+    let m = metrics(router.admin_addr).await;
+    let emfile = sample(
+        &m,
+        "consul_router_accept_errors_total",
+        &[("reason", "process_fd_limit")],
+    );
+    assert!(emfile >= 1.0, "{m}");
     let (code, _, err) = router.stop(Duration::from_secs(20)).await;
     assert_eq!(code, 0, "{err}");
 }
