@@ -77,6 +77,8 @@ impl Core {
             connect_timeout: cfg.proxy.connect_timeout,
             response_timeout: cfg.proxy.response_timeout,
             idle_timeout: cfg.proxy.idle_timeout,
+            outlier: cfg.proxy.outlier,
+            budget: cfg.proxy.retry_budget,
         };
         Core {
             routes,

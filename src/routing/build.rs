@@ -10,8 +10,8 @@ use crate::config::{Expose, StaticService};
 
 use super::access::Access;
 use super::table::{
-    Health, Instance, InstanceSpec, InstanceState, NameMap, Proto, RoutingTable, Service,
-    ServiceStats,
+    FailureStatuses, Health, Instance, InstanceSpec, InstanceState, NameMap, Proto, RoutingTable,
+    Service, ServiceStats,
 };
 
 /// Tag that declares an extra host for the service.
@@ -23,6 +23,13 @@ pub const EXPOSE_TAG: &str = "router.expose=";
 /// Tag prefix naming the protocol an instance is spoken to in: `h2c`, `h2` (`http1` is the
 /// default).
 pub const PROTO_TAG: &str = "router.proto=";
+
+/// Tag naming the response statuses that count as an instance's failure: `all`, `none`,
+/// or 5xx codes (`502,503,504` without it).
+pub const OUTLIER_5XX_TAG: &str = "router.outlier-5xx=";
+/// Tag bounding the hash strategies' load: an instance over this percent of the average
+/// in-flight count passes keys on (at least 100; off without it).
+pub const BALANCE_FACTOR_TAG: &str = "router.hash-balance-factor=";
 
 /// Each service's tags as `/v1/catalog/services` lists them (the union over its instances).
 pub type CatalogTags = HashMap<String, Vec<String>>;
@@ -69,6 +76,8 @@ pub struct StateRegistry {
     /// Instances with an unknown `router.proto=` or one that is not their service's,
     /// logged once.
     warned_proto: HashSet<(String, String, u16)>,
+    /// (service, tag) pairs whose instances disagree, logged once until they agree.
+    warned_tags: HashSet<(String, &'static str)>,
     epoch: Instant,
     generation: u64,
 }
@@ -81,6 +90,7 @@ impl Default for StateRegistry {
             warned: HashSet::new(),
             warned_expose: HashSet::new(),
             warned_proto: HashSet::new(),
+            warned_tags: HashSet::new(),
             epoch: Instant::now(),
             generation: 0,
         }
@@ -167,6 +177,8 @@ pub fn build(
         .retain(|k, _| services.contains_key(k.as_str()) || internal.contains_key(k.as_str()));
     reg.warned.retain(|k| services.contains_key(k.as_str()));
     reg.warned_proto.retain(|k| live_instances.contains(k));
+    reg.warned_tags
+        .retain(|(k, _)| services.contains_key(k.as_str()) || internal.contains_key(k.as_str()));
     for name in odd_expose.difference(&reg.warned_expose) {
         tracing::warn!(service = %name, "router.expose= is neither true nor false; the service is not routed");
     }
@@ -335,12 +347,20 @@ fn make_service(
             .then_with(|| a.node.cmp(&b.node))
     });
     let n_routable = instances.iter().filter(|i| routable(i)).count();
-    let picker = Picker::new(strategy, &instances[..n_routable]);
     let stats = reg
         .services
         .entry(name.to_string())
         .or_insert_with(|| Arc::new(ServiceStats::new(reg.epoch)))
         .clone();
+    // Slow start: an instance that just became routable ramps, except in the first table.
+    let now = stats.millis(Instant::now());
+    for (i, inst) in instances.iter().enumerate() {
+        let first = reg.generation == 1;
+        inst.state.outlier.set_routable(i < n_routable, now, first);
+    }
+    let factor = tag_vote(name, specs, BALANCE_FACTOR_TAG, parse_factor, reg);
+    let picker = Picker::new(strategy, &instances[..n_routable]).with_balance_factor(factor);
+    let outlier_5xx = tag_vote(name, specs, OUTLIER_5XX_TAG, FailureStatuses::parse, reg);
     let mut own_hosts: Vec<Box<str>> = specs
         .iter()
         .flat_map(|s| s.tags.iter())
@@ -359,7 +379,54 @@ fn make_service(
         picker,
         stats,
         access: Access::from_specs(name, specs).map(Box::new),
+        outlier_5xx: outlier_5xx.unwrap_or_default(),
     })
+}
+
+/// A `router.hash-balance-factor=` value: a whole percent, at least 100.
+fn parse_factor(v: &str) -> Result<u32, String> {
+    match v.trim().parse::<u32>() {
+        Ok(n) if (100..=10_000).contains(&n) => Ok(n),
+        _ => Err(format!("{v:?} is not a percent between 100 and 10000")),
+    }
+}
+
+/// The value of tag `prefix` most of a service's instances give (ties: the least), `None`
+/// when none gives one. Values that do not parse are ignored with a warning; instances
+/// that disagree are logged once until they agree, as for `router.strategy=`.
+fn tag_vote<T: Ord + Copy + std::fmt::Debug>(
+    service: &str,
+    specs: &[InstanceSpec],
+    prefix: &'static str,
+    parse: impl Fn(&str) -> Result<T, String>,
+    reg: &mut StateRegistry,
+) -> Option<T> {
+    let mut votes: BTreeMap<T, usize> = BTreeMap::new();
+    for tag in specs.iter().flat_map(|s| s.tags.iter()) {
+        if let Some(v) = tag.strip_prefix(prefix) {
+            match parse(v) {
+                Ok(x) => *votes.entry(x).or_default() += 1,
+                Err(e) => tracing::warn!(service, tag = %tag, "ignoring tag: {e}"),
+            }
+        }
+    }
+    let key = (service.to_owned(), prefix);
+    if votes.len() > 1 {
+        if reg.warned_tags.insert(key) {
+            tracing::warn!(
+                service,
+                tag = prefix,
+                ?votes,
+                "instances disagree on a tag; the most named wins"
+            );
+        }
+    } else {
+        reg.warned_tags.remove(&key);
+    }
+    votes
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+        .map(|(x, _)| *x)
 }
 
 /// An instance's `router.proto=` protocol: HTTP/1 without the tag, `None` for a value the
@@ -632,6 +699,99 @@ mod tests {
         );
         // A tie goes to the first in name order: ip-hash < url-hash.
         assert_eq!(t.services["chat"].strategy(), Strategy::IpHash);
+    }
+
+    #[test]
+    fn outlier_and_balance_tags_by_majority() {
+        let c = catalog(vec![
+            (
+                "hot",
+                vec![
+                    spec(
+                        "a",
+                        1,
+                        Health::Passing,
+                        &[
+                            "router.strategy=url-hash",
+                            "router.hash-balance-factor=125",
+                            "router.outlier-5xx=all",
+                        ],
+                    ),
+                    spec(
+                        "b",
+                        2,
+                        Health::Passing,
+                        &["router.strategy=url-hash", "router.hash-balance-factor=125"],
+                    ),
+                    spec(
+                        "c",
+                        3,
+                        Health::Passing,
+                        &["router.strategy=url-hash", "router.hash-balance-factor=150"],
+                    ),
+                ],
+            ),
+            (
+                "odd",
+                vec![spec(
+                    "d",
+                    4,
+                    Health::Passing,
+                    &["router.hash-balance-factor=90", "router.outlier-5xx=404"],
+                )],
+            ),
+            (
+                "plain",
+                vec![spec(
+                    "e",
+                    5,
+                    Health::Passing,
+                    &["router.hash-balance-factor=200"],
+                )],
+            ),
+        ]);
+        let mut reg = StateRegistry::default();
+        let t = build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        let hot = &t.services["hot"];
+        assert_eq!(hot.hash_balance_factor(), Some(125));
+        assert_eq!(hot.outlier_5xx, FailureStatuses::ALL);
+        assert!(reg
+            .warned_tags
+            .contains(&("hot".to_owned(), BALANCE_FACTOR_TAG)));
+        // Values that do not parse are ignored: the defaults.
+        let odd = &t.services["odd"];
+        assert_eq!(odd.hash_balance_factor(), None);
+        assert_eq!(odd.outlier_5xx, FailureStatuses::default());
+        // A factor means nothing to a strategy without a key.
+        assert_eq!(t.services["plain"].hash_balance_factor(), None);
+    }
+
+    #[test]
+    fn only_instances_that_join_after_the_first_table_ramp() {
+        let mut reg = StateRegistry::default();
+        let c1 = catalog(vec![("web", vec![spec("a", 1, Health::Passing, &[])])]);
+        let t1 = build(&c1, &CatalogTags::new(), &opts(), &mut reg);
+        let a = t1.services["web"].routable()[0].state.clone();
+        let c2 = catalog(vec![(
+            "web",
+            vec![
+                spec("a", 1, Health::Passing, &[]),
+                spec("b", 2, Health::Passing, &[]),
+            ],
+        )]);
+        let t2 = build(&c2, &CatalogTags::new(), &opts(), &mut reg);
+        let now = t2.services["web"].stats.millis(Instant::now());
+        let ramp = |id: &str| {
+            let i = t2.services["web"]
+                .instances
+                .iter()
+                .find(|i| &*i.id == id)
+                .unwrap();
+            i.state.outlier.ramp(now, 60_000)
+        };
+        assert_eq!(ramp("a"), 1.0, "in the first table");
+        assert!(ramp("b") < 0.2, "joined later");
+        assert!(Arc::ptr_eq(&a, &t2.services["web"].instances[0].state));
     }
 
     #[test]

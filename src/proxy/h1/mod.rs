@@ -537,7 +537,10 @@ impl<S: ClientIo> Conn<'_, S> {
             let in_flight = InFlight::new(t.inst.state.clone());
             let who = (&*t.inst.id, attempts.retries());
             match self.exchange(&ex, backend, &in_flight, who).await {
-                Ok(keep) => break Ok(keep),
+                Ok((keep, status)) => {
+                    attempts.answered(status);
+                    break Ok(keep);
+                }
                 Err(e) if e.kind == ErrorType::Aborted => break Err(e),
                 Err(e) => attempts.try_failed(e, reused),
             }
@@ -579,14 +582,15 @@ impl<S: ClientIo> Conn<'_, S> {
         keep
     }
 
-    /// One exchange on one backend connection. `Ok(keep)` when the response was relayed.
+    /// One exchange on one backend connection. `Ok((keep, status))` when the response was
+    /// relayed.
     async fn exchange(
         &mut self,
         ex: &Exchange,
         mut backend: BackendConn,
         in_flight: &InFlight,
         (instance, retries): (&str, u32),
-    ) -> Result<bool, Error> {
+    ) -> Result<(bool, u16), Error> {
         // The head and whatever body bytes are already here go out in one (vectored) write,
         // the body straight from the read buffer. The head stays in `wbuf` for a retry.
         let mut body = ex.body;
@@ -685,10 +689,11 @@ impl<S: ClientIo> Conn<'_, S> {
             Err(e) => return Err(e),
         };
         self.finish(ex, &tally, (instance, retries), bytes_in);
+        let status = tally.status;
         match relayed.end {
             End::Upgraded(leftover) => {
                 self.tunnel(backend, leftover).await;
-                Ok(false)
+                Ok((false, status))
             }
             End::Complete { backend_reusable } => {
                 let now = std::time::Instant::now();
@@ -700,9 +705,9 @@ impl<S: ClientIo> Conn<'_, S> {
                     // The answer came before the whole body: drain a little of what is left
                     // so closing does not reset the connection under the client's answer.
                     self.linger().await;
-                    return Ok(false);
+                    return Ok((false, status));
                 }
-                Ok(relayed.keep_client && !self.closing())
+                Ok((relayed.keep_client && !self.closing(), status))
             }
         }
     }

@@ -59,12 +59,13 @@ pub async fn send(
         };
         match result {
             Ok((response, sender)) => {
+                attempts.answered(response.status().as_u16());
                 return Ok(Answer {
                     response,
                     sender,
                     in_flight,
                     instance: t.inst.id.clone(),
-                })
+                });
             }
             // The request is handed back when none of it was written; else no retry.
             Err((error, Some(back))) => {
