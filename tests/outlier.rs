@@ -382,3 +382,55 @@ async fn a_new_instance_ramps_up() {
     eprintln!("the newcomer got {got_new} of 400");
     assert!((1..60).contains(&got_new), "{got_new}");
 }
+
+/// Bounded loads: eight slow requests for one URL, each sent while the earlier ones are in
+/// flight. Plain url-hash sends them all to the key's instance; under
+/// `router.hash-balance-factor=125` no instance holds more than ⌈1.25 × 8 / 4⌉ = 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_spills_under_bounded_loads() {
+    let consul = ConsulAgent::start().await;
+    let mut backends = Vec::new();
+    for (service, tags) in [
+        (
+            "hot",
+            &["router.strategy=url-hash", "router.hash-balance-factor=125"][..],
+        ),
+        ("plain", &["router.strategy=url-hash"][..]),
+    ] {
+        for i in 1..=4 {
+            let id = format!("{service}-{i}");
+            let b = Backend::start(&id).await;
+            consul.register(service, &id, b.port(), tags).await;
+            backends.push(b);
+        }
+    }
+    let router = start_router(&consul.addr(), "").await;
+    let proxy = router.proxy_addr;
+    wait_instances(&router, "hot.app.test", 4).await;
+    wait_instances(&router, "plain.app.test", 4).await;
+    for (host, proto, bounded) in [
+        ("hot.app.test", Proto::H1, true),
+        ("hot.app.test", Proto::H2, true),
+        ("plain.app.test", Proto::H1, false),
+    ] {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let host = host.to_owned();
+            tasks.push(tokio::spawn(async move {
+                let got = request(proto, proxy, ("GET", &host, "/slow/500"), &[], "").await;
+                who(&got)
+            }));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let mut by: HashMap<String, usize> = HashMap::new();
+        for t in tasks {
+            *by.entry(t.await.unwrap()).or_default() += 1;
+        }
+        let most = by.values().copied().max().unwrap_or(0);
+        if bounded {
+            assert!(most <= 3 && by.len() >= 3, "{host} {proto:?}: {by:?}");
+        } else {
+            assert_eq!(by.len(), 1, "plain url-hash keeps the key: {by:?}");
+        }
+    }
+}
