@@ -221,6 +221,8 @@ fn build_options(cfg: &Config) -> BuildOptions {
         max_idle_per_instance: cfg.proxy.max_idle_per_instance,
         exclude_services: cfg.exclude_services.clone(),
         expose: cfg.expose,
+        static_services: cfg.static_services.clone(),
+        dns_ttl: cfg.consul.dns_ttl,
     }
 }
 
@@ -287,7 +289,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let upkeep = tokio::spawn(metrics::upkeep(prometheus));
     let reaper = tokio::spawn(reap_idle(routes.clone(), cfg.proxy.idle_timeout));
     let notify_ready = tokio::spawn(notify_ready(routes.clone(), proxy_addr, admin_addr));
-    tracing::info!(%proxy_addr, %admin_addr, consul = %cfg.consul.address, "consul-router started");
+    let consul: Vec<String> = cfg.consul.addresses().map(|a| a.to_string()).collect();
+    tracing::info!(%proxy_addr, %admin_addr, ?consul, consul_enabled = cfg.consul.enabled, "consul-router started");
 
     Ok(Running {
         proxy_addr,

@@ -39,8 +39,9 @@ struct Cli {
     /// Admin listen address [default: 127.0.0.1:9090].
     #[arg(long, value_name = "ADDR")]
     admin_listen: Option<String>,
-    /// Consul agent URL [default: $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500].
-    #[arg(long, value_name = "URL")]
+    /// Consul agent URL, or several separated by commas, tried in order [default:
+    /// $CONSUL_HTTP_ADDR, else http://127.0.0.1:8500].
+    #[arg(long, value_name = "URL[,URL...]")]
     consul: Option<String>,
     /// Domain suffix: <service>.<SUFFIX> routes to <service>. Repeatable.
     #[arg(long = "domain", value_name = "SUFFIX")]

@@ -149,6 +149,7 @@ pub(crate) fn changed_keys(a: &Config, b: &Config) -> Vec<&'static str> {
         proxy,
         tls,
         upstream_tls,
+        static_services,
     )
 }
 

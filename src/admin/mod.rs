@@ -97,10 +97,17 @@ impl Admin {
         if self.routes.load().ready {
             text(StatusCode::OK, "ok\n")
         } else {
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "routing table not loaded yet\n",
-            )
+            match self.routes.waiting() {
+                Some(why) => with_type(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n").into(),
+                    "text/plain; charset=utf-8",
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "routing table not loaded yet\n",
+                ),
+            }
         }
     }
 

@@ -306,7 +306,14 @@ impl Attempts<'_> {
 
 /// A new connection to `inst` for the fast path's exchanges, within `limit`.
 pub async fn connect_backend(inst: &Instance, limit: Duration) -> Result<BackendConn, Error> {
-    let stream = connect_tcp(inst.socket, &inst.address, inst.port, limit).await?;
+    let stream = connect_tcp(
+        inst.socket,
+        &inst.address,
+        inst.port,
+        &inst.state.dns,
+        limit,
+    )
+    .await?;
     Ok(BackendConn { stream })
 }
 

@@ -141,6 +141,7 @@ pub async fn send(
             host: &t.inst.address,
             port: t.inst.port,
             tls: t.inst.proto == Proto::H2,
+            dns: &t.inst.state.dns,
         };
         // Opening a connection (TCP, TLS, the preface) is a large future and the rare
         // case: boxed, so every request's future (and the stream task that holds it)

@@ -3,10 +3,10 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::balance::{hash_bytes, Picker, Strategy};
-use crate::config::Expose;
+use crate::config::{Expose, StaticService};
 
 use super::access::Access;
 use super::table::{
@@ -49,6 +49,10 @@ pub struct BuildOptions {
     pub exclude_services: Vec<String>,
     /// Whether untagged services are routed.
     pub expose: Expose,
+    /// `[[static_services]]`, merged into every table.
+    pub static_services: Arc<[StaticService]>,
+    /// How long a host-name instance address stays resolved.
+    pub dns_ttl: Duration,
 }
 
 impl BuildOptions {
@@ -101,15 +105,24 @@ impl StateRegistry {
 }
 
 /// Builds a table from `catalog` (service name → instances; an empty list is a known service
-/// with no instance). `catalog_tags` are the service list's tags, which decide exposure
-/// before a service's instances have been read. Services not exposed are left out entirely:
-/// their hosts are unknown (404) and they claim no `router.host=` host.
+/// with no instance) and the static services. `catalog_tags` are the service list's tags,
+/// which decide exposure and hosts before a service's instances have been read. Services not
+/// exposed are left out entirely: their hosts are unknown (404) and they claim no
+/// `router.host=` host.
 pub fn build(
     catalog: &BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
     catalog_tags: &CatalogTags,
     opts: &BuildOptions,
     reg: &mut StateRegistry,
 ) -> RoutingTable {
+    let consul = catalog;
+    let merged;
+    let catalog = if opts.static_services.is_empty() {
+        catalog
+    } else {
+        merged = with_static(catalog, &opts.static_services);
+        &merged
+    };
     reg.generation += 1;
     let mut services = NameMap::with_capacity_and_hasher(catalog.len(), Default::default());
     let mut hosts: NameMap<Arc<Service>> = NameMap::default();
@@ -121,7 +134,11 @@ pub fn build(
         if !is_exposed(name, tags, specs, opts, &mut odd_expose) {
             continue;
         }
-        let service = make_service(name, specs, opts, reg, &mut live_instances);
+        // Not read yet (a restart): the service list's tags give its hosts meanwhile, so
+        // they answer 503 until the instances arrive, not 404.
+        let unread = consul.get(name).is_none_or(|s| s.is_empty());
+        let early_hosts = tags.filter(|_| unread).unwrap_or_default();
+        let service = make_service(name, specs, early_hosts, opts, reg, &mut live_instances);
         for h in service.hosts.iter() {
             // Services are visited in name order, so the first claim wins deterministically.
             match hosts.get(h) {
@@ -150,7 +167,7 @@ pub fn build(
             continue;
         }
         if let Some((name, specs)) = catalog.get_key_value(&*name) {
-            let service = make_service(name, specs, opts, reg, &mut live_instances);
+            let service = make_service(name, specs, &[], opts, reg, &mut live_instances);
             internal.insert(name.as_ref().into(), service);
         }
     }
@@ -241,11 +258,47 @@ impl TagMarks {
     }
 }
 
+/// `catalog` with each static service's instances added (after Consul's, when Consul knows
+/// the name too).
+fn with_static(
+    catalog: &BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
+    statics: &[StaticService],
+) -> BTreeMap<Arc<str>, Arc<[InstanceSpec]>> {
+    let mut out = catalog.clone();
+    for s in statics {
+        let from_consul = catalog.get(s.name.as_str()).map_or(&[][..], |v| &v[..]);
+        let specs: Vec<InstanceSpec> = from_consul.iter().cloned().chain(static_specs(s)).collect();
+        out.insert(Arc::from(s.name.as_str()), specs.into());
+    }
+    out
+}
+
+/// A static service's instances as Consul would give them: always passing, exposed, with
+/// its hosts and strategy as tags.
+fn static_specs(s: &StaticService) -> impl Iterator<Item = InstanceSpec> + '_ {
+    let mut tags = vec![format!("{EXPOSE_TAG}true")];
+    tags.extend(s.hosts.iter().map(|h| format!("{HOST_TAG}{h}")));
+    tags.extend(s.strategy.map(|st| format!("{STRATEGY_TAG}{st}")));
+    s.instances.iter().map(move |i| InstanceSpec {
+        id: format!("static:{}:{}", i.host, i.port),
+        node: "static".into(),
+        address: i.host.clone(),
+        port: i.port,
+        tags: tags.clone(),
+        load: None,
+        weight_passing: i.weight,
+        weight_warning: i.weight,
+        health: Health::Passing,
+    })
+}
+
 /// One service's snapshot: its instances (state reused through `reg`), routable first,
-/// its picker, hosts and access policy.
+/// its picker, hosts (its instances' `router.host=` tags, and `early_hosts`' while none is
+/// read) and access policy.
 fn make_service(
     name: &Arc<str>,
     specs: &[InstanceSpec],
+    early_hosts: &[String],
     opts: &BuildOptions,
     reg: &mut StateRegistry,
     live_instances: &mut HashSet<(String, String, u16)>,
@@ -263,6 +316,7 @@ fn make_service(
                 .entry(key.clone())
                 .or_insert_with(|| Arc::new(InstanceState::new(opts.max_idle_per_instance)))
                 .clone();
+            state.dns.set_ttl(opts.dns_ttl);
             let mut inst = make_instance(spec, state, own.unwrap_or(proto));
             if own != Some(proto) {
                 // Fail closed: an unknown value may be a typo of `h2` (TLS), and a
@@ -310,6 +364,7 @@ fn make_service(
     let mut own_hosts: Vec<Box<str>> = specs
         .iter()
         .flat_map(|s| s.tags.iter())
+        .chain(early_hosts)
         .filter_map(|t| t.strip_prefix(HOST_TAG))
         .filter_map(normalize_host_tag)
         .collect();
@@ -501,6 +556,8 @@ pub(crate) mod testing {
             max_idle_per_instance: 1,
             exclude_services: vec![],
             expose: Expose::All,
+            static_services: Default::default(),
+            dns_ttl: Duration::from_secs(30),
         };
         build(
             &catalog,
@@ -528,6 +585,8 @@ mod tests {
                 .map(|s| s.to_string())
                 .collect(),
             expose: Expose::All,
+            static_services: Default::default(),
+            dns_ttl: Duration::from_secs(30),
         }
     }
 
@@ -790,6 +849,101 @@ mod tests {
         );
         let s = t.lookup("chat.app.example.net").unwrap();
         assert!(s.pick(0, Exclude::default()).is_none());
+    }
+
+    #[test]
+    fn tag_hosts_answer_before_the_instances_are_read() {
+        // After a restart the service list is read first: its tags map the host at once.
+        let listed = tags(&[("chat", &["router.host=chat.example.com"])]);
+        let mut reg = StateRegistry::default();
+        let t = build(&catalog(vec![("chat", vec![])]), &listed, &opts(), &mut reg);
+        let s = t.lookup("chat.example.com").expect("known: 503, not 404");
+        assert_eq!(s.routable, 0);
+        // Once read, the instances' own tags decide: a host they dropped is gone.
+        let read = catalog(vec![("chat", vec![spec("c-1", 1, Health::Passing, &[])])]);
+        let t = build(&read, &listed, &opts(), &mut reg);
+        assert!(t.lookup("chat.example.com").is_none());
+        assert!(t.lookup("chat.app.example.net").is_some());
+    }
+
+    #[test]
+    fn static_services_are_routed_and_merged_with_consul() {
+        use crate::config::{StaticInstance, StaticService};
+        let statics: Arc<[StaticService]> = vec![
+            StaticService {
+                name: "legacy".into(),
+                strategy: Some(Strategy::LeastLoad),
+                hosts: vec!["Old.Example.com".into()],
+                instances: vec![
+                    StaticInstance {
+                        host: "10.0.0.5".into(),
+                        port: 8080,
+                        weight: 1,
+                    },
+                    StaticInstance {
+                        host: "db.local".into(),
+                        port: 8080,
+                        weight: 2,
+                    },
+                ],
+            },
+            StaticService {
+                name: "web".into(),
+                strategy: None,
+                hosts: vec![],
+                instances: vec![StaticInstance {
+                    host: "10.0.0.9".into(),
+                    port: 80,
+                    weight: 1,
+                }],
+            },
+        ]
+        .into();
+        let o = BuildOptions {
+            static_services: statics,
+            expose: Expose::Tagged,
+            ..opts()
+        };
+        let c = catalog(vec![(
+            "web",
+            vec![spec("w-1", 1, Health::Passing, &["router.expose=true"])],
+        )]);
+        let t = build(&c, &CatalogTags::new(), &o, &mut StateRegistry::default());
+        // Routed under expose = "tagged" too, by name and by its hosts.
+        let legacy = t.lookup("legacy.app.example.net").expect("by name");
+        assert!(Arc::ptr_eq(
+            legacy,
+            t.lookup("old.example.com").expect("host")
+        ));
+        assert_eq!(legacy.routable, 2);
+        assert_eq!(legacy.picker.strategy(), Strategy::LeastLoad);
+        let by_addr: Vec<(&str, Option<SocketAddr>, u32)> = legacy
+            .routable()
+            .iter()
+            .map(|i| (&*i.address, i.socket, i.weight))
+            .collect();
+        assert_eq!(
+            by_addr,
+            [
+                ("10.0.0.5", Some("10.0.0.5:8080".parse().unwrap()), 1),
+                ("db.local", None, 2)
+            ]
+        );
+        // A name Consul knows too: Consul's instances plus the static ones.
+        let web: Vec<&str> = t.services["web"]
+            .routable()
+            .iter()
+            .map(|i| &*i.id)
+            .collect();
+        assert_eq!(web, ["static:10.0.0.9:80", "w-1"]);
+        // With an empty catalog (no Consul yet, or none at all) they are routed alone.
+        let t = build(
+            &catalog(vec![]),
+            &CatalogTags::new(),
+            &o,
+            &mut StateRegistry::default(),
+        );
+        assert_eq!(routed(&t), ["legacy", "web"]);
     }
 
     fn tags(entries: &[(&str, &[&str])]) -> CatalogTags {

@@ -4,6 +4,7 @@
 
 mod budget;
 mod conn;
+mod dns;
 pub mod h2pool;
 mod outlier;
 mod pool;
@@ -14,6 +15,7 @@ use std::sync::Arc;
 
 pub use budget::{BudgetRules, RetryBudget};
 pub use conn::{connect_tcp, BackendConn, ConnectError, Sender};
+pub use dns::{DnsCache, Resolved};
 pub use h2pool::{H2Body, H2Lease, H2Pool, H2Settings, Proto};
 pub use outlier::{FailureStatuses, Outlier, OutlierRules};
 pub use pool::{IdlePool, Pooled};
@@ -35,6 +37,8 @@ pub struct InstanceState {
     pub h2: H2Pool,
     /// Consecutive failures, ejection and slow-start ramp.
     pub outlier: Outlier,
+    /// The addresses of a host-name instance address, kept for `consul.dns_ttl`.
+    pub dns: DnsCache,
 }
 
 impl InstanceState {
@@ -47,6 +51,7 @@ impl InstanceState {
             idle_hyper: IdlePool::new(max_idle),
             h2: H2Pool::default(),
             outlier: Outlier::default(),
+            dns: DnsCache::default(),
         }
     }
 }
