@@ -191,6 +191,25 @@ async fn h2_client_that_never_reads_is_closed_after_send_timeout() {
         .expect("head in time")
         .unwrap();
     assert_eq!(head.status(), StatusCode::OK);
+    // A reading client's connection, with answers whose bodies are never asked for (HEAD,
+    // empty), stays open past send_timeout.
+    let (mut kept, kept_conn) = h2_client::<Full<Bytes>>(proxy).await;
+    let mut on_kept = |method: &str, path: &str| {
+        let req = Request::builder()
+            .method(method)
+            .uri(format!("http://svc.app.test{path}"))
+            .body(Full::default())
+            .unwrap();
+        let sent = kept.send_request(req);
+        async move {
+            let resp = sent.await.expect("answered on the kept connection");
+            let status = resp.status();
+            resp.into_body().collect().await.expect("whole body");
+            status
+        }
+    };
+    assert_eq!(on_kept("HEAD", "/").await, StatusCode::OK);
+    assert_eq!(on_kept("GET", "/bytes/1000").await, StatusCode::OK);
     // Meanwhile, a response that waits longer than send_timeout for its backend is not a
     // stalled client, and other connections are served.
     let slow = request(
@@ -211,6 +230,11 @@ async fn h2_client_that_never_reads_is_closed_after_send_timeout() {
     )
     .await;
     assert_eq!((fine.status, fine.body.len()), (StatusCode::OK, 200000));
+    assert!(
+        !kept_conn.is_finished(),
+        "a reading client's connection was closed"
+    );
+    assert_eq!(on_kept("GET", "/").await, StatusCode::OK);
     // The stalled one is gone within 1.5 × send_timeout plus the close wait.
     tokio::time::timeout(Duration::from_secs(8), conn)
         .await

@@ -46,8 +46,9 @@ pub struct Layers {
     pub tls: Option<Arc<Tls>>,
     /// The open-connection limit, shared by the proxy's listeners.
     pub limit: Arc<ConnLimit>,
-    /// Accept only once this table is ready: an inherited socket after a restart keeps
-    /// its connections in the backlog until they can be routed, rather than answer 503.
+    /// Accept only once this table is ready (10 s at most): an inherited socket after a
+    /// restart keeps its connections in the backlog until they can be routed, rather than
+    /// answer 503.
     pub hold_until_ready: Option<Arc<Routes>>,
 }
 
@@ -102,8 +103,10 @@ pub async fn serve(
     let port = listener.local_addr().map_or(0, |a| a.port());
     let mut conns = tokio::task::JoinSet::new();
     if let Some(routes) = &layers.hold_until_ready {
+        // Bounded: with Consul down, the provisional table (static services, 503s with
+        // Retry-After) is better than a backlog that never moves.
         tokio::select! {
-            _ = routes_ready(routes) => {}
+            _ = tokio::time::timeout(HOLD_LIMIT, routes_ready(routes)) => {}
             _ = stopped(&mut shutdown) => {}
         }
     }
@@ -144,6 +147,9 @@ pub async fn serve(
     }
     conns.abort_all();
 }
+
+/// The longest an inherited socket's connections wait in the backlog for the first table.
+const HOLD_LIMIT: Duration = Duration::from_secs(10);
 
 /// Resolves once the first routing table is live.
 async fn routes_ready(routes: &Routes) {
