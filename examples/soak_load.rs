@@ -3,7 +3,11 @@
 //!
 //! - **Slow** connections (most of them) send a request every `--slow-min`..`--slow-max`
 //!   seconds, each request's head written in three pieces `--slow-gap` ms apart.
-//! - **Fast** connections send `--fast-rate` requests per second each.
+//! - **Fast** connections send `--fast-rate` requests per second each, and close after
+//!   every `--fast-close`th (`Connection: close`), so connections come and go all along.
+//! - **HTTP/2** connections (`--h2`, cleartext, prior knowledge) carry `--h2-streams`
+//!   request loops each, every loop at `--fast-rate`. A connection the router closed
+//!   (GOAWAY) is reopened; a request hyper hands back unsent is not a failure.
 //!
 //! Every request is `GET /t/<conn>-<seq>` to one of the `--host NAME=SERVICE` hosts; the
 //! answer must be 200 with the body `examples/hello_backend` writes, naming an instance of
@@ -42,6 +46,9 @@ struct Args {
     /// Fast connections.
     #[arg(long, default_value_t = 100)]
     fast: u32,
+    /// A fast connection asks to close after this many requests (0: never).
+    #[arg(long, default_value_t = 50)]
+    fast_close: u64,
     /// Requests per second on each fast connection.
     #[arg(long, default_value_t = 10.0)]
     fast_rate: f64,
@@ -55,6 +62,12 @@ struct Args {
     /// Milliseconds between the three pieces of a slow connection's request head.
     #[arg(long, default_value_t = 300)]
     slow_gap: u64,
+    /// HTTP/2 connections.
+    #[arg(long, default_value_t = 4)]
+    h2: u32,
+    /// Concurrent request loops on each HTTP/2 connection.
+    #[arg(long, default_value_t = 8)]
+    h2_streams: u32,
     /// Seconds over which the connections are opened.
     #[arg(long, default_value_t = 10.0)]
     ramp: f64,
@@ -83,6 +96,8 @@ enum Failure {
     Timeout,
     ClosedMidResponse,
     BadResponse,
+    H2Handshake,
+    H2Stream,
     Status(u16),
     WrongBody,
 }
@@ -98,6 +113,8 @@ impl Failure {
                 | Failure::ClosedWhileSending
                 | Failure::ClosedBeforeResponse
                 | Failure::ResetBeforeResponse
+                | Failure::H2Handshake
+                | Failure::H2Stream
         )
     }
 
@@ -116,6 +133,8 @@ impl Failure {
             Failure::Timeout => "no whole response within the timeout".into(),
             Failure::ClosedMidResponse => "closed or reset in the middle of a response".into(),
             Failure::BadResponse => "malformed response".into(),
+            Failure::H2Handshake => "HTTP/2 handshake failed".into(),
+            Failure::H2Stream => "HTTP/2 request failed before any response".into(),
             Failure::Status(s) => format!("status {s}"),
             Failure::WrongBody => "200 with a wrong body".into(),
         }
@@ -165,6 +184,8 @@ struct Plan {
     timeout: Duration,
     gap: Duration,
     pause: (f64, f64),
+    /// Requests after which a connection asks to close (0: never).
+    close_every: u64,
 }
 
 /// A response's status, and whether the connection may carry another request.
@@ -187,7 +208,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let start = Instant::now();
     let end = start + Duration::from_secs(args.duration);
     let total = args.slow + args.fast;
-    let mut tasks = Vec::with_capacity(total as usize);
+    let mut tasks = Vec::with_capacity((total + args.h2) as usize);
     let fast_period = 1.0 / args.fast_rate.max(0.001);
     for id in 0..total {
         let (host, service) = args.hosts[id as usize % args.hosts.len()].clone();
@@ -206,12 +227,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
             } else {
                 (fast_period * 0.5, fast_period * 1.5)
             },
+            close_every: if slow { 0 } else { args.fast_close },
         };
         // Spread the connections' starts over the ramp.
         let at = start + Duration::from_secs_f64(args.ramp * f64::from(id) / f64::from(total));
         tasks.push(tokio::spawn(client(id, plan, at, stats.clone())));
     }
-    let progress = tokio::spawn(progress(stats.clone(), start, u64::from(total)));
+    for id in 0..args.h2 {
+        let (host, service) = args.hosts[id as usize % args.hosts.len()].clone();
+        let plan = Plan {
+            target: args.target,
+            host,
+            service,
+            slow: false,
+            start,
+            end,
+            timeout: Duration::from_secs(args.timeout),
+            gap: Duration::ZERO,
+            pause: (fast_period * 0.5, fast_period * 1.5),
+            close_every: 0,
+        };
+        let plan = Arc::new(plan);
+        tasks.push(tokio::spawn(h2_client(
+            id,
+            plan,
+            args.h2_streams,
+            stats.clone(),
+        )));
+    }
+    let warm_total = u64::from(total) + u64::from(args.h2 * args.h2_streams);
+    let progress = tokio::spawn(progress(stats.clone(), start, warm_total));
     for t in tasks {
         t.await?;
     }
@@ -286,39 +331,26 @@ async fn client(id: u32, plan: Plan, at: Instant, stats: Arc<Stats>) {
                 }
             },
         };
+        let path = format!("/t/{id}-{seq}");
+        let last = plan.close_every > 0 && seq % plan.close_every == 0;
         req.clear();
         use std::fmt::Write;
         let _ = write!(
             req,
-            "GET /t/{id}-{seq} HTTP/1.1\r\nHost: {}\r\nUser-Agent: soak-load\r\n\r\n",
-            plan.host
+            "GET {path} HTTP/1.1\r\nHost: {}\r\nUser-Agent: soak-load\r\n{}\r\n",
+            plan.host,
+            if last { "Connection: close\r\n" } else { "" }
         );
         stats.sent.fetch_add(1, Relaxed);
         let result = exchange(stream, &plan, req.as_bytes(), &mut buf).await;
         let keep = match result {
             Ok(a) => {
-                let body = &buf[a.body.clone()];
-                let token = format!("(GET /t/{id}-{seq}, ");
-                let prefix = format!("hello from {}-", plan.service);
-                if a.status != 200 {
-                    stats.fail(Failure::Status(a.status), plan.start);
-                } else if body.starts_with(prefix.as_bytes())
-                    && body.windows(token.len()).any(|w| w == token.as_bytes())
-                {
-                    stats.ok.fetch_add(1, Relaxed);
-                } else {
-                    stats.fail(Failure::WrongBody, plan.start);
-                    stats.sample(format!(
-                        "{} /t/{id}-{seq}: {:?}",
-                        plan.host,
-                        String::from_utf8_lossy(body)
-                    ));
-                }
+                check(&stats, &plan, a.status, &buf[a.body.clone()], &path);
                 if !warm {
                     warm = true;
                     stats.warm.fetch_add(1, Relaxed);
                 }
-                a.keep
+                a.keep && !last
             }
             Err(f) => {
                 stats.fail(f, plan.start);
@@ -331,6 +363,130 @@ async fn client(id: u32, plan: Plan, at: Instant, stats: Arc<Stats>) {
         pause(&plan, plan.pause.0, plan.pause.1).await;
     }
     close(&mut conn, &stats);
+}
+
+/// One HTTP/2 connection at a time, with `streams` request loops on it; reopened when the
+/// router closes it, until the end.
+async fn h2_client(id: u32, plan: Arc<Plan>, streams: u32, stats: Arc<Stats>) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let mut seq = Arc::new(AtomicU64::new(0));
+    while Instant::now() < plan.end {
+        let stream = match connect(&plan).await {
+            Ok(s) => s,
+            Err(f) => {
+                stats.sent.fetch_add(1, Relaxed);
+                stats.fail(f, plan.start);
+                pause(&plan, 1.0, 1.0).await;
+                continue;
+            }
+        };
+        let hs = hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream));
+        let (sender, conn) = match timeout(plan.timeout, hs).await {
+            Ok(Ok(pair)) => pair,
+            _ => {
+                stats.sent.fetch_add(1, Relaxed);
+                stats.fail(Failure::H2Handshake, plan.start);
+                pause(&plan, 1.0, 1.0).await;
+                continue;
+            }
+        };
+        stats.connects.fetch_add(1, Relaxed);
+        stats.open.fetch_add(1, Relaxed);
+        tokio::spawn(conn);
+        let loops: Vec<_> = (0..streams)
+            .map(|k| {
+                let (plan, stats, seq) = (plan.clone(), stats.clone(), seq.clone());
+                let sender = sender.clone();
+                tokio::spawn(h2_loop(format!("h{id}-{k}"), sender, plan, stats, seq))
+            })
+            .collect();
+        drop(sender);
+        for l in loops {
+            let _ = l.await;
+        }
+        stats.open.fetch_sub(1, Relaxed);
+        if Instant::now() < plan.end {
+            stats.closed_between.fetch_add(1, Relaxed);
+        }
+        seq = Arc::new(AtomicU64::new(seq.load(Relaxed)));
+    }
+}
+
+/// Requests on one HTTP/2 connection until it closes or the end.
+async fn h2_loop(
+    name: String,
+    mut sender: hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    plan: Arc<Plan>,
+    stats: Arc<Stats>,
+    seq: Arc<AtomicU64>,
+) {
+    use http_body_util::BodyExt;
+    let mut warm = false;
+    while Instant::now() < plan.end {
+        if sender.ready().await.is_err() {
+            return;
+        }
+        let n = seq.fetch_add(1, Relaxed);
+        let path = format!("/t/{name}-{n}");
+        let req = match hyper::Request::get(format!("http://{}{path}", plan.host))
+            .body(http_body_util::Empty::new())
+        {
+            Ok(r) => r,
+            Err(_) => return,
+        };
+        stats.sent.fetch_add(1, Relaxed);
+        let deadline = Instant::now() + plan.timeout;
+        let answer = match timeout_at(deadline, sender.try_send_request(req)).await {
+            Err(_) => Err(Failure::Timeout),
+            Ok(Err(mut e)) => {
+                // Handed back unsent: the connection was closing; not a request that failed.
+                if e.take_message().is_some() {
+                    stats.sent.fetch_sub(1, Relaxed);
+                    return;
+                }
+                Err(Failure::H2Stream)
+            }
+            Ok(Ok(resp)) => {
+                let status = resp.status().as_u16();
+                match timeout_at(deadline, resp.into_body().collect()).await {
+                    Err(_) => Err(Failure::Timeout),
+                    Ok(Err(_)) => Err(Failure::ClosedMidResponse),
+                    Ok(Ok(b)) => Ok((status, b.to_bytes())),
+                }
+            }
+        };
+        match answer {
+            Ok((status, body)) => {
+                check(&stats, &plan, status, &body, &path);
+                if !warm {
+                    warm = true;
+                    stats.warm.fetch_add(1, Relaxed);
+                }
+            }
+            Err(f) => stats.fail(f, plan.start),
+        }
+        pause(&plan, plan.pause.0, plan.pause.1).await;
+    }
+}
+
+/// Counts an answer to `path`: right, a status other than 200, or a wrong body.
+fn check(stats: &Stats, plan: &Plan, status: u16, body: &[u8], path: &str) {
+    let token = format!("(GET {path}, ");
+    let prefix = format!("hello from {}-", plan.service);
+    if status != 200 {
+        stats.fail(Failure::Status(status), plan.start);
+    } else if body.starts_with(prefix.as_bytes())
+        && body.windows(token.len()).any(|w| w == token.as_bytes())
+    {
+        stats.ok.fetch_add(1, Relaxed);
+    } else {
+        stats.fail(Failure::WrongBody, plan.start);
+        stats.sample(format!(
+            "{} {path}: {:?}",
+            plan.host,
+            String::from_utf8_lossy(body)
+        ));
+    }
 }
 
 fn close(conn: &mut Option<TcpStream>, stats: &Stats) {
@@ -455,10 +611,13 @@ fn summary(args: &Args, stats: &Stats, start: Instant) {
     let sent = stats.sent.load(Relaxed);
     let ok = stats.ok.load(Relaxed);
     println!(
-        "soak-load: {} connections ({} slow, {} fast at {}/s) to {} for {:.0} s",
+        "soak-load: {} HTTP/1.1 connections ({} slow, {} fast at {}/s) and {} HTTP/2 ({} request loops each at {}/s) to {} for {:.0} s",
         args.slow + args.fast,
         args.slow,
         args.fast,
+        args.fast_rate,
+        args.h2,
+        args.h2_streams,
         args.fast_rate,
         args.target,
         start.elapsed().as_secs_f64()
@@ -467,7 +626,7 @@ fn summary(args: &Args, stats: &Stats, start: Instant) {
     println!("  answered right:   {ok}");
     println!("  failed:           {failed}");
     println!(
-        "  connections:      {} opened; {} closed by the router between requests and reopened (not failures)",
+        "  connections:      {} opened; {} closed by the router between requests and reopened (not failures; besides those the fast ones close themselves)",
         stats.connects.load(Relaxed),
         stats.closed_between.load(Relaxed)
     );

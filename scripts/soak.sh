@@ -14,8 +14,9 @@
 #   stays in the table and only the router's retry keeps its requests from failing.
 #   beta-3 has a TTL check that the script turns passing/critical every FLAP seconds.
 # - Load: examples/soak_load. CONNS slow connections (a request every 5-20 s, its head
-#   written in three pieces 300 ms apart) and FAST fast ones (FAST_RATE requests/s each),
-#   opened over 10 s. Each answer must be 200 from an instance of the host's service and
+#   written in three pieces 300 ms apart), FAST fast ones (FAST_RATE requests/s each,
+#   closing after every 50th request, so connections come and go all along) and
+#   H2 HTTP/2 connections (h2c, 8 request loops each at FAST_RATE), opened over 10 s. Each answer must be 200 from an instance of the host's service and
 #   echo the request's path.
 # - Router: under systemd-socket-activate, which holds the listening socket and runs a
 #   loop that starts the router again whenever it exits (systemd's restart of a
@@ -31,7 +32,8 @@
 #
 # A failure a retry could have saved (must be 0): a connect the router refused; the
 # connection closed or reset after the request began and before any byte of its answer
-# (every request is an idempotent GET); or a 502 the router gave after a refused
+# (every request is an idempotent GET; on HTTP/2, a stream that failed before its answer,
+# unless hyper handed the request back unsent); or a 502 the router gave after a refused
 # connection to a backend (it should have tried another instance: counted from the
 # router's debug line "no backend answer ... (connect_refused)"). A close between requests
 # on a kept-alive connection is not a failure: the client notices it and reconnects.
@@ -56,6 +58,7 @@ FAST="${FAST:-100}"
 FAST_RATE="${FAST_RATE:-10}"
 SLOW_MAX="${SLOW_MAX:-20}"
 FLAP="${FLAP:-3}"
+H2="${H2:-4}"
 [ "$DURATION" -ge 120 ] || { echo "soak: DURATION must be at least 120 s" >&2; exit 1; }
 command -v curl >/dev/null || { echo "soak: curl is needed" >&2; exit 1; }
 consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
@@ -150,6 +153,8 @@ EOF
       -E SOAK_STOP="$work/stop" -E SOAK_PIDFILE="$work/router.pid" -E "${router_env[0]}" \
       bash "$work/router-loop.sh" "$router_bin" --config "$work/router.toml" >> "$work/logs/router.log" 2>&1 &
     router_loop_pid=$!
+    # systemd-socket-activate starts its command at the first connection: this one.
+    curl -s -o /dev/null --max-time 30 "127.0.0.1:$ROUTER/" &
   else
     env "${router_env[@]}" "$router_bin" --config "$work/router.toml" >> "$work/logs/router.log" 2>&1 &
     echo $! > "$work/router.pid"
@@ -213,7 +218,7 @@ mark idle
 
 t0=$(now)
 "$load_bin" --target "127.0.0.1:$ROUTER" --host alpha.soak.local=alpha --host beta.soak.local=beta \
-  --slow "$CONNS" --fast "$FAST" --fast-rate "$FAST_RATE" --slow-max "$SLOW_MAX" \
+  --slow "$CONNS" --fast "$FAST" --fast-rate "$FAST_RATE" --slow-max "$SLOW_MAX" --h2 "$H2" \
   --duration "$DURATION" > "$work/load.out" 2> >(tee "$work/logs/load.log" >&2) &
 load_pid=$!
 at() { # FRACTION: sleeps until that fraction of DURATION after the load began
@@ -297,7 +302,7 @@ result=$(grep '^RESULT' "$work/load.out")
 val() { sed -n "s/.* $1=\([0-9]*\).*/\1/p" <<<" $result"; }
 savable=$(( $(val savable) + refused502 ))
 echo
-echo "soak: ${DURATION} s, $CONNS slow + $FAST fast connections, alpha and beta x 3 instances, $(nproc) cores"
+echo "soak: ${DURATION} s, $CONNS slow + $FAST fast HTTP/1.1 connections + $H2 HTTP/2, alpha and beta x 3 instances, $(nproc) cores"
 echo "events (seconds since the load began):"
 awk -F'\t' -v t0="$t0" '{printf "  %6.1f  %s\n", $1 - t0, $2}' "$work/events"
 grep -v '^warm\|^RESULT' "$work/load.out"
