@@ -44,6 +44,8 @@ fn opts() -> BuildOptions {
         max_idle_per_instance: 64,
         exclude_services: vec![],
         expose: consul_router::config::Expose::All,
+        static_services: Default::default(),
+        dns_ttl: std::time::Duration::from_secs(30),
     }
 }
 

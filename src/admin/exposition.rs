@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::metrics::{escape_label, write_services, ServiceMetrics};
-use crate::routing::{Routes, RoutingTable, INSTANCE_STATES};
+use crate::routing::{Routes, RoutingTable, Service, INSTANCE_STATES};
 
 /// The `service` label of requests no service took.
 const UNROUTED: &str = "unknown";
@@ -16,12 +16,20 @@ const UNROUTED: &str = "unknown";
 /// The whole `/metrics` text.
 pub(super) fn render(prometheus: &PrometheusHandle, routes: &Routes) -> String {
     let mut out = prometheus.render();
-    write_table(&mut out, &routes.load(), &routes.unrouted);
+    let now = std::time::Instant::now();
+    write_table(&mut out, &routes.load(), &routes.unrouted, |s| {
+        s.stats.millis(now)
+    });
     out
 }
 
 /// The series read from `table`, and the request series of `unrouted` once it has any.
-fn write_table(out: &mut String, table: &RoutingTable, unrouted: &ServiceMetrics) {
+fn write_table(
+    out: &mut String,
+    table: &RoutingTable,
+    unrouted: &ServiceMetrics,
+    now_ms: impl Fn(&Service) -> u64,
+) {
     let mut totals = [0usize; INSTANCE_STATES.len()];
     let mut unroutable = 0;
     // (name, instance counts, request metrics) of the services that export series.
@@ -87,6 +95,56 @@ fn write_table(out: &mut String, table: &RoutingTable, unrouted: &ServiceMetrics
         requests.push((UNROUTED.to_owned(), unrouted));
     }
     write_services(out, &requests);
+    write_outliers(out, table, now_ms);
+}
+
+/// A service's outlier series: its label, its instances ejected now, and the ejections of
+/// each instance ejected at least once.
+type OutlierRow = (String, usize, Vec<(String, u64)>);
+
+/// Outlier ejections, for the services (auth services included) with an instance ejected
+/// at least once: the instances ejected now, and each such instance's ejections so far.
+fn write_outliers(out: &mut String, table: &RoutingTable, now_ms: impl Fn(&Service) -> u64) {
+    let mut rows: Vec<OutlierRow> = Vec::new();
+    for (name, service) in table.services.iter().chain(&table.internal) {
+        let counts: Vec<(String, u64)> = service
+            .instances
+            .iter()
+            .filter(|i| i.state.outlier.ejections() > 0)
+            .map(|i| (escape_label(&i.id), i.state.outlier.ejections()))
+            .collect();
+        if !counts.is_empty() {
+            rows.push((escape_label(name), service.ejected(now_ms(service)), counts));
+        }
+    }
+    if rows.is_empty() {
+        return;
+    }
+    rows.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+    gauge(
+        out,
+        "consul_router_outlier_ejected_instances",
+        "Routable instances ejected now by outlier detection, for services that had an ejection.",
+    );
+    for (service, ejected, _) in &rows {
+        let _ = writeln!(
+            out,
+            "consul_router_outlier_ejected_instances{{service=\"{service}\"}} {ejected}"
+        );
+    }
+    let name = "consul_router_outlier_ejections_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Outlier ejections of an instance since the router first saw it.\n# TYPE {name} counter"
+    );
+    for (service, _, counts) in &rows {
+        for (instance, n) in counts {
+            let _ = writeln!(
+                out,
+                "{name}{{service=\"{service}\",instance=\"{instance}\"}} {n}"
+            );
+        }
+    }
 }
 
 fn gauge(out: &mut String, name: &str, help: &str) {
@@ -122,7 +180,7 @@ mod tests {
         let table = services();
         let unrouted = ServiceMetrics::default();
         let mut out = String::new();
-        write_table(&mut out, &table, &unrouted);
+        write_table(&mut out, &table, &unrouted, |_| 0);
         assert!(lines_of(&out, "idle").is_empty(), "{out}");
         assert!(lines_of(&out, "busy").is_empty(), "{out}");
         assert!(lines_of(&out, "unknown").is_empty(), "{out}");
@@ -155,7 +213,7 @@ mod tests {
         busy.duration.record(std::time::Duration::from_millis(2));
         unrouted.count(404);
         let mut out = String::new();
-        write_table(&mut out, &table, &unrouted);
+        write_table(&mut out, &table, &unrouted, |_| 0);
         let busy = lines_of(&out, "busy");
         assert!(busy.contains(&"consul_router_instances{service=\"busy\",state=\"routable\"} 1"));
         assert!(busy.contains(&"consul_router_requests_total{service=\"busy\",code=\"2xx\"} 1"));
@@ -176,7 +234,7 @@ mod tests {
         let unrouted = ServiceMetrics::default();
         unrouted.count(404);
         let mut out = String::new();
-        write_table(&mut out, &table, &unrouted);
+        write_table(&mut out, &table, &unrouted, |_| 0);
         let samples: Vec<&str> = out.lines().filter(|l| !l.starts_with('#')).collect();
         let mut names: Vec<&str> = samples
             .iter()
@@ -188,5 +246,35 @@ mod tests {
         assert_eq!(names.len(), n, "no series twice: {out}");
         assert!(out.contains("consul_router_requests_total{service=\"unknown\",code=\"2xx\"} 1"));
         assert!(!out.contains("code=\"4xx\""), "{out}");
+    }
+
+    #[test]
+    fn ejections_show_for_the_services_that_had_one() {
+        let table = services();
+        let unrouted = ServiceMetrics::default();
+        let mut out = String::new();
+        write_table(&mut out, &table, &unrouted, |_| 0);
+        assert!(!out.contains("outlier"), "{out}");
+        let i2 = &table.services["idle"].instances[1];
+        i2.state
+            .outlier
+            .eject(0, &crate::upstream::OutlierRules::default());
+        let mut out = String::new();
+        write_table(&mut out, &table, &unrouted, |_| 1_000);
+        assert!(
+            out.contains("consul_router_outlier_ejected_instances{service=\"idle\"} 1\n"),
+            "{out}"
+        );
+        assert!(out.contains(
+            "consul_router_outlier_ejections_total{service=\"idle\",instance=\"i2\"} 1\n"
+        ));
+        assert_eq!(out.matches("outlier_ejections_total{").count(), 1, "{out}");
+        // Back: the gauge says 0, the counter stays.
+        let mut out = String::new();
+        write_table(&mut out, &table, &unrouted, |_| 10_000_000);
+        assert!(
+            out.contains("consul_router_outlier_ejected_instances{service=\"idle\"} 0\n"),
+            "{out}"
+        );
     }
 }

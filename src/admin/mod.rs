@@ -23,7 +23,7 @@ use serde::Serialize;
 mod exposition;
 
 use crate::config::AdminToken;
-use crate::routing::{Access, Health, Routes, RoutingTable};
+use crate::routing::{Access, Health, Instance, Routes, RoutingTable, Service};
 use crate::server::Handler;
 
 /// The admin page: one self-contained HTML file (inline CSS and JS), served from the binary.
@@ -51,6 +51,8 @@ pub struct Admin {
     epoch: Instant,
     /// The last `/api/stats` body and when it was made.
     stats_cache: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+    /// Set when a drain begins (SIGTERM): `/healthz` answers 503 from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Admin {
@@ -62,6 +64,7 @@ impl Admin {
             token: arc_swap::ArcSwapOption::empty(),
             epoch: Instant::now(),
             stats_cache: tokio::sync::Mutex::new(None),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -93,14 +96,30 @@ impl Admin {
         }
     }
 
+    /// A drain began: `/healthz` answers 503 `draining` from now on, so a load balancer
+    /// stops sending before the listeners close.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn healthz(&self) -> Response<Full<Bytes>> {
-        if self.routes.load().ready {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if self.routes.load().ready {
             text(StatusCode::OK, "ok\n")
         } else {
-            text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "routing table not loaded yet\n",
-            )
+            match self.routes.waiting() {
+                Some(why) => with_type(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!("not ready: {why}\n").into(),
+                    "text/plain; charset=utf-8",
+                ),
+                None => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "routing table not loaded yet\n",
+                ),
+            }
         }
     }
 
@@ -267,6 +286,11 @@ struct RouteView<'a> {
     /// Who may call it, when its tags say.
     #[serde(skip_serializing_if = "Option::is_none")]
     access: Option<AccessView<'a>>,
+    /// Statuses that count as an instance's failure (`router.outlier-5xx=`).
+    outlier_5xx: String,
+    /// `router.hash-balance-factor=`, when set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    hash_balance_factor: Option<u32>,
     instances: Vec<InstanceView<'a>>,
 }
 
@@ -318,6 +342,10 @@ struct InstanceView<'a> {
     /// HTTP/2 instances: connections open and streams in flight on them.
     #[serde(skip_serializing_if = "Option::is_none")]
     h2_pool: Option<H2PoolView>,
+    /// Seconds left of its outlier ejection; `None`: not ejected.
+    ejected_for_seconds: Option<f64>,
+    /// Outlier ejections so far.
+    ejections: u64,
 }
 
 #[derive(Serialize)]
@@ -336,11 +364,15 @@ impl<'a> From<&'a RoutingTable> for RoutesView<'a> {
                 service: &svc.name,
                 strategy: svc.strategy().as_str(),
                 access: svc.access.as_deref().map(AccessView::from),
+                outlier_5xx: svc.outlier_5xx.describe(),
+                hash_balance_factor: svc.hash_balance_factor(),
                 instances: svc
                     .instances
                     .iter()
                     .enumerate()
                     .map(|(i, inst)| InstanceView {
+                        ejected_for_seconds: ejected_for(svc, inst),
+                        ejections: inst.state.outlier.ejections(),
                         id: &inst.id,
                         node: &inst.node,
                         address: &inst.address,
@@ -371,6 +403,13 @@ impl<'a> From<&'a RoutingTable> for RoutesView<'a> {
             routes,
         }
     }
+}
+
+/// Seconds left of `inst`'s ejection, if it is ejected now.
+fn ejected_for(svc: &Service, inst: &Instance) -> Option<f64> {
+    let now = svc.stats.millis(Instant::now());
+    let until = inst.state.outlier.ejected_until();
+    (until > now).then(|| (until - now) as f64 / 1000.0)
 }
 
 const REQUESTS: &str = "consul_router_requests_total";

@@ -25,9 +25,36 @@ fn mix(mut z: u64) -> u64 {
 /// Weighted rendezvous: the candidate maximising `weight / -ln(u)`, with `u` uniform in (0, 1)
 /// from the pair (key, instance). Equal weights reduce to plain highest-random-weight.
 pub fn rendezvous<C: Candidate>(candidates: &[C], key: u64, exclude: Exclude) -> Option<usize> {
+    best(candidates, key, |i, _| !exclude.contains(i))
+}
+
+/// Rendezvous with bounded loads (consistent hashing with bounded loads, HAProxy's
+/// `hash-balance-factor`): the key's first candidate, in its own rendezvous order, whose
+/// in-flight count is under `factor` percent of the average, counting this request
+/// (`⌈factor × (total + 1) / n⌉`). The first in that order under the bound is the best
+/// score among those under it, so one pass finds it. A key moves only while its own
+/// instance is over the bound, and then to its next instance. When every one is over
+/// (never, with a factor of at least 100), the plain choice.
+pub fn bounded<C: Candidate>(
+    candidates: &[C],
+    key: u64,
+    exclude: Exclude,
+    factor: u32,
+) -> Option<usize> {
+    let total: u64 = candidates.iter().map(Candidate::in_flight).sum();
+    let n = candidates.len().max(1) as u64;
+    let bound = (u64::from(factor) * (total + 1)).div_ceil(100 * n);
+    best(candidates, key, |i, c| {
+        !exclude.contains(i) && c.in_flight() < bound
+    })
+    .or_else(|| rendezvous(candidates, key, exclude))
+}
+
+/// The highest-scoring candidate `ok` accepts.
+fn best<C: Candidate>(candidates: &[C], key: u64, ok: impl Fn(usize, &C) -> bool) -> Option<usize> {
     let mut best: Option<(usize, f64)> = None;
     for (i, c) in candidates.iter().enumerate() {
-        if exclude.contains(i) {
+        if !ok(i, c) {
             continue;
         }
         let h = mix(key ^ c.id_hash());
@@ -102,6 +129,65 @@ mod tests {
         let heavy = (0..n).filter(|_| owner(&c, rng.u64(..)) == c[0].id).count();
         let share = heavy as f64 / n as f64;
         assert!((share - 0.75).abs() < 0.03, "share={share}");
+    }
+
+    /// Bounded loads: with nothing in flight, the plain owner; a hot key's owner over the
+    /// bound spills to the key's next instance, and only keys whose owner is over move.
+    #[test]
+    fn a_hot_key_spills_to_its_next_instance() {
+        let mut c = equal(4);
+        let mut rng = fastrand::Rng::with_seed(3);
+        let keys: Vec<u64> = (0..2_000).map(|_| rng.u64(..)).collect();
+        for &k in &keys {
+            assert_eq!(
+                bounded(&c, k, Exclude::default(), 125),
+                rendezvous(&c, k, Exclude::default())
+            );
+        }
+        let hot = keys[0];
+        let owner = rendezvous(&c, hot, Exclude::default()).unwrap();
+        let mut ex = Exclude::default();
+        ex.add(owner);
+        let next = rendezvous(&c, hot, ex).unwrap();
+        // 12 in flight, all on the owner: the bound is ⌈1.25 × 13 / 4⌉ = 5.
+        c[owner].in_flight = 12;
+        assert_eq!(bounded(&c, hot, Exclude::default(), 125), Some(next));
+        let mut moved = 0;
+        for &k in &keys {
+            let plain = rendezvous(&c, k, Exclude::default()).unwrap();
+            let got = bounded(&c, k, Exclude::default(), 125).unwrap();
+            if plain == owner {
+                moved += 1;
+                assert_ne!(got, owner);
+            } else {
+                assert_eq!(got, plain, "a key whose owner is under the bound stayed");
+            }
+        }
+        assert!(moved > 300, "the owner's keys moved: {moved}");
+        // Spread evenly again (3 each, bound 5): every key is home.
+        c.iter_mut().for_each(|x| x.in_flight = 3);
+        for &k in &keys {
+            assert_eq!(
+                bounded(&c, k, Exclude::default(), 125),
+                rendezvous(&c, k, Exclude::default())
+            );
+        }
+    }
+
+    /// Simulated traffic: one hot key among uniform ones, requests staying in flight. With
+    /// the bound, no instance holds more than the factor over the average.
+    #[test]
+    fn the_bound_holds_under_a_hot_key() {
+        let mut c = equal(5);
+        let mut rng = fastrand::Rng::with_seed(9);
+        for r in 0..500u64 {
+            let key = if r % 2 == 0 { 42 } else { rng.u64(..) };
+            let i = bounded(&c, key, Exclude::default(), 150).unwrap();
+            c[i].in_flight += 1;
+            let total: u64 = c.iter().map(|x| x.in_flight).sum();
+            let max = c.iter().map(|x| x.in_flight).max().unwrap();
+            assert!(max <= (150 * total).div_ceil(500) + 1, "{c:?}");
+        }
     }
 
     #[test]

@@ -7,7 +7,7 @@ mod hash;
 mod least_load;
 mod random;
 
-pub use hash::{hash_bytes, rendezvous};
+pub use hash::{bounded, hash_bytes, rendezvous};
 
 use std::fmt;
 use std::str::FromStr;
@@ -109,6 +109,9 @@ pub struct Picker {
     strategy: Strategy,
     /// Running sums of weights, for weighted random by binary search.
     cumulative: Box<[u64]>,
+    /// The hash strategies' bound on an instance's in-flight requests, in percent of the
+    /// average (`router.hash-balance-factor=`); `None`: unbounded.
+    balance_factor: Option<u32>,
 }
 
 impl Picker {
@@ -125,7 +128,21 @@ impl Picker {
         Picker {
             strategy,
             cumulative,
+            balance_factor: None,
         }
+    }
+
+    /// The same picker with hashing bounded to `factor` percent of the average in-flight
+    /// count (ignored by the other strategies).
+    pub fn with_balance_factor(mut self, factor: Option<u32>) -> Self {
+        self.balance_factor =
+            factor.filter(|_| matches!(self.strategy, Strategy::IpHash | Strategy::UrlHash));
+        self
+    }
+
+    /// The bounded-load factor in force, in percent.
+    pub fn balance_factor(&self) -> Option<u32> {
+        self.balance_factor
     }
 
     /// The strategy this picker applies.
@@ -146,7 +163,10 @@ impl Picker {
             1 => (!exclude.contains(0)).then_some(0),
             _ => match self.strategy {
                 Strategy::Random => random::pick(&self.cumulative, candidates, exclude),
-                Strategy::IpHash | Strategy::UrlHash => rendezvous(candidates, key, exclude),
+                Strategy::IpHash | Strategy::UrlHash => match self.balance_factor {
+                    Some(f) => bounded(candidates, key, exclude, f),
+                    None => rendezvous(candidates, key, exclude),
+                },
                 Strategy::LeastLoad => least_load::pick(candidates, exclude),
             },
         }

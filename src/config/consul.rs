@@ -1,4 +1,5 @@
-//! The `[consul]` section: the agent, the token and discovery's pacing.
+//! The `[consul]` section: the agents, the token, discovery's pacing and how long a host
+//! name's addresses are kept.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -12,8 +13,12 @@ use super::{invalid, ConfigError, Overrides};
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConsul {
-    /// Agent URL, http or https.
-    pub address: Option<String>,
+    /// Agent URL, http or https, or a list of them tried in order.
+    pub address: Option<Addresses>,
+    /// `false`: no Consul at all, only `[[static_services]]`.
+    pub enabled: Option<bool>,
+    /// How long an instance's host name stays resolved.
+    pub dns_ttl: Option<String>,
     /// ACL token.
     pub token: Option<String>,
     /// Datacenter to query; empty means the agent's own.
@@ -32,11 +37,27 @@ pub struct FileConsul {
     pub sweep_interval: Option<String>,
 }
 
+/// `address`: one URL, or several.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Addresses {
+    /// `address = "http://a:8500"`
+    One(String),
+    /// `address = ["http://a:8500", "http://b:8500"]`
+    Many(Vec<String>),
+}
+
 /// Validated Consul settings.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConsulConfig {
-    /// Agent base URL, without a trailing slash.
+    /// The first agent's base URL: the one discovery uses whenever it answers.
     pub address: http::Uri,
+    /// Further agents, tried in order while the ones before them fail.
+    pub fallback: Vec<http::Uri>,
+    /// Whether discovery runs at all (`false`: static services only, ready at once).
+    pub enabled: bool,
+    /// How long a host-name instance address stays resolved.
+    pub dns_ttl: Duration,
     /// ACL token, if any.
     pub token: Option<String>,
     /// Datacenter, if not the agent's own.
@@ -55,17 +76,44 @@ pub struct ConsulConfig {
     pub sweep_interval: Duration,
 }
 
-/// Checks `[consul]`. The address is `--consul`, else the file's, else `CONSUL_HTTP_ADDR`;
-/// the token is the file's, else `CONSUL_HTTP_TOKEN`.
+impl ConsulConfig {
+    /// Every agent, in the order they are tried.
+    pub fn addresses(&self) -> impl Iterator<Item = &http::Uri> {
+        std::iter::once(&self.address).chain(&self.fallback)
+    }
+}
+
+/// Checks `[consul]`. The addresses are `--consul` (a comma-separated list), else the file's,
+/// else `CONSUL_HTTP_ADDR` (a list too); the token is the file's, else `CONSUL_HTTP_TOKEN`.
 pub(super) fn validate(c: FileConsul, o: &Overrides) -> Result<ConsulConfig, ConfigError> {
-    let address = o
-        .consul
-        .clone()
-        .or(c.address)
-        .or_else(|| o.env_consul_addr.clone().filter(|s| !s.is_empty()))
-        .unwrap_or_else(|| "http://127.0.0.1:8500".to_owned());
+    let split = |s: &str| -> Vec<String> { s.split(',').map(|a| a.trim().to_owned()).collect() };
+    let list = match (&o.consul, c.address) {
+        (Some(flag), _) => split(flag),
+        (None, Some(Addresses::One(a))) => vec![a],
+        (None, Some(Addresses::Many(v))) => v,
+        (None, None) => o
+            .env_consul_addr
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| vec!["http://127.0.0.1:8500".to_owned()], split),
+    };
+    let mut urls = Vec::with_capacity(list.len());
+    for a in &list {
+        let url = parse_consul_url(a)?;
+        if urls.contains(&url) {
+            return Err(invalid("consul.address", format!("{a:?} is listed twice")));
+        }
+        urls.push(url);
+    }
+    let mut urls = urls.into_iter();
+    let Some(address) = urls.next() else {
+        return Err(invalid("consul.address", "the list is empty"));
+    };
     let consul = ConsulConfig {
-        address: parse_consul_url(&address)?,
+        address,
+        fallback: urls.collect(),
+        enabled: c.enabled.unwrap_or(true),
+        dns_ttl: parse_duration("consul.dns_ttl", c.dns_ttl.as_deref(), "30s")?,
         token: c
             .token
             .or_else(|| o.env_consul_token.clone())
@@ -97,6 +145,9 @@ pub(super) fn validate(c: FileConsul, o: &Overrides) -> Result<ConsulConfig, Con
             "consul.coalesce",
             "must be under 900ms so changes land within a second",
         ));
+    }
+    if consul.dns_ttl < Duration::from_secs(1) || consul.dns_ttl > Duration::from_secs(3600) {
+        return Err(invalid("consul.dns_ttl", "must be between 1s and 1h"));
     }
     if consul.sweep_interval < Duration::from_secs(1) {
         return Err(invalid("consul.sweep_interval", "must be at least 1s"));

@@ -13,6 +13,7 @@ mod logs;
 mod parse;
 mod proxy;
 mod routing;
+mod static_services;
 mod tls;
 mod upstream_tls;
 
@@ -26,11 +27,14 @@ use crate::access_log;
 use crate::balance::Strategy;
 
 pub use admin::AdminToken;
-pub use consul::{ConsulConfig, FileConsul};
+pub use consul::{Addresses, ConsulConfig, FileConsul};
 pub use listener::{ProxyProtocol, UnderscoreHeaders};
 pub use logs::LogFormat;
 pub use proxy::{FileProxy, ProxyConfig, DEFAULT_LOAD_HEADER};
 pub use routing::{Expose, DEFAULT_EXCLUDED};
+pub use static_services::{
+    FileStaticInstance, FileStaticService, StaticInstance, StaticService, MAX_STATIC_WEIGHT,
+};
 pub use tls::{CertPaths, FileCert, FileTls, TlsConfig};
 pub use upstream_tls::{FileUpstreamTls, UpstreamTlsConfig};
 
@@ -118,6 +122,8 @@ pub struct FileConfig {
     pub tls: Option<FileTls>,
     /// TLS to `router.proto=h2` backends.
     pub upstream_tls: Option<FileUpstreamTls>,
+    /// Services with fixed instances, merged with Consul's.
+    pub static_services: Option<Vec<FileStaticService>>,
 }
 
 /// Command-line values that override the file. `None` leaves the file's value.
@@ -127,7 +133,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     /// `--admin-listen`
     pub admin_listen: Option<String>,
-    /// `--consul`
+    /// `--consul` (a comma-separated list of agents)
     pub consul: Option<String>,
     /// `--domain` (repeatable; replaces the file's list when given)
     pub domains: Vec<String>,
@@ -190,6 +196,8 @@ pub struct Config {
     pub tls: Option<TlsConfig>,
     /// TLS to `router.proto=h2` backends.
     pub upstream_tls: UpstreamTlsConfig,
+    /// Services with fixed instances, merged with Consul's.
+    pub static_services: std::sync::Arc<[StaticService]>,
 }
 
 impl Default for Config {
@@ -249,6 +257,7 @@ impl Config {
             proxy,
             tls,
             upstream_tls,
+            static_services,
         } = file;
         let listener = listener::validate(
             listener::FileListener {
@@ -297,6 +306,7 @@ impl Config {
             &[("listen", listener.listen), ("admin_listen", admin.listen)],
         )?;
         let upstream_tls = upstream_tls::validate(upstream_tls)?;
+        let static_services = static_services::validate(static_services)?;
 
         Ok(Config {
             listen: listener.listen,
@@ -319,6 +329,7 @@ impl Config {
             proxy,
             tls,
             upstream_tls,
+            static_services,
         })
     }
 }
@@ -383,6 +394,12 @@ mod tests {
                 "upstream_tls.ca_file",
             ),
             ("[proxy]\nload_header = \"x load\"", "proxy.load_header"),
+            ("[proxy]\nsend_timeout = \"0s\"", "proxy.send_timeout"),
+            ("[proxy]\nshutdown_delay = \"soon\"", "proxy.shutdown_delay"),
+            (
+                "[proxy]\nupgrade_idle_timeout = \"1 fortnight\"",
+                "proxy.upgrade_idle_timeout",
+            ),
             ("[proxy]\nload_header = \"X_Load\"", "proxy.load_header"),
             (
                 "[proxy]\nload_header = \"Content-Length\"",
@@ -416,6 +433,52 @@ mod tests {
         assert_eq!(c.domains, vec!["app.example.net"]);
         assert_eq!(c.consul.address.to_string(), "http://consul.local:8500/");
         assert_eq!(c.consul.token.as_deref(), Some("secret"));
+    }
+
+    #[test]
+    fn consul_address_lists() {
+        let urls = |c: &Config| {
+            c.consul
+                .addresses()
+                .map(|u| u.to_string())
+                .collect::<Vec<_>>()
+        };
+        let c = parse("[consul]\naddress = \"http://a:8500\"").unwrap();
+        assert_eq!(urls(&c), ["http://a:8500/"]);
+        let c = parse("[consul]\naddress = [\"http://a:8500\", \"https://b:8501\"]").unwrap();
+        assert_eq!(urls(&c), ["http://a:8500/", "https://b:8501/"]);
+        assert!(c.consul.enabled);
+        assert_eq!(c.consul.dns_ttl, std::time::Duration::from_secs(30));
+        // The flag and CONSUL_HTTP_ADDR take a comma-separated list.
+        let o = Overrides {
+            consul: Some("http://x:1, y:2".into()),
+            ..Default::default()
+        };
+        let c = Config::from_file(FileConfig::default(), &o).unwrap();
+        assert_eq!(urls(&c), ["http://x:1/", "http://y:2/"]);
+        for (text, want) in [
+            (
+                "[consul]\naddress = []",
+                "consul.address: the list is empty",
+            ),
+            (
+                "[consul]\naddress = [\"http://a:1\", \"ftp://b\"]",
+                "consul.address: scheme must be http or https",
+            ),
+            (
+                "[consul]\naddress = [\"http://a:1\", \"http://a:1/\"]",
+                "consul.address: \"http://a:1/\" is listed twice",
+            ),
+            (
+                "[consul]\ndns_ttl = \"0s\"",
+                "consul.dns_ttl: must be between 1s and 1h",
+            ),
+        ] {
+            assert_eq!(parse(text).unwrap_err().to_string(), want, "{text}");
+        }
+        let c = parse("[consul]\nenabled = false\ndns_ttl = \"5s\"").unwrap();
+        assert!(!c.consul.enabled);
+        assert_eq!(c.consul.dns_ttl, std::time::Duration::from_secs(5));
     }
 
     #[test]

@@ -2,6 +2,8 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -53,11 +55,16 @@ pub struct Indexed<T> {
     pub index: u64,
 }
 
-/// The client. Cheap to clone; clones share the connection pool.
+/// The client. Cheap to clone; clones share the connection pool and the current agent.
 #[derive(Clone, Debug)]
 pub struct ConsulClient {
     http: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
-    base: String,
+    /// Every agent's base URL, in the configured order.
+    bases: Arc<[String]>,
+    /// Which agent requests go to now: the first that did not fail.
+    current: Arc<AtomicUsize>,
+    /// An answer was filtered by ACLs and this was logged.
+    acl_warned: Arc<AtomicBool>,
     token: Option<HeaderValue>,
     datacenter: Option<String>,
     stale: bool,
@@ -86,13 +93,82 @@ impl ConsulClient {
             .map(HeaderValue::from_str)
             .transpose()
             .map_err(|_| ConsulError::Setup("token is not a valid header value".into()))?;
+        let bases: Vec<String> = cfg
+            .addresses()
+            .map(|a| a.to_string().trim_end_matches('/').to_owned())
+            .collect();
         Ok(ConsulClient {
             http,
-            base: cfg.address.to_string().trim_end_matches('/').to_owned(),
+            bases: bases.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+            acl_warned: Arc::new(AtomicBool::new(false)),
             token,
             datacenter: cfg.datacenter.clone(),
             stale: cfg.stale,
         })
+    }
+
+    /// The agent requests go to now.
+    pub fn current_address(&self) -> &str {
+        let i = self.current.load(Ordering::Relaxed);
+        &self.bases[i.min(self.bases.len() - 1)]
+    }
+
+    /// Whether requests go to an agent other than the first.
+    pub fn on_fallback(&self) -> bool {
+        self.current.load(Ordering::Relaxed) != 0
+    }
+
+    /// Asks the first agent for its leader directly; when it has one, requests go back to
+    /// it. Returns whether they do.
+    pub async fn probe_first(&self) -> bool {
+        if !self.on_fallback() {
+            return true;
+        }
+        let r = self
+            .get_at::<String>(0, "/v1/status/leader", 0, Duration::ZERO, false)
+            .await;
+        count("/v1/status/leader", &r);
+        match r {
+            Ok(leader) if !leader.value.is_empty() => {
+                self.switch_to(0, "the first agent answers again");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// After a failure on agent `failed`: the next one, if `failed` is still current (the
+    /// loops fail together when an agent goes away; only the first moves on).
+    fn failed_over(&self, failed: usize, why: &ConsulError) {
+        let n = self.bases.len();
+        let agent_down = match why {
+            ConsulError::Transport(_) | ConsulError::Timeout => true,
+            ConsulError::Status { status, .. } => status.is_server_error(),
+            ConsulError::Decode(_) | ConsulError::Setup(_) => false,
+        };
+        if n < 2 || !agent_down {
+            return;
+        }
+        let next = (failed + 1) % n;
+        if self
+            .current
+            .compare_exchange(failed, next, Ordering::AcqRel, Ordering::Relaxed)
+            .is_ok()
+        {
+            tracing::warn!(from = %self.bases[failed], to = %self.bases[next], error = %why, "consul agent failed; switching");
+            metrics::counter!("consul_router_consul_server_switches_total").increment(1);
+            set_current_gauge(&self.bases, next);
+        }
+    }
+
+    fn switch_to(&self, to: usize, why: &str) {
+        let from = self.current.swap(to, Ordering::AcqRel);
+        if from != to {
+            tracing::info!(from = %self.bases[from], to = %self.bases[to], "{why}; switching back");
+            metrics::counter!("consul_router_consul_server_switches_total").increment(1);
+            set_current_gauge(&self.bases, to);
+        }
     }
 
     /// `GET /v1/catalog/services`: every service name with the union of its tags.
@@ -228,6 +304,8 @@ impl ConsulClient {
         r
     }
 
+    /// A GET to the current agent; a transport failure, a timeout or a 5xx moves on to the
+    /// next agent for the requests that follow.
     async fn get<T: DeserializeOwned>(
         &self,
         path: &str,
@@ -235,8 +313,27 @@ impl ConsulClient {
         wait: Duration,
         stale: bool,
     ) -> Result<Indexed<T>, ConsulError> {
+        let at = self
+            .current
+            .load(Ordering::Relaxed)
+            .min(self.bases.len() - 1);
+        let r = self.get_at(at, path, index, wait, stale).await;
+        if let Err(e) = &r {
+            self.failed_over(at, e);
+        }
+        r
+    }
+
+    async fn get_at<T: DeserializeOwned>(
+        &self,
+        at: usize,
+        path: &str,
+        index: u64,
+        wait: Duration,
+        stale: bool,
+    ) -> Result<Indexed<T>, ConsulError> {
         let sep = if path.contains('?') { '&' } else { '?' };
-        let mut url = format!("{}{}{}", self.base, path, sep);
+        let mut url = format!("{}{}{}", self.bases[at], path, sep);
         if index > 0 {
             let _ = write!(url, "index={index}&wait={}ms&", wait.as_millis());
         }
@@ -259,6 +356,18 @@ impl ConsulClient {
                 .await
                 .map_err(|_| ConsulError::Timeout)??;
         check_status(status, &body)?;
+        if headers
+            .get("x-consul-results-filtered-by-acls")
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"))
+            && !self.acl_warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                endpoint = endpoint(path),
+                "Consul left out results the token may not read (X-Consul-Results-Filtered-By-ACLs); \
+                 give the router's token service:read and node:read, or some services stay unrouted"
+            );
+            metrics::counter!("consul_router_consul_acl_filtered_total").increment(1);
+        }
         let index = headers
             .get("x-consul-index")
             .and_then(|v| v.to_str().ok())
@@ -269,8 +378,10 @@ impl ConsulClient {
         Ok(Indexed { value, index })
     }
 
+    /// Writes go to the current agent and never move on: they are the announcer's, which
+    /// registers with its own local agent.
     async fn send(&self, method: Method, path: &str, body: Vec<u8>) -> Result<(), ConsulError> {
-        let url = format!("{}{}", self.base, path);
+        let url = format!("{}{}", self.current_address(), path);
         let r =
             match tokio::time::timeout(Duration::from_secs(30), self.exchange(method, &url, body))
                 .await
@@ -311,6 +422,14 @@ impl ConsulClient {
             .map_err(|e| ConsulError::Transport(e.to_string()))?
             .to_bytes();
         Ok((parts.status, parts.headers, body))
+    }
+}
+
+/// `consul_router_consul_server{address}` is 1 for the agent in use, 0 for the others.
+fn set_current_gauge(bases: &[String], current: usize) {
+    for (i, b) in bases.iter().enumerate() {
+        metrics::gauge!("consul_router_consul_server", "address" => b.clone())
+            .set(if i == current { 1.0 } else { 0.0 });
     }
 }
 
@@ -404,6 +523,33 @@ mod tests {
             "node_services"
         );
         assert_eq!(endpoint("/v1/kv/x"), "other");
+    }
+
+    #[test]
+    fn agent_failures_move_on_once_and_others_do_not() {
+        let o = crate::config::Overrides {
+            consul: Some("http://a:1,http://b:2,http://c:3".into()),
+            ..Default::default()
+        };
+        let cfg = crate::config::Config::from_file(Default::default(), &o).unwrap();
+        let c = ConsulClient::new(&cfg.consul).unwrap();
+        let other = c.clone();
+        assert_eq!(c.current_address(), "http://a:1");
+        let status = |code: u16| ConsulError::Status {
+            status: StatusCode::from_u16(code).unwrap(),
+            body: String::new(),
+        };
+        c.failed_over(0, &ConsulError::Decode("x".into()));
+        c.failed_over(0, &status(403));
+        assert_eq!(c.current_address(), "http://a:1", "the agent answered");
+        c.failed_over(0, &ConsulError::Transport("refused".into()));
+        // A second loop that failed on the same agent does not skip the next one.
+        c.failed_over(0, &ConsulError::Timeout);
+        assert_eq!(other.current_address(), "http://b:2", "clones share it");
+        c.failed_over(1, &status(500));
+        c.failed_over(2, &ConsulError::Timeout);
+        assert_eq!(c.current_address(), "http://a:1", "round again");
+        assert!(!c.on_fallback());
     }
 
     #[test]

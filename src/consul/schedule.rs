@@ -14,6 +14,9 @@ use super::supervise::Backoff;
 pub(crate) const MIN_QUERY_GAP: Duration = Duration::from_millis(50);
 /// Longest wait for every service's first read before the table goes live anyway.
 pub(crate) const READY_DEADLINE: Duration = Duration::from_secs(10);
+/// Longest pause of the catalog loop after failures: it is one cheap request, and the router
+/// that started with Consul down goes live within this of Consul's first answer.
+pub(crate) const CATALOG_MAX_BACKOFF: Duration = Duration::from_secs(2);
 
 /// Consul's rules for the next blocking index: reset to 0 when it goes backwards (a new
 /// leader or a restored snapshot), and never block on 0.
@@ -90,12 +93,25 @@ pub(crate) enum CatalogStep {
 }
 
 /// The catalog loop: a [`Poll`] that also remembers the index last applied. That one never
-/// resets to 0 as the blocking index does, so a rewind is always noticed.
-#[derive(Debug, Default)]
+/// resets to 0 as the blocking index does, so a rewind is always noticed. Its backoff stops
+/// at [`CATALOG_MAX_BACKOFF`].
+#[derive(Debug)]
 pub(crate) struct CatalogPoll {
     /// The blocking query's position.
     pub(crate) poll: Poll,
     applied: u64,
+}
+
+impl Default for CatalogPoll {
+    fn default() -> Self {
+        CatalogPoll {
+            poll: Poll {
+                backoff: Backoff::with_max(CATALOG_MAX_BACKOFF),
+                ..Poll::default()
+            },
+            applied: 0,
+        }
+    }
 }
 
 impl CatalogPoll {

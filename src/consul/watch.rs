@@ -16,7 +16,7 @@
 //! The rules (what to keep, watch, read, and when to query or publish) live in `model.rs` and
 //! `schedule.rs`; this file only performs them.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::Duration;
@@ -43,6 +43,8 @@ const READ_CONCURRENCY: usize = 4;
 const RECONCILE_EVERY: Duration = Duration::from_secs(5);
 /// How often the table's age is reported between answers.
 const AGE_EVERY: Duration = Duration::from_secs(1);
+/// How often the first agent is asked whether it is back, while another one serves.
+pub const PROBE_FIRST_EVERY: Duration = Duration::from_secs(10);
 
 type LoopFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
@@ -93,7 +95,7 @@ impl DiscoveryHandle {
         let d = &self.discovery;
         let refetch = d.build.load().exclude_services != build.exclude_services;
         d.build.store(Arc::new(build));
-        if refetch {
+        if refetch && d.cfg.enabled {
             // The catalog loop is the first task; a fresh one starts at index 0.
             self.tasks[0] = d.supervised("catalog-watch", |d| Box::pin(d.catalog_loop()));
         }
@@ -135,9 +137,17 @@ impl Discovery {
         })
     }
 
-    /// Starts the supervised loops.
+    /// Starts the supervised loops; with `consul.enabled = false`, only the rebuilder, which
+    /// publishes the static services.
     pub fn spawn(self: &Arc<Self>) -> DiscoveryHandle {
-        let tasks = vec![
+        if !self.cfg.enabled {
+            let tasks = vec![self.supervised("rebuild", |d| Box::pin(d.rebuild_loop()))];
+            return DiscoveryHandle {
+                discovery: self.clone(),
+                tasks,
+            };
+        }
+        let mut tasks = vec![
             self.supervised("catalog-watch", |d| Box::pin(d.catalog_loop())),
             self.supervised("health-state-watch", |d| Box::pin(d.health_loop())),
             self.supervised("cold-reader", |d| Box::pin(d.reader_loop())),
@@ -146,6 +156,9 @@ impl Discovery {
             self.supervised("rebuild", |d| Box::pin(d.rebuild_loop())),
             self.supervised("table-age", |d| Box::pin(d.age_loop())),
         ];
+        if !self.cfg.fallback.is_empty() {
+            tasks.push(self.supervised("probe-first-agent", |d| Box::pin(d.probe_loop())));
+        }
         DiscoveryHandle {
             discovery: self.clone(),
             tasks,
@@ -263,6 +276,29 @@ impl Discovery {
         self.act(st, out);
     }
 
+    /// Until the first table is live, `/healthz` says why: Consul's last failure, or that
+    /// its services are being read.
+    fn waiting(&self, agent: &str, error: Option<&ConsulError>) {
+        if self.routes.load().ready {
+            return;
+        }
+        let reason = match error {
+            None => "reading the services listed in consul".to_owned(),
+            Some(ConsulError::Transport(e)) => format!("consul unreachable at {agent} ({e})"),
+            Some(ConsulError::Timeout) => format!("consul unreachable at {agent} (timed out)"),
+            Some(e) => format!("consul at {agent}: {e}"),
+        };
+        self.routes.set_waiting(Some(reason));
+    }
+
+    /// While another agent serves, asks the first one now and then whether it is back.
+    async fn probe_loop(self: Arc<Self>) {
+        loop {
+            tokio::time::sleep(PROBE_FIRST_EVERY).await;
+            self.client.probe_first().await;
+        }
+    }
+
     async fn catalog_loop(self: Arc<Self>) {
         let mut cat = CatalogPoll::default();
         let mut current = false;
@@ -277,9 +313,11 @@ impl Discovery {
                     .model
                     .blocking(now, now + blocking_due(self.cfg.wait));
             }
+            let agent = self.client.current_address();
             let r = self.client.catalog_services(index, self.cfg.wait).await;
             self.lock().model.blocking_ended();
             current = false;
+            self.waiting(agent, r.as_ref().err());
             match r {
                 Ok(r) => match cat.judge(Instant::now(), r.index) {
                     CatalogStep::Apply => {
@@ -491,11 +529,29 @@ impl Discovery {
         }
     }
 
+    /// The table before Consul's first answer, or with Consul off: the static services
+    /// alone, live at once only when there is no Consul to wait for. A live table from an
+    /// earlier discovery (a reload) stays until Consul answers this one.
+    fn publish_without_consul(&self, reg: &mut StateRegistry) {
+        let opts = self.build.load();
+        let enabled = self.cfg.enabled;
+        if enabled && (opts.static_services.is_empty() || self.routes.load().ready) {
+            return;
+        }
+        let mut table = build(&BTreeMap::new(), &CatalogTags::new(), &opts, reg);
+        table.ready = !enabled;
+        let routed = table.services.len();
+        self.routes.store(table);
+        tracing::debug!(routed, "static services published");
+    }
+
     /// Coalesces changes and publishes tables.
     async fn rebuild_loop(self: Arc<Self>) {
         let mut reg = StateRegistry::default();
         let mut schedule = Rebuilds::new(self.cfg.coalesce);
         let mut metrics = TableMetrics::new();
+        let mut provisional = false;
+        self.publish_without_consul(&mut reg);
         loop {
             let change = self.changed.notified();
             match schedule.wake_at() {
@@ -514,8 +570,29 @@ impl Discovery {
             }
             let (snapshot, catalog_tags, first) = {
                 let st = self.lock();
-                match schedule.decide(Instant::now(), st.model.complete()) {
-                    Publish::Wait => continue,
+                let complete = st.model.complete();
+                match schedule.decide(Instant::now(), complete) {
+                    Publish::Wait => {
+                        // Listed but not all read: once, a table not yet live in which the
+                        // listed services (and their tag hosts) answer 503, not 404.
+                        let early = match complete {
+                            Some(_) if !provisional => st.model.build_input(),
+                            _ => None,
+                        };
+                        drop(st);
+                        if complete.is_none() {
+                            self.publish_without_consul(&mut reg);
+                        }
+                        if let Some((snapshot, tags)) = early {
+                            provisional = true;
+                            let mut table = build(&snapshot, &tags, &self.build.load(), &mut reg);
+                            table.ready = false;
+                            if !self.routes.load().ready {
+                                self.routes.store(table);
+                            }
+                        }
+                        continue;
+                    }
                     Publish::Now { first, incomplete } => {
                         if incomplete && first {
                             tracing::warn!(
@@ -583,9 +660,57 @@ mod tests {
             max_idle_per_instance: 1,
             exclude_services: cfg.exclude_services.clone(),
             expose,
+            static_services: Default::default(),
+            dns_ttl: Duration::from_secs(30),
         };
         let client = ConsulClient::new(&consul).expect("client");
         Discovery::new(client, consul, opts, Arc::new(Routes::new()))
+    }
+
+    /// A discovery with one static service, `legacy`, and Consul on or off.
+    fn with_static(enabled: bool) -> Arc<Discovery> {
+        let d = discovery(crate::config::Expose::All);
+        let mut opts = (**d.build.load()).clone();
+        opts.static_services = vec![crate::config::StaticService {
+            name: "legacy".into(),
+            strategy: None,
+            hosts: vec![],
+            instances: vec![crate::config::StaticInstance {
+                host: "10.0.0.5".into(),
+                port: 8080,
+                weight: 1,
+            }],
+        }]
+        .into();
+        let mut cfg = d.cfg.clone();
+        cfg.enabled = enabled;
+        Discovery::new(d.client.clone(), cfg, opts, Arc::new(Routes::new()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn static_services_are_served_before_consul_answers_and_without_it() {
+        for enabled in [true, false] {
+            let d = with_static(enabled);
+            let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let t = d.routes.load_full();
+            assert_eq!(t.ready, !enabled, "live at once only without Consul");
+            assert_eq!(t.services["legacy"].routable, 1);
+        }
+        // The service list arrives, a service unread: once, a table not live yet where it
+        // answers 503 beside the static one.
+        let d = with_static(true);
+        let _rebuild = AbortOnDrop(tokio::spawn(d.clone().rebuild_loop()).abort_handle());
+        let tags = vec!["router.host=chat.example.com".to_owned()];
+        d.apply_catalog([("chat".to_owned(), tags)].into(), 1);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let t = d.routes.load_full();
+        assert!(!t.ready);
+        assert_eq!(t.lookup("chat.example.com").map(|s| s.routable), Some(0));
+        assert_eq!(t.services["legacy"].routable, 1);
+        // Ten seconds on, the first table is live anyway.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert!(d.routes.load().ready);
     }
 
     fn listing() -> CatalogTags {

@@ -82,6 +82,8 @@ pub struct ServiceMetrics {
     /// Failed exchanges, in [`ErrorKind::ALL`] order.
     upstream_errors: [AtomicU64; ErrorKind::ALL.len()],
     retries: AtomicU64,
+    /// Retries the retry budget refused.
+    retry_budget_exhausted: AtomicU64,
     /// Forward auth decisions, in [`AUTH_OUTCOMES`] order.
     auth: [AtomicU64; AUTH_OUTCOMES.len()],
     /// Time to an auth decision (cache hits included).
@@ -117,6 +119,11 @@ impl ServiceMetrics {
     /// Counts a request sent again.
     pub fn retry(&self) {
         self.retries.fetch_add(1, Relaxed);
+    }
+
+    /// Counts a retry the service's retry budget refused.
+    pub fn retry_budget_exhausted(&self) {
+        self.retry_budget_exhausted.fetch_add(1, Relaxed);
     }
 
     /// Requests so far by status class 1xx..5xx.
@@ -184,6 +191,12 @@ const RETRIES: Family = Family {
     name: "consul_router_retries_total",
     kind: "counter",
     help: "Requests sent again to another instance or connection.",
+};
+
+const BUDGET_EXHAUSTED: Family = Family {
+    name: "consul_router_retry_budget_exhausted_total",
+    kind: "counter",
+    help: "Retries not made because the service's retry budget was spent.",
 };
 
 impl Family {
@@ -275,6 +288,18 @@ pub fn write_services(out: &mut String, services: &[(String, &ServiceMetrics)]) 
     for (service, m) in services {
         let n = m.retries.load(Relaxed);
         let _ = writeln!(out, "{}{{service=\"{service}\"}} {n}", RETRIES.name);
+    }
+    let denied = |m: &ServiceMetrics| m.retry_budget_exhausted.load(Relaxed);
+    if services.iter().any(|(_, m)| denied(m) > 0) {
+        BUDGET_EXHAUSTED.header(out);
+        for (service, m) in services.iter().filter(|(_, m)| denied(m) > 0) {
+            let n = denied(m);
+            let _ = writeln!(
+                out,
+                "{}{{service=\"{service}\"}} {n}",
+                BUDGET_EXHAUSTED.name
+            );
+        }
     }
 }
 

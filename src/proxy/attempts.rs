@@ -1,13 +1,16 @@
 //! The attempts of one request on a service's instances, one rule for both protocol paths
-//! (and later for auth calls): pick an instance not tried yet, take an idle connection
-//! before a fresh one, count each error and each retry, decide what follows a failure, and
-//! hold the one deadline every try shares. The outlier detector will read its outcomes.
+//! and auth calls: pick an instance not tried yet (not ejected, ramping ones by their
+//! share), take an idle connection before a fresh one, count each error and each retry,
+//! decide what follows a failure (within the service's retry budget), hold the one
+//! deadline every try shares, and feed each try's outcome to the instance's outlier state.
 
 use std::time::{Duration, Instant};
 
-use crate::balance::Exclude;
+use crate::balance::{Exclude, Strategy};
 use crate::routing::{Instance, Service};
-use crate::upstream::{connect_tcp, BackendConn, ErrorKind, IdlePool, Pooled};
+use crate::upstream::{
+    connect_tcp, BackendConn, BudgetRules, ErrorKind, IdlePool, OutlierRules, Pooled,
+};
 
 use super::error::{Error, ErrorType};
 
@@ -43,7 +46,15 @@ pub struct AttemptRules {
     pub response_timeout: Duration,
     /// Idle pooled connections older than this are not used.
     pub idle_timeout: Duration,
+    /// When failures eject an instance, and the slow-start ramp.
+    pub outlier: OutlierRules,
+    /// What retries may add to a service's requests.
+    pub budget: BudgetRules,
 }
+
+/// Picks after which an instance is taken even if ejected or ramping: every candidate
+/// was one (or the rest were tried).
+const MAX_SKIPS: usize = 8;
 
 /// One request's attempts on `service`.
 #[derive(Debug)]
@@ -55,6 +66,8 @@ pub struct Attempts<'a> {
     tries: u32,
     replayable: bool,
     start: Instant,
+    /// `start` on the outlier clock (ms since the routing state's epoch).
+    now: u64,
     /// The instance of the last try.
     current: Option<&'a Instance>,
     /// What the last failure calls for (another instance before the first try).
@@ -90,15 +103,41 @@ impl<'a> Attempts<'a> {
             tries: 0,
             replayable,
             start,
+            now: service.stats.millis(start),
             current: None,
             next: Next::OtherInstance,
             last: None,
         }
     }
 
-    /// The next instance to try, never one tried already for this request.
+    /// The next instance to try, never one tried already for this request. An ejected
+    /// instance is passed over, and one in its slow-start ramp is kept with the chance of
+    /// its ramp (random and least-load only: a hash key stays put); the next pick skips
+    /// it. When every pick is passed over, the first is taken: ejection is a guess, and
+    /// `max_ejection_percent` keeps it from covering a whole service.
     fn next_instance(&mut self) -> Option<&'a Instance> {
-        let (pos, inst) = self.service.pick(self.key, self.exclude)?;
+        let ramps = self.rules.outlier.slow_start_ms > 0
+            && matches!(
+                self.service.strategy(),
+                Strategy::Random | Strategy::LeastLoad
+            );
+        let mut skip = self.exclude;
+        let mut first = None;
+        for _ in 0..MAX_SKIPS {
+            let Some((pos, inst)) = self.service.pick(self.key, skip) else {
+                break;
+            };
+            let o = &inst.state.outlier;
+            let passed = o.is_ejected(self.now)
+                || (ramps && fastrand::f64() >= o.ramp(self.now, self.rules.outlier.slow_start_ms));
+            if !passed {
+                self.exclude.add(pos);
+                return Some(inst);
+            }
+            first.get_or_insert((pos, inst));
+            skip.add(pos);
+        }
+        let (pos, inst) = first?;
         self.exclude.add(pos);
         Some(inst)
     }
@@ -170,12 +209,54 @@ impl<'a> Attempts<'a> {
     }
 
     /// Reports that a try failed with `error` (`reused`: its connection came from the
-    /// pool); the rule decides what [`Attempts::next_try`] gives next.
+    /// pool); the rule decides what [`Attempts::next_try`] gives next. A backend's failure
+    /// counts against the instance tried, except a pooled connection the backend had
+    /// closed (a stale keep-alive is not the instance's fault).
     pub fn try_failed(&mut self, mut error: Error, reused: bool) {
         error.reused = reused;
         tracing::debug!(service = %self.service.name, instance = ?self.current.map(|i| &i.id), error = %error, reused, "attempt failed");
+        let stale = reused && error.upstream_kind() == Some(ErrorKind::Reset);
+        if error.upstream_kind().is_some() && !stale {
+            self.instance_failed();
+        }
         self.next = self.failed(&error);
         self.last = Some(error);
+    }
+
+    /// Reports the status of the response the current try got: a status of the service's
+    /// `router.outlier-5xx=` set counts against the instance, any other ends its failure run.
+    pub fn answered(&mut self, status: u16) {
+        if self.service.outlier_5xx.contains(status) {
+            self.instance_failed();
+        } else if let Some(inst) = self.current {
+            inst.state.outlier.success();
+        }
+    }
+
+    /// One more failure for the current instance; at the threshold it is ejected, if the
+    /// service keeps `max_ejection_percent` of its routable instances (the clock is read
+    /// only then).
+    fn instance_failed(&mut self) {
+        let Some(inst) = self.current else {
+            return;
+        };
+        let (outlier, rules) = (&inst.state.outlier, &self.rules.outlier);
+        if !outlier.failure(rules) {
+            return;
+        }
+        let now = self.service.stats.millis(Instant::now());
+        let routable = self.service.routable;
+        if !rules.may_eject(self.service.ejected(now), routable) {
+            return;
+        }
+        if let Some(until) = outlier.eject(now, rules) {
+            tracing::info!(
+                service = %self.service.name, instance = %inst.id,
+                seconds = until.saturating_sub(now) as f64 / 1000.0,
+                ejections = outlier.ejections(),
+                "instance ejected after consecutive failures"
+            );
+        }
     }
 
     /// The error to answer with once [`Attempts::next_try`] gives `None`.
@@ -197,16 +278,42 @@ impl<'a> Attempts<'a> {
         if e.reused && kind == ErrorKind::Reset && (e.unsent || self.replayable) {
             Next::FreshConnection
         } else if e.unsent && self.tries <= self.rules.retries {
-            Next::OtherInstance
+            if self.within_budget() {
+                Next::OtherInstance
+            } else {
+                self.service.stats.metrics.get().retry_budget_exhausted();
+                Next::Answer
+            }
         } else {
             Next::Answer
         }
     }
 }
 
+impl Attempts<'_> {
+    /// Whether the service's retry budget allows one more retry on another instance (the
+    /// fresh connection after a stale pooled one is not counted: the request never reached
+    /// the application).
+    fn within_budget(&self) -> bool {
+        let requests: u64 = self.service.stats.metrics.get().requests().iter().sum();
+        let now = self.service.stats.millis(Instant::now());
+        self.service
+            .stats
+            .retry_budget
+            .withdraw(requests, now, &self.rules.budget)
+    }
+}
+
 /// A new connection to `inst` for the fast path's exchanges, within `limit`.
 pub async fn connect_backend(inst: &Instance, limit: Duration) -> Result<BackendConn, Error> {
-    let stream = connect_tcp(inst.socket, &inst.address, inst.port, limit).await?;
+    let stream = connect_tcp(
+        inst.socket,
+        &inst.address,
+        inst.port,
+        &inst.state.dns,
+        limit,
+    )
+    .await?;
     Ok(BackendConn { stream })
 }
 
@@ -221,6 +328,17 @@ mod tests {
         connect_timeout: Duration::from_secs(1),
         response_timeout: Duration::from_secs(5),
         idle_timeout: Duration::from_secs(60),
+        outlier: OutlierRules {
+            consecutive_failures: 2,
+            base_ms: 60_000,
+            max_ms: 60_000,
+            max_ejection_percent: 50,
+            slow_start_ms: 0,
+        },
+        budget: BudgetRules {
+            percent: 20,
+            min_per_second: 10,
+        },
     };
 
     #[test]
@@ -266,5 +384,70 @@ mod tests {
         );
         // Not a backend's failure: answered, not counted.
         assert_eq!(a.failed(&Error::new(ErrorType::BadBody)), Next::Answer);
+    }
+
+    /// Failures eject an instance that picks then pass over, never beyond
+    /// `max_ejection_percent`; a success ends a failure run; the budget stops retries.
+    #[test]
+    fn outcomes_feed_the_outlier_state_and_the_budget() {
+        let specs = (1..=4)
+            .map(|i| spec(&format!("o-{i}"), i, Health::Passing, &[]))
+            .collect();
+        let t = table(vec![("outliers", specs)]);
+        let svc = &t.services["outliers"];
+        let start = Instant::now();
+        let fail_twice = |id: &str| {
+            for _ in 0..2 {
+                let mut a = Attempts::new(&RULES, svc, 0, start, true);
+                a.current = svc.instances.iter().find(|i| &*i.id == id);
+                a.answered(502);
+            }
+        };
+        // A success between two failures: no ejection.
+        let mut a = Attempts::new(&RULES, svc, 0, start, true);
+        a.current = Some(&svc.instances[0]);
+        a.answered(502);
+        a.answered(200);
+        a.answered(503);
+        assert_eq!(svc.ejected(u64::MAX / 2), 0);
+        fail_twice("o-1");
+        fail_twice("o-2");
+        fail_twice("o-3");
+        let now = svc.stats.millis(Instant::now());
+        assert_eq!(svc.ejected(now), 2, "half of 4 at most");
+        let ejected: Vec<&str> = svc
+            .routable()
+            .iter()
+            .filter(|i| i.state.outlier.is_ejected(now))
+            .map(|i| &*i.id)
+            .collect();
+        assert_eq!(ejected, ["o-1", "o-2"]);
+        for _ in 0..200 {
+            let mut a = Attempts::new(&RULES, svc, 0, start, true);
+            let id = &a.next_instance().unwrap().id;
+            assert!(!ejected.contains(&&**id), "picked {id}");
+        }
+        // Tried o-3 and o-4: the rest are ejected, taken all the same.
+        let mut a = Attempts::new(&RULES, svc, 0, start, true);
+        let mut seen: Vec<Box<str>> = (0..4)
+            .map(|_| a.next_instance().unwrap().id.clone())
+            .collect();
+        seen.sort();
+        assert_eq!(seen.len(), 4);
+        assert!(a.next_instance().is_none());
+
+        // The budget: refused connections on every retry of every request; the full
+        // bucket's hundred retries (ten seconds of the floor), then none (no request has
+        // finished to add any).
+        let refused = Error::upstream(ErrorKind::ConnectRefused).unsent();
+        let mut allowed = 0;
+        for _ in 0..150 {
+            let mut a = Attempts::new(&RULES, svc, 0, start, true);
+            a.begin();
+            if a.failed(&refused) == Next::OtherInstance {
+                allowed += 1;
+            }
+        }
+        assert!((100..=102).contains(&allowed), "{allowed}");
     }
 }

@@ -77,6 +77,8 @@ impl Core {
             connect_timeout: cfg.proxy.connect_timeout,
             response_timeout: cfg.proxy.response_timeout,
             idle_timeout: cfg.proxy.idle_timeout,
+            outlier: cfg.proxy.outlier,
+            budget: cfg.proxy.retry_budget,
         };
         Core {
             routes,
@@ -507,20 +509,22 @@ impl Core {
         }
         let service = {
             let table = self.routes.load();
-            if !table.ready {
-                return Err(ErrorType::NotReady.into());
-            }
             let mut buf = [0u8; MAX_HOST + 2];
             let host = match host.map(|h| normalize(h, &mut buf)) {
                 Some(Ok(h)) => h,
+                // Before the first table is live, whatever is not in it yet is a 503.
+                _ if !table.ready => return Err(ErrorType::NotReady.into()),
                 Some(Err(e)) => return Err(e.into()),
                 None => return Err(HostError::Missing.into()),
             };
+            // A table not live yet still routes what it knows: the static services, and
+            // the services Consul listed (503 until their instances are read).
             match table.lookup(host) {
                 Some(s) if self.redirects(conn) => {
                     return Err(self.redirect(host, path, Some(s.clone())))
                 }
                 Some(s) => s.clone(),
+                None if !table.ready => return Err(ErrorType::NotReady.into()),
                 None => return Err(ErrorType::UnknownHost.into()),
             }
         };

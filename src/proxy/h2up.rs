@@ -141,6 +141,7 @@ pub async fn send(
             host: &t.inst.address,
             port: t.inst.port,
             tls: t.inst.proto == Proto::H2,
+            dns: &t.inst.state.dns,
         };
         // Opening a connection (TCP, TLS, the preface) is a large future and the rare
         // case: boxed, so every request's future (and the stream task that holds it)
@@ -167,12 +168,13 @@ pub async fn send(
         let due = tokio::time::Instant::from_std(deadline);
         let error = match tokio::time::timeout_at(due, sender.try_send_request(req)).await {
             Ok(Ok(response)) => {
+                attempts.answered(response.status().as_u16());
                 return Ok(Answer {
                     response,
                     lease,
                     in_flight,
                     instance: t.inst.id.clone(),
-                })
+                });
             }
             Err(_) => {
                 attempts.try_failed(Error::upstream(ErrorKind::ResponseTimeout), reused);

@@ -3,15 +3,15 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::balance::{hash_bytes, Picker, Strategy};
-use crate::config::Expose;
+use crate::config::{Expose, StaticService};
 
 use super::access::Access;
 use super::table::{
-    Health, Instance, InstanceSpec, InstanceState, NameMap, Proto, RoutingTable, Service,
-    ServiceStats,
+    FailureStatuses, Health, Instance, InstanceSpec, InstanceState, NameMap, Proto, RoutingTable,
+    Service, ServiceStats,
 };
 
 /// Tag that declares an extra host for the service.
@@ -23,6 +23,13 @@ pub const EXPOSE_TAG: &str = "router.expose=";
 /// Tag prefix naming the protocol an instance is spoken to in: `h2c`, `h2` (`http1` is the
 /// default).
 pub const PROTO_TAG: &str = "router.proto=";
+
+/// Tag naming the response statuses that count as an instance's failure: `all`, `none`,
+/// or 5xx codes (`502,503,504` without it).
+pub const OUTLIER_5XX_TAG: &str = "router.outlier-5xx=";
+/// Tag bounding the hash strategies' load: an instance over this percent of the average
+/// in-flight count passes keys on (at least 100; off without it).
+pub const BALANCE_FACTOR_TAG: &str = "router.hash-balance-factor=";
 
 /// Each service's tags as `/v1/catalog/services` lists them (the union over its instances).
 pub type CatalogTags = HashMap<String, Vec<String>>;
@@ -42,6 +49,10 @@ pub struct BuildOptions {
     pub exclude_services: Vec<String>,
     /// Whether untagged services are routed.
     pub expose: Expose,
+    /// `[[static_services]]`, merged into every table.
+    pub static_services: Arc<[StaticService]>,
+    /// How long a host-name instance address stays resolved.
+    pub dns_ttl: Duration,
 }
 
 impl BuildOptions {
@@ -65,6 +76,8 @@ pub struct StateRegistry {
     /// Instances with an unknown `router.proto=` or one that is not their service's,
     /// logged once.
     warned_proto: HashSet<(String, String, u16)>,
+    /// (service, tag) pairs whose instances disagree, logged once until they agree.
+    warned_tags: HashSet<(String, &'static str)>,
     epoch: Instant,
     generation: u64,
 }
@@ -77,6 +90,7 @@ impl Default for StateRegistry {
             warned: HashSet::new(),
             warned_expose: HashSet::new(),
             warned_proto: HashSet::new(),
+            warned_tags: HashSet::new(),
             epoch: Instant::now(),
             generation: 0,
         }
@@ -91,15 +105,24 @@ impl StateRegistry {
 }
 
 /// Builds a table from `catalog` (service name → instances; an empty list is a known service
-/// with no instance). `catalog_tags` are the service list's tags, which decide exposure
-/// before a service's instances have been read. Services not exposed are left out entirely:
-/// their hosts are unknown (404) and they claim no `router.host=` host.
+/// with no instance) and the static services. `catalog_tags` are the service list's tags,
+/// which decide exposure and hosts before a service's instances have been read. Services not
+/// exposed are left out entirely: their hosts are unknown (404) and they claim no
+/// `router.host=` host.
 pub fn build(
     catalog: &BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
     catalog_tags: &CatalogTags,
     opts: &BuildOptions,
     reg: &mut StateRegistry,
 ) -> RoutingTable {
+    let consul = catalog;
+    let merged;
+    let catalog = if opts.static_services.is_empty() {
+        catalog
+    } else {
+        merged = with_static(catalog, &opts.static_services);
+        &merged
+    };
     reg.generation += 1;
     let mut services = NameMap::with_capacity_and_hasher(catalog.len(), Default::default());
     let mut hosts: NameMap<Arc<Service>> = NameMap::default();
@@ -111,7 +134,11 @@ pub fn build(
         if !is_exposed(name, tags, specs, opts, &mut odd_expose) {
             continue;
         }
-        let service = make_service(name, specs, opts, reg, &mut live_instances);
+        // Not read yet (a restart): the service list's tags give its hosts meanwhile, so
+        // they answer 503 until the instances arrive, not 404.
+        let unread = consul.get(name).is_none_or(|s| s.is_empty());
+        let early_hosts = tags.filter(|_| unread).unwrap_or_default();
+        let service = make_service(name, specs, early_hosts, opts, reg, &mut live_instances);
         for h in service.hosts.iter() {
             // Services are visited in name order, so the first claim wins deterministically.
             match hosts.get(h) {
@@ -140,7 +167,7 @@ pub fn build(
             continue;
         }
         if let Some((name, specs)) = catalog.get_key_value(&*name) {
-            let service = make_service(name, specs, opts, reg, &mut live_instances);
+            let service = make_service(name, specs, &[], opts, reg, &mut live_instances);
             internal.insert(name.as_ref().into(), service);
         }
     }
@@ -150,6 +177,8 @@ pub fn build(
         .retain(|k, _| services.contains_key(k.as_str()) || internal.contains_key(k.as_str()));
     reg.warned.retain(|k| services.contains_key(k.as_str()));
     reg.warned_proto.retain(|k| live_instances.contains(k));
+    reg.warned_tags
+        .retain(|(k, _)| services.contains_key(k.as_str()) || internal.contains_key(k.as_str()));
     for name in odd_expose.difference(&reg.warned_expose) {
         tracing::warn!(service = %name, "router.expose= is neither true nor false; the service is not routed");
     }
@@ -229,11 +258,47 @@ impl TagMarks {
     }
 }
 
+/// `catalog` with each static service's instances added (after Consul's, when Consul knows
+/// the name too).
+fn with_static(
+    catalog: &BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
+    statics: &[StaticService],
+) -> BTreeMap<Arc<str>, Arc<[InstanceSpec]>> {
+    let mut out = catalog.clone();
+    for s in statics {
+        let from_consul = catalog.get(s.name.as_str()).map_or(&[][..], |v| &v[..]);
+        let specs: Vec<InstanceSpec> = from_consul.iter().cloned().chain(static_specs(s)).collect();
+        out.insert(Arc::from(s.name.as_str()), specs.into());
+    }
+    out
+}
+
+/// A static service's instances as Consul would give them: always passing, exposed, with
+/// its hosts and strategy as tags.
+fn static_specs(s: &StaticService) -> impl Iterator<Item = InstanceSpec> + '_ {
+    let mut tags = vec![format!("{EXPOSE_TAG}true")];
+    tags.extend(s.hosts.iter().map(|h| format!("{HOST_TAG}{h}")));
+    tags.extend(s.strategy.map(|st| format!("{STRATEGY_TAG}{st}")));
+    s.instances.iter().map(move |i| InstanceSpec {
+        id: format!("static:{}:{}", i.host, i.port),
+        node: "static".into(),
+        address: i.host.clone(),
+        port: i.port,
+        tags: tags.clone(),
+        load: None,
+        weight_passing: i.weight,
+        weight_warning: i.weight,
+        health: Health::Passing,
+    })
+}
+
 /// One service's snapshot: its instances (state reused through `reg`), routable first,
-/// its picker, hosts and access policy.
+/// its picker, hosts (its instances' `router.host=` tags, and `early_hosts`' while none is
+/// read) and access policy.
 fn make_service(
     name: &Arc<str>,
     specs: &[InstanceSpec],
+    early_hosts: &[String],
     opts: &BuildOptions,
     reg: &mut StateRegistry,
     live_instances: &mut HashSet<(String, String, u16)>,
@@ -251,6 +316,7 @@ fn make_service(
                 .entry(key.clone())
                 .or_insert_with(|| Arc::new(InstanceState::new(opts.max_idle_per_instance)))
                 .clone();
+            state.dns.set_ttl(opts.dns_ttl);
             let mut inst = make_instance(spec, state, own.unwrap_or(proto));
             if own != Some(proto) {
                 // Fail closed: an unknown value may be a typo of `h2` (TLS), and a
@@ -281,15 +347,24 @@ fn make_service(
             .then_with(|| a.node.cmp(&b.node))
     });
     let n_routable = instances.iter().filter(|i| routable(i)).count();
-    let picker = Picker::new(strategy, &instances[..n_routable]);
     let stats = reg
         .services
         .entry(name.to_string())
         .or_insert_with(|| Arc::new(ServiceStats::new(reg.epoch)))
         .clone();
+    // Slow start: an instance that just became routable ramps, except in the first table.
+    let now = stats.millis(Instant::now());
+    for (i, inst) in instances.iter().enumerate() {
+        let first = reg.generation == 1;
+        inst.state.outlier.set_routable(i < n_routable, now, first);
+    }
+    let factor = tag_vote(name, specs, BALANCE_FACTOR_TAG, parse_factor, reg);
+    let picker = Picker::new(strategy, &instances[..n_routable]).with_balance_factor(factor);
+    let outlier_5xx = tag_vote(name, specs, OUTLIER_5XX_TAG, FailureStatuses::parse, reg);
     let mut own_hosts: Vec<Box<str>> = specs
         .iter()
         .flat_map(|s| s.tags.iter())
+        .chain(early_hosts)
         .filter_map(|t| t.strip_prefix(HOST_TAG))
         .filter_map(normalize_host_tag)
         .collect();
@@ -304,7 +379,54 @@ fn make_service(
         picker,
         stats,
         access: Access::from_specs(name, specs).map(Box::new),
+        outlier_5xx: outlier_5xx.unwrap_or_default(),
     })
+}
+
+/// A `router.hash-balance-factor=` value: a whole percent, at least 100.
+fn parse_factor(v: &str) -> Result<u32, String> {
+    match v.trim().parse::<u32>() {
+        Ok(n) if (100..=10_000).contains(&n) => Ok(n),
+        _ => Err(format!("{v:?} is not a percent between 100 and 10000")),
+    }
+}
+
+/// The value of tag `prefix` most of a service's instances give (ties: the least), `None`
+/// when none gives one. Values that do not parse are ignored with a warning; instances
+/// that disagree are logged once until they agree, as for `router.strategy=`.
+fn tag_vote<T: Ord + Copy + std::fmt::Debug>(
+    service: &str,
+    specs: &[InstanceSpec],
+    prefix: &'static str,
+    parse: impl Fn(&str) -> Result<T, String>,
+    reg: &mut StateRegistry,
+) -> Option<T> {
+    let mut votes: BTreeMap<T, usize> = BTreeMap::new();
+    for tag in specs.iter().flat_map(|s| s.tags.iter()) {
+        if let Some(v) = tag.strip_prefix(prefix) {
+            match parse(v) {
+                Ok(x) => *votes.entry(x).or_default() += 1,
+                Err(e) => tracing::warn!(service, tag = %tag, "ignoring tag: {e}"),
+            }
+        }
+    }
+    let key = (service.to_owned(), prefix);
+    if votes.len() > 1 {
+        if reg.warned_tags.insert(key) {
+            tracing::warn!(
+                service,
+                tag = prefix,
+                ?votes,
+                "instances disagree on a tag; the most named wins"
+            );
+        }
+    } else {
+        reg.warned_tags.remove(&key);
+    }
+    votes
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then_with(|| b.0.cmp(a.0)))
+        .map(|(x, _)| *x)
 }
 
 /// An instance's `router.proto=` protocol: HTTP/1 without the tag, `None` for a value the
@@ -434,6 +556,8 @@ pub(crate) mod testing {
             max_idle_per_instance: 1,
             exclude_services: vec![],
             expose: Expose::All,
+            static_services: Default::default(),
+            dns_ttl: Duration::from_secs(30),
         };
         build(
             &catalog,
@@ -461,6 +585,8 @@ mod tests {
                 .map(|s| s.to_string())
                 .collect(),
             expose: Expose::All,
+            static_services: Default::default(),
+            dns_ttl: Duration::from_secs(30),
         }
     }
 
@@ -576,6 +702,99 @@ mod tests {
     }
 
     #[test]
+    fn outlier_and_balance_tags_by_majority() {
+        let c = catalog(vec![
+            (
+                "hot",
+                vec![
+                    spec(
+                        "a",
+                        1,
+                        Health::Passing,
+                        &[
+                            "router.strategy=url-hash",
+                            "router.hash-balance-factor=125",
+                            "router.outlier-5xx=all",
+                        ],
+                    ),
+                    spec(
+                        "b",
+                        2,
+                        Health::Passing,
+                        &["router.strategy=url-hash", "router.hash-balance-factor=125"],
+                    ),
+                    spec(
+                        "c",
+                        3,
+                        Health::Passing,
+                        &["router.strategy=url-hash", "router.hash-balance-factor=150"],
+                    ),
+                ],
+            ),
+            (
+                "odd",
+                vec![spec(
+                    "d",
+                    4,
+                    Health::Passing,
+                    &["router.hash-balance-factor=90", "router.outlier-5xx=404"],
+                )],
+            ),
+            (
+                "plain",
+                vec![spec(
+                    "e",
+                    5,
+                    Health::Passing,
+                    &["router.hash-balance-factor=200"],
+                )],
+            ),
+        ]);
+        let mut reg = StateRegistry::default();
+        let t = build(&c, &CatalogTags::new(), &opts(), &mut reg);
+        let hot = &t.services["hot"];
+        assert_eq!(hot.hash_balance_factor(), Some(125));
+        assert_eq!(hot.outlier_5xx, FailureStatuses::ALL);
+        assert!(reg
+            .warned_tags
+            .contains(&("hot".to_owned(), BALANCE_FACTOR_TAG)));
+        // Values that do not parse are ignored: the defaults.
+        let odd = &t.services["odd"];
+        assert_eq!(odd.hash_balance_factor(), None);
+        assert_eq!(odd.outlier_5xx, FailureStatuses::default());
+        // A factor means nothing to a strategy without a key.
+        assert_eq!(t.services["plain"].hash_balance_factor(), None);
+    }
+
+    #[test]
+    fn only_instances_that_join_after_the_first_table_ramp() {
+        let mut reg = StateRegistry::default();
+        let c1 = catalog(vec![("web", vec![spec("a", 1, Health::Passing, &[])])]);
+        let t1 = build(&c1, &CatalogTags::new(), &opts(), &mut reg);
+        let a = t1.services["web"].routable()[0].state.clone();
+        let c2 = catalog(vec![(
+            "web",
+            vec![
+                spec("a", 1, Health::Passing, &[]),
+                spec("b", 2, Health::Passing, &[]),
+            ],
+        )]);
+        let t2 = build(&c2, &CatalogTags::new(), &opts(), &mut reg);
+        let now = t2.services["web"].stats.millis(Instant::now());
+        let ramp = |id: &str| {
+            let i = t2.services["web"]
+                .instances
+                .iter()
+                .find(|i| &*i.id == id)
+                .unwrap();
+            i.state.outlier.ramp(now, 60_000)
+        };
+        assert_eq!(ramp("a"), 1.0, "in the first table");
+        assert!(ramp("b") < 0.2, "joined later");
+        assert!(Arc::ptr_eq(&a, &t2.services["web"].instances[0].state));
+    }
+
+    #[test]
     fn state_survives_rebuilds_and_is_dropped_with_the_instance() {
         let mut reg = StateRegistry::default();
         let c1 = catalog(vec![("chat", vec![spec("a", 1, Health::Passing, &[])])]);
@@ -630,6 +849,101 @@ mod tests {
         );
         let s = t.lookup("chat.app.example.net").unwrap();
         assert!(s.pick(0, Exclude::default()).is_none());
+    }
+
+    #[test]
+    fn tag_hosts_answer_before_the_instances_are_read() {
+        // After a restart the service list is read first: its tags map the host at once.
+        let listed = tags(&[("chat", &["router.host=chat.example.com"])]);
+        let mut reg = StateRegistry::default();
+        let t = build(&catalog(vec![("chat", vec![])]), &listed, &opts(), &mut reg);
+        let s = t.lookup("chat.example.com").expect("known: 503, not 404");
+        assert_eq!(s.routable, 0);
+        // Once read, the instances' own tags decide: a host they dropped is gone.
+        let read = catalog(vec![("chat", vec![spec("c-1", 1, Health::Passing, &[])])]);
+        let t = build(&read, &listed, &opts(), &mut reg);
+        assert!(t.lookup("chat.example.com").is_none());
+        assert!(t.lookup("chat.app.example.net").is_some());
+    }
+
+    #[test]
+    fn static_services_are_routed_and_merged_with_consul() {
+        use crate::config::{StaticInstance, StaticService};
+        let statics: Arc<[StaticService]> = vec![
+            StaticService {
+                name: "legacy".into(),
+                strategy: Some(Strategy::LeastLoad),
+                hosts: vec!["Old.Example.com".into()],
+                instances: vec![
+                    StaticInstance {
+                        host: "10.0.0.5".into(),
+                        port: 8080,
+                        weight: 1,
+                    },
+                    StaticInstance {
+                        host: "db.local".into(),
+                        port: 8080,
+                        weight: 2,
+                    },
+                ],
+            },
+            StaticService {
+                name: "web".into(),
+                strategy: None,
+                hosts: vec![],
+                instances: vec![StaticInstance {
+                    host: "10.0.0.9".into(),
+                    port: 80,
+                    weight: 1,
+                }],
+            },
+        ]
+        .into();
+        let o = BuildOptions {
+            static_services: statics,
+            expose: Expose::Tagged,
+            ..opts()
+        };
+        let c = catalog(vec![(
+            "web",
+            vec![spec("w-1", 1, Health::Passing, &["router.expose=true"])],
+        )]);
+        let t = build(&c, &CatalogTags::new(), &o, &mut StateRegistry::default());
+        // Routed under expose = "tagged" too, by name and by its hosts.
+        let legacy = t.lookup("legacy.app.example.net").expect("by name");
+        assert!(Arc::ptr_eq(
+            legacy,
+            t.lookup("old.example.com").expect("host")
+        ));
+        assert_eq!(legacy.routable, 2);
+        assert_eq!(legacy.picker.strategy(), Strategy::LeastLoad);
+        let by_addr: Vec<(&str, Option<SocketAddr>, u32)> = legacy
+            .routable()
+            .iter()
+            .map(|i| (&*i.address, i.socket, i.weight))
+            .collect();
+        assert_eq!(
+            by_addr,
+            [
+                ("10.0.0.5", Some("10.0.0.5:8080".parse().unwrap()), 1),
+                ("db.local", None, 2)
+            ]
+        );
+        // A name Consul knows too: Consul's instances plus the static ones.
+        let web: Vec<&str> = t.services["web"]
+            .routable()
+            .iter()
+            .map(|i| &*i.id)
+            .collect();
+        assert_eq!(web, ["static:10.0.0.9:80", "w-1"]);
+        // With an empty catalog (no Consul yet, or none at all) they are routed alone.
+        let t = build(
+            &catalog(vec![]),
+            &CatalogTags::new(),
+            &o,
+            &mut StateRegistry::default(),
+        );
+        assert_eq!(routed(&t), ["legacy", "web"]);
     }
 
     fn tags(entries: &[(&str, &[&str])]) -> CatalogTags {

@@ -28,6 +28,8 @@ pub struct Routes {
     current: ArcSwap<RoutingTable>,
     /// Metrics of requests no service took (`service="unknown"`), kept as tables change.
     pub unrouted: crate::metrics::ServiceMetrics,
+    /// Why the table is not live yet, as `/healthz` tells it (discovery sets it).
+    waiting: arc_swap::ArcSwapOption<String>,
 }
 
 impl Routes {
@@ -36,7 +38,18 @@ impl Routes {
         Routes {
             current: ArcSwap::from_pointee(RoutingTable::empty()),
             unrouted: crate::metrics::ServiceMetrics::default(),
+            waiting: arc_swap::ArcSwapOption::empty(),
         }
+    }
+
+    /// Says why the table is not live yet (`None`: no particular reason).
+    pub fn set_waiting(&self, reason: Option<String>) {
+        self.waiting.store(reason.map(Arc::new));
+    }
+
+    /// Why the table is not live yet, if discovery said.
+    pub fn waiting(&self) -> Option<Arc<String>> {
+        self.waiting.load_full()
     }
 
     /// The current snapshot (lock-free; cheap enough for every request).

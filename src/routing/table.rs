@@ -11,7 +11,8 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::balance::{Candidate, Exclude, Picker, Strategy};
-pub use crate::upstream::{InstanceState, Proto};
+use crate::upstream::RetryBudget;
+pub use crate::upstream::{FailureStatuses, InstanceState, Proto};
 
 /// The `state` labels of instance counts, in [`Service::instance_counts`] order.
 pub const INSTANCE_STATES: [&str; 5] =
@@ -72,6 +73,8 @@ pub struct ServiceStats {
     /// Request metrics, created on the first request and kept with the service, so a
     /// request does no lookup.
     pub metrics: crate::metrics::LazyMetrics,
+    /// What its retries may still add.
+    pub retry_budget: RetryBudget,
 }
 
 impl ServiceStats {
@@ -81,7 +84,13 @@ impl ServiceStats {
             last_used: AtomicU64::new(0),
             epoch,
             metrics: crate::metrics::LazyMetrics::default(),
+            retry_budget: RetryBudget::default(),
         }
+    }
+
+    /// `t` as milliseconds since the epoch, the clock of instances' outlier state.
+    pub fn millis(&self, t: Instant) -> u64 {
+        u64::try_from(t.saturating_duration_since(self.epoch).as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Marks the service as used now. A load first, so a busy service does not bounce the
@@ -168,6 +177,8 @@ pub struct Service {
     pub stats: Arc<ServiceStats>,
     /// Who may call it (`router.allow=`, `router.auth=`); `None`: anyone.
     pub access: Option<Box<super::Access>>,
+    /// Response statuses that count as an instance's failure (`router.outlier-5xx=`).
+    pub outlier_5xx: FailureStatuses,
 }
 
 impl Service {
@@ -191,6 +202,19 @@ impl Service {
         counts[3] = self.instances.len() - self.routable;
         counts[4] = self.routable;
         counts
+    }
+
+    /// The bounded-load factor of its hashing, in percent (`router.hash-balance-factor=`).
+    pub fn hash_balance_factor(&self) -> Option<u32> {
+        self.picker.balance_factor()
+    }
+
+    /// How many routable instances are ejected at `now` (a scan: only when one may be).
+    pub fn ejected(&self, now: u64) -> usize {
+        self.routable()
+            .iter()
+            .filter(|i| i.state.outlier.is_ejected(now))
+            .count()
     }
 
     /// Picks a routable instance for `key`, skipping `exclude`d positions.

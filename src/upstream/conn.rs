@@ -9,6 +9,7 @@ use std::time::Duration;
 use hyper::client::conn::http1::SendRequest;
 use tokio::net::TcpStream;
 
+use super::dns::DnsCache;
 use super::pool::Pooled;
 use super::RequestBody;
 
@@ -39,17 +40,22 @@ pub enum ConnectError {
 }
 
 /// Opens a TCP connection within `timeout`, with Nagle off: to `socket` when the address is
-/// an IP (the usual case), else to `host:port` resolved now.
+/// an IP (the usual case), else to `host:port` resolved through the instance's `dns` cache
+/// (each address in turn).
 pub async fn connect_tcp(
     socket: Option<SocketAddr>,
     host: &str,
     port: u16,
+    dns: &DnsCache,
     timeout: Duration,
 ) -> Result<TcpStream, ConnectError> {
     let connecting = async {
         match socket {
             Some(addr) => TcpStream::connect(addr).await,
-            None => TcpStream::connect((host, port)).await,
+            None => {
+                let resolved = dns.addrs(host, port).await?;
+                TcpStream::connect(&resolved.addrs[..]).await
+            }
         }
     };
     let stream = match tokio::time::timeout(timeout, connecting).await {

@@ -251,6 +251,8 @@ pub struct Target<'a> {
     pub port: u16,
     /// TLS (`h2`) or cleartext (`h2c`).
     pub tls: bool,
+    /// The instance's resolved addresses, when `host` is a name.
+    pub dns: &'a super::DnsCache,
 }
 
 impl H2Pool {
@@ -396,7 +398,7 @@ async fn connect(
     settings: &H2Settings,
     limit: Duration,
 ) -> Result<Arc<H2Conn>, ConnectError> {
-    let tcp = connect_tcp(target.socket, target.host, target.port, limit).await?;
+    let tcp = connect_tcp(target.socket, target.host, target.port, target.dns, limit).await?;
     if !target.tls {
         return handshake(tcp, settings).await;
     }

@@ -2,21 +2,27 @@
 //! (in-flight count, idle connections), connecting, and what can go wrong talking to an
 //! instance. Routing builds on this; the proxy uses both.
 
+mod budget;
 mod conn;
+mod dns;
 pub mod h2pool;
+mod outlier;
 mod pool;
 mod stall;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+pub use budget::{BudgetRules, RetryBudget};
 pub use conn::{connect_tcp, BackendConn, ConnectError, Sender};
+pub use dns::{DnsCache, Resolved};
 pub use h2pool::{H2Body, H2Lease, H2Pool, H2Settings, Proto};
+pub use outlier::{FailureStatuses, Outlier, OutlierRules};
 pub use pool::{IdlePool, Pooled};
 pub use stall::{BoxError, RequestBody, Stall, Stalled};
 
-/// Per-instance state that outlives table rebuilds: in-flight count, reported load and idle
-/// connections.
+/// Per-instance state that outlives table rebuilds: in-flight count, reported load, passive
+/// health and idle connections.
 #[derive(Debug)]
 pub struct InstanceState {
     /// Requests in flight to this instance from this router.
@@ -29,6 +35,10 @@ pub struct InstanceState {
     pub idle_hyper: IdlePool<Sender>,
     /// Multiplexed connections, for `router.proto=h2c`/`h2` instances.
     pub h2: H2Pool,
+    /// Consecutive failures, ejection and slow-start ramp.
+    pub outlier: Outlier,
+    /// The addresses of a host-name instance address, kept for `consul.dns_ttl`.
+    pub dns: DnsCache,
 }
 
 impl InstanceState {
@@ -40,6 +50,8 @@ impl InstanceState {
             idle: IdlePool::new(max_idle),
             idle_hyper: IdlePool::new(max_idle),
             h2: H2Pool::default(),
+            outlier: Outlier::default(),
+            dns: DnsCache::default(),
         }
     }
 }

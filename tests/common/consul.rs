@@ -71,6 +71,12 @@ impl ConsulAgent {
         panic!("no consul dev agent got a leader in 3 tries");
     }
 
+    /// A dev agent whose HTTP API is on `http_port` (a port the test chose, say one a router
+    /// already points at), its other ports free.
+    pub async fn start_at(http_port: u16) -> ConsulAgent {
+        Self::start_on(http_port, [free_port(), free_port(), free_port()]).await
+    }
+
     async fn start_on(http_port: u16, ports: [u16; 3]) -> ConsulAgent {
         Self::try_start_on(http_port, ports, Duration::from_secs(60))
             .await

@@ -1,5 +1,6 @@
 //! FAKE Consul, for what a real agent cannot be made to do: answer 500s, send an index that
-//! goes backwards, hang, or refuse the endpoints of a bulk read. It serves just
+//! goes backwards, hang, refuse the endpoints of a bulk read, or read a service slowly (the
+//! window after a restart); it can also mark answers as filtered by ACLs. It serves just
 //! /v1/catalog/services, /v1/health/service/<name> and an empty /v1/health/state/any from a
 //! scripted model (no /v1/catalog/nodes: a bulk read fails). Everything else in the suite runs against a real `consul agent -dev`.
 
@@ -34,6 +35,12 @@ pub struct Model {
     pub requests: u64,
     /// Requests per path.
     pub paths: BTreeMap<String, u64>,
+    /// service -> tags, in the service list and on each instance.
+    pub tags: BTreeMap<String, Vec<String>>,
+    /// How long `/v1/health/service/<name>` takes to answer (a slow read after a restart).
+    pub health_delay: Duration,
+    /// Answers carry `X-Consul-Results-Filtered-By-ACLs: true`.
+    pub acl_filtered: bool,
 }
 
 pub struct FakeConsul {
@@ -52,6 +59,9 @@ impl FakeConsul {
             services: BTreeMap::new(),
             requests: 0,
             paths: BTreeMap::new(),
+            tags: BTreeMap::new(),
+            health_delay: Duration::ZERO,
+            acl_filtered: false,
         }));
         let m = model.clone();
         let task = super::serve_http(listener, move |req| answer(m.clone(), req));
@@ -85,12 +95,15 @@ async fn answer(
         .find_map(|kv| kv.strip_prefix("index="))
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
-    let mode = {
+    let (mode, health_delay) = {
         let mut m = model.lock().unwrap();
         m.requests += 1;
         *m.paths.entry(req.uri().path().to_owned()).or_default() += 1;
-        m.mode
+        (m.mode, m.health_delay)
     };
+    if req.uri().path().starts_with("/v1/health/service/") {
+        tokio::time::sleep(health_delay).await;
+    }
     match mode {
         Mode::Hang => std::future::pending::<()>().await,
         Mode::Error500 => {
@@ -107,7 +120,11 @@ async fn answer(
     let m = model.lock().unwrap();
     let path = req.uri().path();
     let body = if path == "/v1/catalog/services" {
-        let map: BTreeMap<&String, Vec<String>> = m.services.keys().map(|k| (k, vec![])).collect();
+        let map: BTreeMap<&String, Vec<String>> = m
+            .services
+            .keys()
+            .map(|k| (k, m.tags.get(k).cloned().unwrap_or_default()))
+            .collect();
         serde_json::to_string(&map).unwrap()
     } else if let Some(name) = path.strip_prefix("/v1/health/service/") {
         let entries: Vec<serde_json::Value> = m
@@ -116,9 +133,10 @@ async fn answer(
             .into_iter()
             .flatten()
             .map(|(id, port)| {
+                let tags = m.tags.get(name).cloned().unwrap_or_default();
                 serde_json::json!({
                     "Node": {"Node": "fake", "Address": "127.0.0.1"},
-                    "Service": {"ID": id, "Service": name, "Tags": [], "Address": "127.0.0.1",
+                    "Service": {"ID": id, "Service": name, "Tags": tags, "Address": "127.0.0.1",
                                 "Port": port, "Meta": {}, "Weights": {"Passing": 1, "Warning": 1}},
                     "Checks": []
                 })
@@ -135,5 +153,11 @@ async fn answer(
     let mut r = Response::new(Full::new(Bytes::from(body)));
     r.headers_mut()
         .insert("x-consul-index", m.index.to_string().parse().unwrap());
+    if m.acl_filtered {
+        r.headers_mut().insert(
+            "x-consul-results-filtered-by-acls",
+            hyper::header::HeaderValue::from_static("true"),
+        );
+    }
     Ok(r)
 }

@@ -10,10 +10,10 @@ use hyper::body::Incoming;
 use hyper::{Request, Response};
 use hyper_util::rt::TokioIo;
 
-use crate::proxy::attempts::Attempts;
+use crate::proxy::attempts::{connect_backend, Attempts};
 use crate::proxy::error::Error;
 use crate::routing::Instance;
-use crate::upstream::{connect_tcp, ErrorKind, InFlight, RequestBody, Sender, Stall};
+use crate::upstream::{ErrorKind, InFlight, RequestBody, Sender, Stall};
 
 /// Longest wait for a pooled connection to finish its previous exchange.
 const POOLED_READY_WAIT: Duration = Duration::from_millis(100);
@@ -59,12 +59,13 @@ pub async fn send(
         };
         match result {
             Ok((response, sender)) => {
+                attempts.answered(response.status().as_u16());
                 return Ok(Answer {
                     response,
                     sender,
                     in_flight,
                     instance: t.inst.id.clone(),
-                })
+                });
             }
             // The request is handed back when none of it was written; else no retry.
             Err((error, Some(back))) => {
@@ -115,7 +116,7 @@ async fn exchange(
 
 async fn connect(inst: &Instance, attempts: &Attempts<'_>) -> Result<Sender, Error> {
     let limit = attempts.rules().connect_timeout;
-    let stream = connect_tcp(inst.socket, &inst.address, inst.port, limit).await?;
+    let stream = connect_backend(inst, limit).await?.stream;
     let (sender, conn) = hyper::client::conn::http1::Builder::new()
         .handshake(TokioIo::new(stream))
         .await

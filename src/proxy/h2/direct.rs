@@ -88,6 +88,7 @@ pub async fn send(
         let result = tokio::time::timeout_at(due, exchange(conn, head, head_request, load)).await;
         match result.unwrap_or_else(|_| Err(Error::upstream(ErrorKind::ResponseTimeout))) {
             Ok((status, headers, mut body)) => {
+                attempts.answered(status.as_u16());
                 body.in_flight = Some(in_flight);
                 body.stall = attempts.rules().response_timeout;
                 return Ok(Answer {
