@@ -32,6 +32,7 @@ use tokio::task::JoinHandle;
 use crate::access_log::AccessLog;
 use crate::config::Config;
 use crate::consul::{AbortOnDrop, ConsulClient, ConsulError, Discovery, DiscoveryHandle};
+use crate::listener::activation::Role;
 use crate::routing::{BuildOptions, Routes};
 
 pub use crate::reload::Reloaded;
@@ -84,6 +85,10 @@ pub struct Running {
     tls: Option<TlsSide>,
     /// Listeners a reload replaced, still draining their connections.
     retired: Vec<JoinHandle<()>>,
+    /// `proxy.max_connections`, shared by the proxy's listeners (old and new).
+    limit: Arc<listener::ConnLimit>,
+    /// Sockets from socket activation no listener took yet (a reload may).
+    inherited: listener::Inherited,
     discovery: DiscoveryHandle,
     access_log: AccessLog,
     _upkeep: AbortOnDrop,
@@ -120,14 +125,22 @@ struct TlsSide {
 async fn start_tls(
     cfg: &config::TlsConfig,
     proxy: Arc<ArcSwap<proxy::Proxy>>,
+    limit: Arc<listener::ConnLimit>,
+    inherited: &mut listener::Inherited,
+    routes: &Arc<Routes>,
 ) -> Result<(TlsSide, SocketAddr), StartError> {
     let store = tls::CertStore::load(&cfg.certs)?;
     let tls = Arc::new(listener::Tls::new(store)?);
-    let (socket, addr) = bind(cfg.listen).await?;
+    let held = inherited
+        .holds(Role::Https, cfg.listen)
+        .then(|| routes.clone());
+    let (socket, addr) = bind(inherited, Role::Https, cfg.listen).await?;
     let (stop, stopped) = watch::channel(false);
     let layers = listener::Layers {
         proxy_protocol: cfg.proxy_protocol,
         tls: Some(tls.clone()),
+        limit,
+        hold_until_ready: held,
     };
     let task = tokio::spawn(listener::serve(socket, proxy, layers, stopped));
     let poll = tokio::spawn(poll_certs(tls.clone()));
@@ -157,16 +170,25 @@ pub(crate) fn log_reload(report: &tls::ReloadReport) {
 }
 
 impl Running {
-    /// Stops accepting, lets in-flight requests finish (bounded by `proxy.shutdown_grace`),
-    /// then stops discovery.
+    /// Drains: `/healthz` answers 503 at once; the proxy's listeners keep accepting for
+    /// `proxy.shutdown_delay` (so a load balancer in front sees the 503 and stops sending),
+    /// then stop, and in-flight requests finish (bounded by `proxy.shutdown_grace`). The
+    /// admin listener closes last, so `/healthz` says 503 throughout. Then discovery stops.
     pub async fn shutdown(self) {
+        self.admin.drain();
         // A router that stops before its first table never says READY=1.
         drop(self.notify_ready);
+        let delay = self.config.proxy.shutdown_delay;
+        if !delay.is_zero() {
+            tracing::info!(?delay, "draining: /healthz says 503; still accepting");
+            tokio::time::sleep(delay).await;
+        }
         let tls = self.tls.map(|t| t.listener.retire());
-        let tasks = [self.proxy_listener.retire(), self.admin_listener.retire()];
+        let tasks = [self.proxy_listener.retire()];
         for task in tasks.into_iter().chain(tls).chain(self.retired) {
             let _ = task.await;
         }
+        let _ = self.admin_listener.retire().await;
         drop(self.discovery);
         // Write out the access log's queue; bounded, in case its output is stuck.
         let log = self.access_log.clone();
@@ -194,10 +216,21 @@ impl Running {
     }
 }
 
-async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), StartError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| StartError::Bind { addr, source })?;
+/// The listener for `role`: the inherited socket that matches it, else a new one bound at
+/// `addr`.
+async fn bind(
+    inherited: &mut listener::Inherited,
+    role: Role,
+    addr: SocketAddr,
+) -> Result<(TcpListener, SocketAddr), StartError> {
+    let err = |source| StartError::Bind { addr, source };
+    let listener = match inherited.take(role, addr) {
+        Some(socket) => {
+            socket.set_nonblocking(true).map_err(err)?;
+            TcpListener::from_std(socket).map_err(err)?
+        }
+        None => TcpListener::bind(addr).await.map_err(err)?,
+    };
     let local = listener
         .local_addr()
         .map_err(|source| StartError::Bind { addr, source })?;
@@ -230,31 +263,52 @@ fn spawn_proxy(
     listener: TcpListener,
     proxy: Arc<ArcSwap<proxy::Proxy>>,
     proxy_protocol: config::ProxyProtocol,
+    limit: Arc<listener::ConnLimit>,
+    hold_until_ready: Option<Arc<Routes>>,
 ) -> Listener {
     let (stop, stopped) = watch::channel(false);
     let layers = listener::Layers {
         proxy_protocol,
         tls: None,
+        limit,
+        hold_until_ready,
     };
     let task = tokio::spawn(listener::serve(listener, proxy, layers, stopped));
     Listener { stop, task }
 }
 
-fn spawn_admin(listener: TcpListener, admin: Arc<admin::Admin>) -> Listener {
+fn spawn_admin(
+    listener: TcpListener,
+    admin: Arc<admin::Admin>,
+    proxy: Arc<ArcSwap<proxy::Proxy>>,
+) -> Listener {
     let (stop, stopped) = watch::channel(false);
+    // The admin's idle limit is the proxy's, as it is now.
+    let idle = move || proxy.load().header_timeout;
     let task = tokio::spawn(server::serve(
         listener,
         admin,
         stopped,
         Duration::from_secs(1),
+        idle,
     ));
     Listener { stop, task }
 }
 
 /// Binds the listeners and starts discovery, the proxy and the admin API.
 pub async fn start(cfg: Config) -> Result<Running, StartError> {
-    let (proxy_listener, proxy_addr) = bind(cfg.listen).await?;
-    let (admin_listener, admin_addr) = bind(cfg.admin_listen).await?;
+    start_inherited(cfg, listener::Inherited::none()).await
+}
+
+/// [`start`], with the listening sockets of socket activation: each listener takes the one
+/// that matches it (by name, else by address) and binds its own otherwise.
+pub async fn start_inherited(
+    cfg: Config,
+    mut inherited: listener::Inherited,
+) -> Result<Running, StartError> {
+    let proxy_held = inherited.holds(Role::Http, cfg.listen);
+    let (proxy_listener, proxy_addr) = bind(&mut inherited, Role::Http, cfg.listen).await?;
+    let (admin_listener, admin_addr) = bind(&mut inherited, Role::Admin, cfg.admin_listen).await?;
 
     // After the recorder is installed, so the access log's drop counter is a live one.
     let prometheus = metrics::handle();
@@ -274,10 +328,18 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         routes.clone(),
         access_log.clone(),
     )));
-    let proxy_listener = spawn_proxy(proxy_listener, proxy.clone(), cfg.proxy_protocol);
+    let limit = listener::ConnLimit::new(cfg.proxy.max_connections);
+    let proxy_listener = spawn_proxy(
+        proxy_listener,
+        proxy.clone(),
+        cfg.proxy_protocol,
+        limit.clone(),
+        proxy_held.then(|| routes.clone()),
+    );
     let (tls, tls_addr) = match &cfg.tls {
         Some(t) => {
-            let (side, addr) = start_tls(t, proxy.clone()).await?;
+            let (side, addr) =
+                start_tls(t, proxy.clone(), limit.clone(), &mut inherited, &routes).await?;
             (Some(side), Some(addr))
         }
         None => (None, None),
@@ -285,7 +347,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
     let admin = Arc::new(
         admin::Admin::new(routes.clone(), prometheus.clone()).with_token(cfg.admin_token.clone()),
     );
-    let admin_listener = spawn_admin(admin_listener, admin.clone());
+    let admin_listener = spawn_admin(admin_listener, admin.clone(), proxy.clone());
+    inherited.report_unused();
     let upkeep = tokio::spawn(metrics::upkeep(prometheus));
     let reaper = tokio::spawn(reap_idle(routes.clone(), cfg.proxy.idle_timeout));
     let notify_ready = tokio::spawn(notify_ready(routes.clone(), proxy_addr, admin_addr));
@@ -304,6 +367,8 @@ pub async fn start(cfg: Config) -> Result<Running, StartError> {
         proxy_listener,
         admin_listener,
         retired: Vec::new(),
+        limit,
+        inherited,
         discovery,
         access_log,
         _upkeep: AbortOnDrop(upkeep.abort_handle()),

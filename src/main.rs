@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use consul_router::access_log;
 use consul_router::announce::{self, AnnounceArgs};
 use consul_router::config::{Config, LogFormat, Overrides};
+use consul_router::listener::Inherited;
 use consul_router::StartError;
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -131,11 +132,19 @@ fn main() -> ExitCode {
         return ExitCode::SUCCESS;
     }
     init_tracing(&config);
+    // While this is the only thread: taking them changes the environment.
+    let inherited = match Inherited::from_env() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("consul-router: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let source = Source {
         path: cli.config,
         overrides,
     };
-    match run(config, source) {
+    match run(config, source, inherited) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // An access log file or certificate that cannot be read is a configuration error.
@@ -259,7 +268,7 @@ struct Source {
     overrides: Overrides,
 }
 
-fn run(config: Config, source: Source) -> anyhow::Result<()> {
+fn run(config: Config, source: Source, inherited: Inherited) -> anyhow::Result<()> {
     // With the kernel's transparent huge pages "always", each 2 MiB region the allocator
     // touches is backed whole: measured at 10,000 services, 45 of the heap's 64 MB resident
     // were huge pages around 22 MB of live data. The heap is small and the request path
@@ -287,7 +296,7 @@ fn run(config: Config, source: Source) -> anyhow::Result<()> {
         // Before start: from the moment the log file exists, SIGUSR1 reopens it rather than
         // killing the process.
         let mut signals = Signals::new()?;
-        let mut running = consul_router::start(config).await?;
+        let mut running = consul_router::start_inherited(config, inherited).await?;
         let banner = format!(
             "consul-router: proxy on http://{}, admin on http://{}",
             running.proxy_addr, running.admin_addr

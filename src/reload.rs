@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::consul::{AbortOnDrop, ConsulClient, Discovery};
+use crate::listener::activation::Role;
 use crate::{
     bind, build_options, open_access_log, proxy, reap_idle, spawn_admin, spawn_proxy, Running,
     StartError,
@@ -42,13 +43,14 @@ impl Running {
                 done.applied.push(key);
             }
         }
+        // A listener whose address did not change keeps its socket (an inherited one too).
         let proxy_bind = if cfg.listen != old.listen {
-            Some(bind(cfg.listen).await?)
+            Some(bind(&mut self.inherited, Role::Http, cfg.listen).await?)
         } else {
             None
         };
         let admin_bind = if cfg.admin_listen != old.admin_listen {
-            Some(bind(cfg.admin_listen).await?)
+            Some(bind(&mut self.inherited, Role::Admin, cfg.admin_listen).await?)
         } else {
             None
         };
@@ -76,19 +78,28 @@ impl Running {
             self.access_log.clone(),
         )));
         if let Some((listener, addr)) = proxy_bind {
-            let new = spawn_proxy(listener, self.proxy.clone(), cfg.proxy_protocol);
+            let new = spawn_proxy(
+                listener,
+                self.proxy.clone(),
+                cfg.proxy_protocol,
+                self.limit.clone(),
+                None,
+            );
             let old = std::mem::replace(&mut self.proxy_listener, new);
             self.retired.push(old.retire());
             self.proxy_addr = addr;
         }
         if let Some((listener, addr)) = admin_bind {
-            let new = spawn_admin(listener, self.admin.clone());
+            let new = spawn_admin(listener, self.admin.clone(), self.proxy.clone());
             let old = std::mem::replace(&mut self.admin_listener, new);
             self.retired.push(old.retire());
             self.admin_addr = addr;
         }
         self.retired.retain(|t| !t.is_finished());
         self.admin.set_token(cfg.admin_token.clone());
+        if cfg.proxy.max_connections != old.proxy.max_connections {
+            self.limit.set_max(cfg.proxy.max_connections);
+        }
         if cfg.proxy.idle_timeout != old.proxy.idle_timeout {
             let reaper = tokio::spawn(reap_idle(self.routes.clone(), cfg.proxy.idle_timeout));
             self.reaper = AbortOnDrop(reaper.abort_handle());

@@ -167,6 +167,39 @@ fn unit_file_passes_systemd_analyze_verify() {
     }
 }
 
+#[test]
+fn socket_unit_passes_systemd_analyze_verify() {
+    let analyze = systemd_analyze();
+    let read = |name: &str| {
+        std::fs::read_to_string(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("systemd")
+                .join(name),
+        )
+        .unwrap()
+    };
+    let socket = read("consul-router.socket");
+    // The configuration's default addresses, the service it starts, and held across restarts.
+    for line in [
+        "ListenStream=127.0.0.1:8080",
+        "ListenStream=127.0.0.1:9090",
+        "Service=consul-router.service",
+        "WantedBy=sockets.target",
+    ] {
+        assert!(socket.lines().any(|l| l == line), "missing {line:?}");
+    }
+    let dir = TempDir::new("systemd-verify-socket");
+    let service = read("consul-router.service").replace(
+        "/usr/local/bin/consul-router",
+        env!("CARGO_BIN_EXE_consul-router"),
+    );
+    std::fs::write(dir.join("consul-router.service"), service).unwrap();
+    let path = dir.join("consul-router.socket");
+    std::fs::write(&path, &socket).unwrap();
+    let (ok, lines) = verify(&analyze, &path);
+    assert!(ok && lines.is_empty(), "systemd-analyze verify: {lines:#?}");
+}
+
 /// GET with `Host: host` on an open keep-alive connection.
 async fn get_on(
     conn: &mut hyper::client::conn::http1::SendRequest<http_body_util::Full<bytes::Bytes>>,

@@ -51,6 +51,8 @@ pub struct Admin {
     epoch: Instant,
     /// The last `/api/stats` body and when it was made.
     stats_cache: tokio::sync::Mutex<Option<(Instant, Bytes)>>,
+    /// Set when a drain begins (SIGTERM): `/healthz` answers 503 from then on.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Admin {
@@ -62,6 +64,7 @@ impl Admin {
             token: arc_swap::ArcSwapOption::empty(),
             epoch: Instant::now(),
             stats_cache: tokio::sync::Mutex::new(None),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -93,8 +96,17 @@ impl Admin {
         }
     }
 
+    /// A drain began: `/healthz` answers 503 `draining` from now on, so a load balancer
+    /// stops sending before the listeners close.
+    pub fn drain(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn healthz(&self) -> Response<Full<Bytes>> {
-        if self.routes.load().ready {
+        if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+            text(StatusCode::SERVICE_UNAVAILABLE, "draining\n")
+        } else if self.routes.load().ready {
             text(StatusCode::OK, "ok\n")
         } else {
             match self.routes.waiting() {

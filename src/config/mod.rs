@@ -394,6 +394,12 @@ mod tests {
                 "upstream_tls.ca_file",
             ),
             ("[proxy]\nload_header = \"x load\"", "proxy.load_header"),
+            ("[proxy]\nsend_timeout = \"0s\"", "proxy.send_timeout"),
+            ("[proxy]\nshutdown_delay = \"soon\"", "proxy.shutdown_delay"),
+            (
+                "[proxy]\nupgrade_idle_timeout = \"1 fortnight\"",
+                "proxy.upgrade_idle_timeout",
+            ),
             ("[proxy]\nload_header = \"X_Load\"", "proxy.load_header"),
             (
                 "[proxy]\nload_header = \"Content-Length\"",

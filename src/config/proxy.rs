@@ -53,6 +53,14 @@ pub struct FileProxy {
     pub retry_budget_min_per_second: Option<u32>,
     /// Ramp of an instance's share after it became routable; `0s`: whole at once.
     pub slow_start: Option<String>,
+    /// After SIGTERM, how long the listeners keep accepting while `/healthz` says 503.
+    pub shutdown_delay: Option<String>,
+    /// Idle time after which an upgraded (101) connection is closed; `0s` or absent: never.
+    pub upgrade_idle_timeout: Option<String>,
+    /// How long an HTTP/2 client may take no response bytes while some are waiting.
+    pub send_timeout: Option<String>,
+    /// Most open client connections over the proxy's listeners; 0: no limit.
+    pub max_connections: Option<usize>,
 }
 
 /// Validated proxy settings.
@@ -89,6 +97,15 @@ pub struct ProxyConfig {
     pub outlier: OutlierRules,
     /// The retry budget.
     pub retry_budget: BudgetRules,
+    /// After SIGTERM: accept for this long while `/healthz` answers 503, then drain.
+    pub shutdown_delay: Duration,
+    /// Idle limit of an upgraded (101) connection; `None`: none.
+    pub upgrade_idle_timeout: Option<Duration>,
+    /// An HTTP/2 connection whose client takes no response bytes for this long, while
+    /// some wait to be sent, is closed.
+    pub send_timeout: Duration,
+    /// Most open client connections over the proxy's listeners; 0: no limit.
+    pub max_connections: usize,
 }
 
 /// The response header backends report their load in, unless `proxy.load_header` says.
@@ -145,7 +162,19 @@ pub(super) fn validate(p: FileProxy) -> Result<ProxyConfig, ConfigError> {
             percent: p.retry_budget_percent.unwrap_or(20),
             min_per_second: p.retry_budget_min_per_second.unwrap_or(10),
         },
+        shutdown_delay: parse_duration("proxy.shutdown_delay", p.shutdown_delay.as_deref(), "0s")?,
+        upgrade_idle_timeout: Some(parse_duration(
+            "proxy.upgrade_idle_timeout",
+            p.upgrade_idle_timeout.as_deref(),
+            "0s",
+        )?)
+        .filter(|d| !d.is_zero()),
+        send_timeout: parse_duration("proxy.send_timeout", p.send_timeout.as_deref(), "60s")?,
+        max_connections: p.max_connections.unwrap_or(0),
     };
+    if proxy.send_timeout.is_zero() {
+        return Err(invalid("proxy.send_timeout", "must be above zero"));
+    }
     if proxy.retry_budget.percent > 100 {
         return Err(invalid(
             "proxy.retry_budget_percent",

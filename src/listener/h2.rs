@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::proxy::{ConnFacts, Proxy};
-use crate::server::stopped;
+use crate::server::{quiet_for, stopped};
 
 /// How long an HTTP/2 connection that is closing, with no stream open, may take to finish
 /// its GOAWAY exchange before it is dropped. A peer that never completed the handshake or
@@ -52,18 +52,24 @@ pub(super) fn h2_builder(proxy: &Proxy) -> http2::Builder<TokioExecutor> {
 }
 
 /// One HTTP/2 connection through hyper. It is closed (GOAWAY, then dropped if it has not
-/// finished within [`H2_CLOSE_WAIT`]) on shutdown, or once no stream has been open for
-/// `proxy.header_timeout`, which also bounds the handshake.
+/// finished within [`H2_CLOSE_WAIT`]) on shutdown, once no stream has been open for
+/// `proxy.header_timeout` (which also bounds the handshake), or once the client has taken
+/// no response bytes for `proxy.send_timeout` while some wait for it (a client that keeps
+/// its flow-control window at zero: hyper polls a body only when the window has room, so
+/// neither the stall timer nor keep-alive PINGs, which it answers, would see it).
 pub(super) async fn serve_h2<T>(
     io: T,
     proxy: Arc<Proxy>,
     builder: &http2::Builder<TokioExecutor>,
     facts: ConnFacts,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let idle_limit = proxy.header_timeout;
+    let limits = Limits {
+        idle: proxy.header_timeout,
+        send: Some(proxy.send_timeout),
+    };
     let peer: SocketAddr = facts.peer;
     let streams = Arc::new(Streams::new());
     let conn = Arc::new(facts);
@@ -76,63 +82,141 @@ pub(super) async fn serve_h2<T>(
             let conn = conn.clone();
             async move {
                 let resp = crate::proxy::h2::handle(&core, req, &conn).await;
-                Ok::<_, Infallible>(resp.map(|inner| Counted {
-                    inner,
-                    open: Some(open),
-                }))
+                Ok::<_, Infallible>(resp.map(|inner| Counted::new(inner, open)))
             }
         })
     };
     let conn = builder.serve_connection(TokioIo::new(io), svc);
-    let mut conn = std::pin::pin!(conn);
-    tokio::select! {
+    let conn = std::pin::pin!(conn);
+    drive(
+        conn,
+        |c| c.graceful_shutdown(),
+        &streams,
+        limits,
+        stop,
+        peer,
+    )
+    .await;
+}
+
+/// When a connection driven by [`drive`] is closed besides shutdown.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    /// No stream open for this long.
+    pub idle: Duration,
+    /// Response bytes waiting and none taken by the client for this long; `None`: never.
+    pub send: Option<Duration>,
+}
+
+/// Why [`drive`] began to close a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Closing {
+    Shutdown,
+    Idle,
+    Stalled,
+}
+
+/// Drives a hyper connection whose requests are counted in `streams` until it ends; on
+/// shutdown or past `limits`, asks it to close (`graceful`: GOAWAY for HTTP/2) and drops it
+/// if it has not finished within [`H2_CLOSE_WAIT`] (at once for a stalled client's).
+pub(crate) async fn drive<C, E>(
+    mut conn: Pin<&mut C>,
+    graceful: impl FnOnce(Pin<&mut C>),
+    streams: &Streams,
+    limits: Limits,
+    mut stop: watch::Receiver<bool>,
+    peer: SocketAddr,
+) where
+    C: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let stalled = async {
+        match limits.send {
+            Some(limit) => streams.stalled_for(limit).await,
+            None => std::future::pending().await,
+        }
+    };
+    let closing = tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "h2 connection ended with error");
+                tracing::debug!(%peer, error = %e, "connection ended with error");
             }
             return;
         }
-        _ = stopped(&mut stop) => {}
-        _ = streams.idle_for(idle_limit) => {
-            tracing::debug!(%peer, "h2 connection without open streams for {idle_limit:?}; closing");
+        _ = stopped(&mut stop) => Closing::Shutdown,
+        _ = streams.idle_for(limits.idle) => {
+            tracing::debug!(%peer, "connection without open streams for {:?}; closing", limits.idle);
+            Closing::Idle
         }
-    }
-    conn.as_mut().graceful_shutdown();
-    // Streams still open may finish (on shutdown, within the server's grace period).
+        _ = stalled => {
+            tracing::debug!(%peer, "client took no response bytes for {:?}; closing", limits.send);
+            metrics::counter!("consul_router_send_timeouts_total").increment(1);
+            Closing::Stalled
+        }
+    };
+    graceful(conn.as_mut());
+    // Streams still open may finish (on shutdown, within the server's grace period); a
+    // stalled client's never will.
+    let close_wait = async {
+        if closing == Closing::Stalled {
+            tokio::time::sleep(H2_CLOSE_WAIT).await;
+        } else {
+            streams.idle_for(H2_CLOSE_WAIT).await;
+        }
+    };
     tokio::select! {
         r = conn.as_mut() => {
             if let Err(e) = r {
-                tracing::debug!(%peer, error = %e, "h2 connection ended with error");
+                tracing::debug!(%peer, error = %e, "connection ended with error");
             }
         }
-        _ = streams.idle_for(H2_CLOSE_WAIT) => {
-            tracing::debug!(%peer, "h2 connection still open after GOAWAY; dropping it");
+        _ = close_wait => {
+            tracing::debug!(%peer, "connection still open after GOAWAY; dropping it");
         }
     }
 }
 
 /// The open streams of one HTTP/2 connection and when the last one ended. hyper runs each
 /// stream in its own task, so this is shared and atomic.
-struct Streams {
+pub(crate) struct Streams {
     open: AtomicUsize,
+    /// Streams whose response has bytes for the client that hyper has not asked for yet
+    /// (it asks only when the client's window has room).
+    wanting: AtomicUsize,
+    /// Response frames handed to hyper, over all streams: the client's progress.
+    sent: AtomicU64,
     /// When a stream last ended, in nanoseconds after `start`.
     last_end: AtomicU64,
     start: Instant,
 }
 
 impl Streams {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Streams {
             open: AtomicUsize::new(0),
+            wanting: AtomicUsize::new(0),
+            sent: AtomicU64::new(0),
             last_end: AtomicU64::new(0),
             start: Instant::now(),
         }
     }
 
     /// Counts a stream as open until the guard is dropped.
-    fn enter(self: &Arc<Self>) -> OpenStream {
+    pub(crate) fn enter(self: &Arc<Self>) -> OpenStream {
         self.open.fetch_add(1, Ordering::Relaxed);
-        OpenStream(self.clone())
+        OpenStream {
+            streams: self.clone(),
+            wanting: false,
+        }
+    }
+
+    /// Resolves once some stream has had bytes waiting and the client has taken none for
+    /// `limit`.
+    async fn stalled_for(&self, limit: Duration) {
+        quiet_for(limit, || {
+            (self.wanting.load(Ordering::Relaxed) > 0).then(|| self.sent.load(Ordering::Relaxed))
+        })
+        .await;
     }
 
     /// Resolves once no stream has been open for `limit`, counting from the call at the
@@ -160,11 +244,29 @@ impl Streams {
 }
 
 /// One open stream of a [`Streams`].
-struct OpenStream(Arc<Streams>);
+pub(crate) struct OpenStream {
+    streams: Arc<Streams>,
+    /// Counted in `Streams::wanting`.
+    wanting: bool,
+}
+
+impl OpenStream {
+    fn set_wanting(&mut self, wanting: bool) {
+        if self.wanting != wanting {
+            self.wanting = wanting;
+            if wanting {
+                self.streams.wanting.fetch_add(1, Ordering::Relaxed);
+            } else {
+                self.streams.wanting.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+    }
+}
 
 impl Drop for OpenStream {
     fn drop(&mut self) {
-        let s = &self.0;
+        self.set_wanting(false);
+        let s = &self.streams;
         let at = u64::try_from(s.start.elapsed().as_nanos()).unwrap_or(u64::MAX);
         s.last_end.fetch_max(at, Ordering::Relaxed);
         // Release: whoever sees the count fall sees `last_end` too.
@@ -172,10 +274,23 @@ impl Drop for OpenStream {
     }
 }
 
-/// A response body that keeps its stream counted as open until it ends or is dropped.
+/// A response body that keeps its stream counted as open until it ends or is dropped, and
+/// tells whether it waits for the client: from the head until hyper first asks for a frame,
+/// and after each frame until hyper asks again (hyper asks only when the client's window
+/// has room); not while the body itself has nothing yet.
 struct Counted<B> {
     inner: B,
     open: Option<OpenStream>,
+}
+
+impl<B> Counted<B> {
+    fn new(inner: B, mut open: OpenStream) -> Self {
+        open.set_wanting(true);
+        Counted {
+            inner,
+            open: Some(open),
+        }
+    }
 }
 
 impl<B: Body + Unpin> Body for Counted<B> {
@@ -188,8 +303,19 @@ impl<B: Body + Unpin> Body for Counted<B> {
     ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if let Poll::Ready(None | Some(Err(_))) = polled {
-            this.open = None;
+        match &polled {
+            Poll::Ready(None | Some(Err(_))) => this.open = None,
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(open) = &mut this.open {
+                    open.streams.sent.fetch_add(1, Ordering::Relaxed);
+                    open.set_wanting(true);
+                }
+            }
+            Poll::Pending => {
+                if let Some(open) = &mut this.open {
+                    open.set_wanting(false);
+                }
+            }
         }
         polled
     }

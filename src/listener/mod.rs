@@ -4,7 +4,9 @@
 //! port, SNI, ALPN) are built here once; nothing below this module knows how the bytes
 //! arrived.
 
-mod h2;
+pub mod activation;
+pub(crate) mod h2;
+mod limit;
 pub mod prefixed;
 pub mod proxy_protocol;
 
@@ -18,9 +20,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use crate::proxy::{h1, ConnFacts, Proxy, TlsFacts};
-use crate::server::next_conn;
+use crate::routing::Routes;
+use crate::server::{next_conn, stopped};
 use crate::tls::CertStore;
 
+pub use activation::{ActivationError, Inherited};
+pub use limit::ConnLimit;
 use prefixed::Prefixed;
 pub use proxy_protocol::ProxyProtocol;
 
@@ -28,6 +33,9 @@ pub use proxy_protocol::ProxyProtocol;
 const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 /// What the first read of a connection gets room for (the HTTP/1 path keeps the buffer).
 const FIRST_READ: usize = 4 * 1024;
+/// After the grace period, how long connections that close themselves then (upgraded
+/// ones, with a clean shutdown of both sides) get before the rest are dropped.
+const CLOSE_WAIT: Duration = Duration::from_millis(500);
 
 /// What a listener puts in front of HTTP.
 #[derive(Debug, Clone)]
@@ -36,14 +44,22 @@ pub struct Layers {
     pub proxy_protocol: ProxyProtocol,
     /// TLS termination, with the certificates to choose from.
     pub tls: Option<Arc<Tls>>,
+    /// The open-connection limit, shared by the proxy's listeners.
+    pub limit: Arc<ConnLimit>,
+    /// Accept only once this table is ready (10 s at most): an inherited socket after a
+    /// restart keeps its connections in the backlog until they can be routed, rather than
+    /// answer 503.
+    pub hold_until_ready: Option<Arc<Routes>>,
 }
 
 impl Layers {
-    /// Plain HTTP, no PROXY header.
+    /// Plain HTTP, no PROXY header, no connection limit.
     pub fn plain() -> Self {
         Layers {
             proxy_protocol: ProxyProtocol::Off,
             tls: None,
+            limit: ConnLimit::new(0),
+            hold_until_ready: None,
         }
     }
 }
@@ -86,12 +102,29 @@ pub async fn serve(
     let layers = Arc::new(layers);
     let port = listener.local_addr().map_or(0, |a| a.port());
     let mut conns = tokio::task::JoinSet::new();
-    while let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await {
+    if let Some(routes) = &layers.hold_until_ready {
+        // Bounded: with Consul down, the provisional table (static services, 503s with
+        // Retry-After) is better than a backlog that never moves.
+        tokio::select! {
+            _ = tokio::time::timeout(HOLD_LIMIT, routes_ready(routes)) => {}
+            _ = stopped(&mut shutdown) => {}
+        }
+    }
+    loop {
+        // At max_connections, new connections wait in the kernel's backlog.
+        let slot = tokio::select! {
+            slot = layers.limit.admit() => slot,
+            _ = stopped(&mut shutdown) => break,
+        };
+        let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await else {
+            break;
+        };
         let proxy = current.load_full();
         let stop = shutdown.clone();
         let layers = layers.clone();
         while conns.try_join_next().is_some() {}
         conns.spawn(async move {
+            let _slot = slot;
             connection(proxy, &layers, stream, peer, port, stop).await;
         });
     }
@@ -100,13 +133,29 @@ pub async fn serve(
     let drained =
         tokio::time::timeout(grace, async { while conns.join_next().await.is_some() {} }).await;
     if drained.is_err() {
-        tracing::warn!(
-            ?grace,
-            open = conns.len(),
-            "grace period over; closing remaining connections"
-        );
+        let _ = tokio::time::timeout(CLOSE_WAIT, async {
+            while conns.join_next().await.is_some() {}
+        })
+        .await;
+        if !conns.is_empty() {
+            tracing::warn!(
+                ?grace,
+                open = conns.len(),
+                "grace period over; closing remaining connections"
+            );
+        }
     }
     conns.abort_all();
+}
+
+/// The longest an inherited socket's connections wait in the backlog for the first table.
+const HOLD_LIMIT: Duration = Duration::from_secs(10);
+
+/// Resolves once the first routing table is live.
+async fn routes_ready(routes: &Routes) {
+    while !routes.load().ready {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// Why a connection was closed before any HTTP.

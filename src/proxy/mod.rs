@@ -47,6 +47,11 @@ pub struct Proxy {
     pub(crate) h2_max_concurrent_streams: u32,
     /// `proxy.shutdown_grace`: how long connections may finish when their listener stops.
     pub(crate) shutdown_grace: Duration,
+    /// `proxy.upgrade_idle_timeout`: idle limit of connections joined after a 101.
+    pub(crate) upgrade_idle_timeout: Option<Duration>,
+    /// `proxy.send_timeout`: an HTTP/2 client that takes no response bytes for this long,
+    /// while some wait, loses its connection.
+    pub(crate) send_timeout: Duration,
 }
 
 impl Proxy {
@@ -56,6 +61,10 @@ impl Proxy {
             core: &self.core,
             header_timeout: self.header_timeout,
             upgraded: &self.upgraded,
+            tunnel: h1::TunnelLimits {
+                idle: self.upgrade_idle_timeout,
+                grace: self.shutdown_grace,
+            },
         }
     }
 
@@ -71,6 +80,8 @@ impl Proxy {
             header_timeout: cfg.proxy.header_timeout,
             h2_max_concurrent_streams: cfg.proxy.h2_max_concurrent_streams,
             shutdown_grace: cfg.proxy.shutdown_grace,
+            upgrade_idle_timeout: cfg.proxy.upgrade_idle_timeout,
+            send_timeout: cfg.proxy.send_timeout,
         }
     }
 }

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 /// One retry, in thousandths.
 const RETRY: u64 = 1_000;
+/// The floor's window (linkerd's 10 s): the bucket holds at most this much of the floor,
+/// and starts full.
+const WINDOW_MS: u64 = 10_000;
 
 /// The budget's settings (`[proxy] retry_budget_percent`, `retry_budget_min_per_second`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,9 +31,9 @@ impl Default for BudgetRules {
 }
 
 impl BudgetRules {
-    /// The most the bucket holds: ten seconds of the floor, and at least ten retries.
+    /// The most the bucket holds: the window's worth of the floor, and at least ten retries.
     fn cap(&self) -> u64 {
-        u64::from(self.min_per_second).max(1) * 10 * RETRY
+        u64::from(self.min_per_second).max(1) * WINDOW_MS / 1_000 * RETRY
     }
 }
 
@@ -55,9 +58,9 @@ impl RetryBudget {
         // Stored one ahead, so the epoch's first millisecond is not "never".
         let now = now.saturating_add(1);
         let last = self.refilled.fetch_max(now, Relaxed);
-        // The first ask finds one second of the floor.
+        // The first ask finds the bucket full: a window of the floor.
         let elapsed = if last == 0 {
-            1_000
+            WINDOW_MS
         } else {
             now.saturating_sub(last)
         };
@@ -91,8 +94,8 @@ mod tests {
     fn retries_follow_the_request_rate_plus_a_floor() {
         let r = BudgetRules::default();
         let b = RetryBudget::default();
-        // The first second's floor: 10 retries.
-        assert_eq!(drain(&b, 0, 1_000, &r), 10);
+        // A full bucket at first: ten seconds of the floor.
+        assert_eq!(drain(&b, 0, 1_000, &r), 100);
         // 100 more requests in the same millisecond: 20 more.
         assert_eq!(drain(&b, 100, 1_000, &r), 20);
         // Half a second later, nothing new but the floor: 5.

@@ -12,6 +12,7 @@ mod relay;
 pub mod request;
 pub mod response;
 mod timer;
+mod tunnel;
 
 use std::io::Write as _;
 use std::pin::pin;
@@ -124,6 +125,8 @@ struct Conn<'p, S> {
     header_timeout: Duration,
     /// Connections joined after a 101.
     upgraded: &'p metrics::Gauge,
+    /// `proxy.upgrade_idle_timeout` and `proxy.shutdown_grace`, for joined connections.
+    tunnel: TunnelLimits,
     client: S,
     info: ConnFacts,
     /// The access log's copy of the current request's fields (only when it is on).
@@ -139,6 +142,10 @@ struct Conn<'p, S> {
     shutdown: watch::Receiver<bool>,
     /// The current request is a HEAD: a local answer then has no body.
     head_request: bool,
+    /// A request has been read. A connection without one is not idle but just accepted:
+    /// a drain lets it send its first request (within the header timeout), so one that
+    /// raced the listener's close is served, not closed unanswered.
+    served: bool,
     /// When the connection last went idle (the last response ended). Clock readings are
     /// shared like this so that a request reads the clock twice, not five times.
     idle_since: std::time::Instant,
@@ -153,6 +160,17 @@ pub struct Settings<'a> {
     pub header_timeout: Duration,
     /// Counts connections joined after a 101.
     pub upgraded: &'a metrics::Gauge,
+    /// How long a joined connection may stay idle and may outlive a drain's start.
+    pub tunnel: TunnelLimits,
+}
+
+/// The limits of a connection joined after a 101.
+#[derive(Debug, Clone, Copy)]
+pub struct TunnelLimits {
+    /// `proxy.upgrade_idle_timeout`: closed after this long without a byte; `None`: never.
+    pub idle: Option<Duration>,
+    /// `proxy.shutdown_grace`: closed this long after a drain begins.
+    pub grace: Duration,
 }
 
 /// Serves one client connection on the HTTP/1 fast path until it closes. `read` holds the
@@ -172,6 +190,7 @@ pub async fn serve<S: ClientIo>(
         core: settings.core,
         header_timeout: settings.header_timeout,
         upgraded: settings.upgraded,
+        tunnel: settings.tunnel,
         client,
         info,
         log: LogFields::default(),
@@ -182,6 +201,7 @@ pub async fn serve<S: ClientIo>(
         timer: Timer::new(),
         shutdown,
         head_request: false,
+        served: false,
         idle_since: std::time::Instant::now(),
     };
     conn.run().await;
@@ -205,6 +225,7 @@ impl<S: ClientIo> Conn<'_, S> {
                     return;
                 }
             };
+            self.served = true;
             let keep = match step {
                 Step::Bad(e) => {
                     tracing::debug!(peer = %self.info.peer, error = %e, "bad request head");
@@ -362,7 +383,7 @@ impl<S: ClientIo> Conn<'_, S> {
         if self.cbuf.capacity() - self.cbuf.len() < 1024 {
             self.cbuf.reserve(CLIENT_BUF);
         }
-        let idle = self.cbuf.is_empty();
+        let idle = self.cbuf.is_empty() && self.served;
         if idle && self.closing() {
             return false;
         }
@@ -750,9 +771,16 @@ impl<S: ClientIo> Conn<'_, S> {
         }
         let gauge = self.upgraded;
         gauge.increment(1.0);
-        if let Err(e) = tokio::io::copy_bidirectional(&mut self.client, &mut backend.stream).await {
-            tracing::debug!(error = %e, "upgraded connection ended with error");
-        }
+        let limits = self.tunnel;
+        let shutdown = self.shutdown.clone();
+        tunnel::join(
+            &mut self.client,
+            &mut backend.stream,
+            limits.idle,
+            limits.grace,
+            shutdown,
+        )
+        .await;
         gauge.decrement(1.0);
     }
 }
