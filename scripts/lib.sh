@@ -19,13 +19,18 @@ start_consul() {
     -server-port "$(free_port)" -serf-lan-port "$(free_port)" -serf-wan-port "$(free_port)" \
     -dns-port -1 -grpc-port -1 -hcl 'ports { grpc_tls = -1 }' -log-level warn >/dev/null 2>&1 &
   pids+=($!)
+  wait_leader "$port"
+}
+
+# wait_leader HTTP_PORT: returns once the agent there has a leader (30 s at most).
+wait_leader() {
   local l
-  for _ in $(seq 1 100); do
-    l=$(curl -fsS "127.0.0.1:$port/v1/status/leader" 2>/dev/null || true)
+  for _ in $(seq 1 150); do
+    l=$(curl -fsS "127.0.0.1:$1/v1/status/leader" 2>/dev/null || true)
     [ -n "$l" ] && [ "$l" != '""' ] && return 0
     sleep 0.2
   done
-  echo "consul dev agent on port $port has no leader" >&2
+  echo "consul agent on port $1 has no leader" >&2
   return 1
 }
 

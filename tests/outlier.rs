@@ -382,3 +382,97 @@ async fn a_new_instance_ramps_up() {
     eprintln!("the newcomer got {got_new} of 400");
     assert!((1..60).contains(&got_new), "{got_new}");
 }
+
+/// Forward auth's calls go through the same attempts: an auth service instance that
+/// refuses connections is ejected like any other, so auth calls stop trying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auth_calls_count_for_the_auth_services_instances() {
+    let consul = ConsulAgent::start().await;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sso_port = listener.local_addr().unwrap().port();
+    let _sso = serve_http(listener, |_req: Request<Incoming>| async {
+        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from_static(b"ok"))))
+    });
+    consul.register("sso", "sso-up", sso_port, &[]).await;
+    consul.register("sso", "sso-down", free_port(), &[]).await;
+    let app = Backend::start("app").await;
+    consul
+        .register("app", "app-1", app.port(), &["router.auth=sso"])
+        .await;
+    let router = start_router(
+        &consul.addr(),
+        "[proxy]
+outlier_consecutive_failures = 3
+",
+    )
+    .await;
+    let (proxy, admin) = (router.proxy_addr, router.admin_addr);
+    wait_instances(&router, "sso.app.test", 2).await;
+    wait_instances(&router, "app.app.test", 1).await;
+    for got in over_both(proxy, "app.app.test", 30).await {
+        assert_eq!(got.status, 200, "{}", got.body);
+        assert_eq!(who(&got), "app");
+    }
+    let text = metrics(admin).await;
+    let sso = [("service", "sso")];
+    let errors = sample(&text, "consul_router_upstream_errors_total", &sso);
+    assert_eq!(errors, FAILURES as f64, "{text}");
+    let down = [("service", "sso"), ("instance", "sso-down")];
+    assert_eq!(
+        sample(&text, "consul_router_outlier_ejections_total", &down),
+        1.0,
+        "{text}"
+    );
+}
+
+/// Bounded loads: eight slow requests for one URL, each sent while the earlier ones are in
+/// flight. Plain url-hash sends them all to the key's instance; under
+/// `router.hash-balance-factor=125` no instance holds more than ⌈1.25 × 8 / 4⌉ = 3.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_spills_under_bounded_loads() {
+    let consul = ConsulAgent::start().await;
+    let mut backends = Vec::new();
+    for (service, tags) in [
+        (
+            "hot",
+            &["router.strategy=url-hash", "router.hash-balance-factor=125"][..],
+        ),
+        ("plain", &["router.strategy=url-hash"][..]),
+    ] {
+        for i in 1..=4 {
+            let id = format!("{service}-{i}");
+            let b = Backend::start(&id).await;
+            consul.register(service, &id, b.port(), tags).await;
+            backends.push(b);
+        }
+    }
+    let router = start_router(&consul.addr(), "").await;
+    let proxy = router.proxy_addr;
+    wait_instances(&router, "hot.app.test", 4).await;
+    wait_instances(&router, "plain.app.test", 4).await;
+    for (host, proto, bounded) in [
+        ("hot.app.test", Proto::H1, true),
+        ("hot.app.test", Proto::H2, true),
+        ("plain.app.test", Proto::H1, false),
+    ] {
+        let mut tasks = Vec::new();
+        for _ in 0..8 {
+            let host = host.to_owned();
+            tasks.push(tokio::spawn(async move {
+                let got = request(proto, proxy, ("GET", &host, "/slow/500"), &[], "").await;
+                who(&got)
+            }));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+        }
+        let mut by: HashMap<String, usize> = HashMap::new();
+        for t in tasks {
+            *by.entry(t.await.unwrap()).or_default() += 1;
+        }
+        let most = by.values().copied().max().unwrap_or(0);
+        if bounded {
+            assert!(most <= 3 && by.len() >= 3, "{host} {proto:?}: {by:?}");
+        } else {
+            assert_eq!(by.len(), 1, "plain url-hash keeps the key: {by:?}");
+        }
+    }
+}

@@ -55,6 +55,18 @@ fn describe() {
         "consul_router_consul_requests_total",
         "Requests to Consul's HTTP API by endpoint and outcome."
     );
+    metrics::describe_counter!(
+        "consul_router_consul_server_switches_total",
+        "Moves of discovery's requests from one Consul agent to another (consul.address with several)."
+    );
+    metrics::describe_gauge!(
+        "consul_router_consul_server",
+        "1 for the Consul agent discovery uses now, 0 for the others; set at the first switch."
+    );
+    metrics::describe_counter!(
+        "consul_router_consul_acl_filtered_total",
+        "Consul answers filtered by ACLs (X-Consul-Results-Filtered-By-ACLs), counted once per client like the warning."
+    );
     metrics::describe_gauge!(
         "consul_router_build_info",
         "Always 1; the version in a label."

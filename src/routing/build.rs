@@ -352,11 +352,13 @@ fn make_service(
         .entry(name.to_string())
         .or_insert_with(|| Arc::new(ServiceStats::new(reg.epoch)))
         .clone();
-    // Slow start: an instance that just became routable ramps, except in the first table.
+    // Slow start: an instance that just became routable ramps, unless its service had no
+    // routable instance before (the first tables, provisional ones included, or a service
+    // back from none: there is no one to ramp against).
     let now = stats.millis(Instant::now());
+    let whole = !stats.was_routable(n_routable > 0);
     for (i, inst) in instances.iter().enumerate() {
-        let first = reg.generation == 1;
-        inst.state.outlier.set_routable(i < n_routable, now, first);
+        inst.state.outlier.set_routable(i < n_routable, now, whole);
     }
     let factor = tag_vote(name, specs, BALANCE_FACTOR_TAG, parse_factor, reg);
     let picker = Picker::new(strategy, &instances[..n_routable]).with_balance_factor(factor);
@@ -790,6 +792,17 @@ mod tests {
             i.state.outlier.ramp(now, 60_000)
         };
         assert_eq!(ramp("a"), 1.0, "in the first table");
+        // A service back from no routable instance: its instances start whole.
+        let down = catalog(vec![("web", vec![spec("a", 1, Health::Critical, &[])])]);
+        build(&down, &CatalogTags::new(), &opts(), &mut reg);
+        let t4 = build(&c1, &CatalogTags::new(), &opts(), &mut reg);
+        assert_eq!(
+            t4.services["web"].instances[0]
+                .state
+                .outlier
+                .ramp(now, 60_000),
+            1.0
+        );
         assert!(ramp("b") < 0.2, "joined later");
         assert!(Arc::ptr_eq(&a, &t2.services["web"].instances[0].state));
     }

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap};
 /// and still seeded per process, so host names cannot be chosen to collide.
 pub type NameMap<V> = HashMap<Box<str>, V, foldhash::fast::RandomState>;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -75,6 +75,8 @@ pub struct ServiceStats {
     pub metrics: crate::metrics::LazyMetrics,
     /// What its retries may still add.
     pub retry_budget: RetryBudget,
+    /// Whether the last table gave it a routable instance (slow start's reference).
+    routable: AtomicBool,
 }
 
 impl ServiceStats {
@@ -85,7 +87,13 @@ impl ServiceStats {
             epoch,
             metrics: crate::metrics::LazyMetrics::default(),
             retry_budget: RetryBudget::default(),
+            routable: AtomicBool::new(false),
         }
+    }
+
+    /// Notes whether the new table gives it a routable instance; whether the last one did.
+    pub fn was_routable(&self, now: bool) -> bool {
+        self.routable.swap(now, Ordering::Relaxed)
     }
 
     /// `t` as milliseconds since the epoch, the clock of instances' outlier state.

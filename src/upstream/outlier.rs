@@ -75,7 +75,7 @@ pub struct Outlier {
     level: AtomicU32,
     /// Ejections since the instance was first seen.
     total: AtomicU64,
-    /// When it last became routable (0: in the first table, or never: no ramp).
+    /// When it last became routable (0: whole at once, or never: no ramp).
     since: AtomicU64,
     /// Whether it was routable in the last table.
     routable: AtomicBool,
@@ -140,11 +140,12 @@ impl Outlier {
     }
 
     /// Notes whether it is routable in a new table built at `now`; one that just became
-    /// routable starts its ramp, unless `first` (the first table: everything starts whole).
-    pub fn set_routable(&self, routable: bool, now: u64, first: bool) {
+    /// routable starts its ramp, unless `whole` (its service had no routable instance to
+    /// ramp against: the first table, or a service back from none).
+    pub fn set_routable(&self, routable: bool, now: u64, whole: bool) {
         if self.routable.swap(routable, Relaxed) != routable && routable {
             self.since
-                .store(if first { 0 } else { now.max(1) }, Relaxed);
+                .store(if whole { 0 } else { now.max(1) }, Relaxed);
         }
     }
 
