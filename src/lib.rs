@@ -170,12 +170,18 @@ pub(crate) fn log_reload(report: &tls::ReloadReport) {
 }
 
 impl Running {
-    /// Drains: `/healthz` answers 503 at once; the proxy's listeners keep accepting for
-    /// `proxy.shutdown_delay` (so a load balancer in front sees the 503 and stops sending),
-    /// then stop, and in-flight requests finish (bounded by `proxy.shutdown_grace`). The
-    /// admin listener closes last, so `/healthz` says 503 throughout. Then discovery stops.
-    pub async fn shutdown(self) {
+    /// Drains: `/healthz` answers 503 from this call on (before the future is first
+    /// polled); the proxy's listeners keep accepting for `proxy.shutdown_delay` (so a load
+    /// balancer in front sees the 503 and stops sending), then stop, and in-flight requests
+    /// finish (bounded by `proxy.shutdown_grace`). The admin listener closes last, so
+    /// `/healthz` says 503 throughout. Then discovery stops.
+    pub fn shutdown(self) -> impl std::future::Future<Output = ()> + Send {
         self.admin.drain();
+        self.drain()
+    }
+
+    /// [`Running::shutdown`] once `/healthz` says 503.
+    async fn drain(self) {
         // A router that stops before its first table never says READY=1.
         drop(self.notify_ready);
         let delay = self.config.proxy.shutdown_delay;

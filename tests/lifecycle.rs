@@ -58,6 +58,9 @@ async fn drain_says_503_at_once_and_lets_in_flight_requests_finish() {
         },
     )
     .await;
+    // Two kept-alive connections, idle when the drain begins.
+    let mut late = served(proxy).await;
+    let mut quiet = served(proxy).await;
     let drain = tokio::spawn(router.shutdown());
     // At once: no wait for the delay or the requests.
     let (status, body) =
@@ -71,6 +74,18 @@ async fn drain_says_503_at_once_and_lets_in_flight_requests_finish() {
     // Within shutdown_delay, new connections are still served.
     let during = get(proxy, "svc.app.test", "/").await;
     assert_eq!(during.status, StatusCode::OK);
+    // Once the listener is closed, a request that arrives on an idle kept-alive connection
+    // right then is answered, with Connection: close, and the connection closes.
+    wait_until(Duration::from_secs(5), "the listener closed", || async {
+        TcpStream::connect(proxy).await.is_err()
+    })
+    .await;
+    let head = get_on(&mut late).await.to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(closed_cleanly(&mut late, Duration::from_secs(5)).await);
+    // One that sends nothing is closed with a FIN.
+    assert!(closed_cleanly(&mut quiet, Duration::from_secs(5)).await);
     for (proto, r) in [Proto::H1, Proto::H2].into_iter().zip(slow) {
         let got = r.await.unwrap();
         assert_eq!(got.status, StatusCode::OK, "{proto:?}: {}", got.body);

@@ -87,6 +87,8 @@ const BODY_BUF: usize = 64 * 1024;
 /// After a local answer that closes the connection, how long unread request bytes are
 /// drained so the client sees the answer instead of a reset.
 const LINGER: Duration = Duration::from_secs(1);
+/// When a drain begins, how long an idle keep-alive connection still waits for a request.
+const IDLE_CLOSE_WAIT: Duration = Duration::from_millis(250);
 
 /// What one request needs once its head has been read and rewritten.
 struct Exchange {
@@ -384,19 +386,22 @@ impl<S: ClientIo> Conn<'_, S> {
             self.cbuf.reserve(CLIENT_BUF);
         }
         let idle = self.cbuf.is_empty() && self.served;
-        if idle && self.closing() {
-            return false;
-        }
         let read = self.client.read_buf(&mut self.cbuf);
         let stop = async {
             if idle {
                 let _ = self.shutdown.wait_for(|s| *s).await;
+                // A request already on its way (or in the socket, not yet seen by the
+                // runtime while a drain wakes every connection) is answered, with
+                // `Connection: close`, rather than met by a closed socket.
+                tokio::time::sleep(IDLE_CLOSE_WAIT).await;
             } else {
                 std::future::pending::<()>().await;
             }
         };
         let raced = async {
+            // Bytes that are there win over the drain.
             tokio::select! {
+                biased;
                 r = read => Some(r),
                 _ = stop => None,
             }
