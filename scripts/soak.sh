@@ -49,6 +49,7 @@
 #   scripts/soak.sh                      # 240 s, 10,000 slow + 100 fast connections
 #   DURATION=180 CONNS=2000 scripts/soak.sh
 #   SOAK_LOGS=/tmp/soak-logs scripts/soak.sh   # keep every process's log there
+#   BIN=/path/to/consul-router scripts/soak.sh  # another build of the router
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,7 +67,7 @@ consul_bin="${CONSUL_BIN:-$(scripts/get-consul.sh)}"
 # test-util), which change nothing it does here.
 cargo build --release --locked --bin consul-router --example hello_backend --example soak_load >&2
 release="${CARGO_TARGET_DIR:-target}/release"
-router_bin="$release/consul-router"
+router_bin="${BIN:-$release/consul-router}"
 backend_bin="$release/examples/hello_backend"
 load_bin="$release/examples/soak_load"
 
