@@ -241,7 +241,9 @@ impl<'a> Attempts<'a> {
             return;
         };
         let (outlier, rules) = (&inst.state.outlier, &self.rules.outlier);
-        if !outlier.failure(rules) {
+        // The request's start on the outlier clock: an ejection made while it was in
+        // flight ends after it, so its failure is not counted either.
+        if !outlier.failure(self.now, rules) {
             return;
         }
         let now = self.service.stats.millis(Instant::now());

@@ -105,8 +105,14 @@ impl Outlier {
         }
     }
 
-    /// A failure; true when the run reached `rules`' threshold, so it may be ejected.
-    pub fn failure(&self, rules: &OutlierRules) -> bool {
+    /// A failure at `now`; true when the run reached `rules`' threshold, so it may be
+    /// ejected. Not counted while it is ejected: requests in flight at the ejection, and
+    /// fallback picks, would otherwise build a run that re-ejects it, a level higher, on
+    /// its first failure back.
+    pub fn failure(&self, now: u64, rules: &OutlierRules) -> bool {
+        if self.is_ejected(now) {
+            return false;
+        }
         let run = self.failures.fetch_add(1, Relaxed).saturating_add(1);
         rules.consecutive_failures > 0 && run >= rules.consecutive_failures
     }
@@ -240,12 +246,12 @@ mod tests {
     #[test]
     fn a_run_of_failures_ejects_once_and_a_success_ends_the_run() {
         let o = Outlier::default();
-        assert!(!o.failure(&RULES));
-        assert!(!o.failure(&RULES));
+        assert!(!o.failure(0, &RULES));
+        assert!(!o.failure(0, &RULES));
         o.success();
-        assert!(!o.failure(&RULES));
-        assert!(!o.failure(&RULES));
-        assert!(o.failure(&RULES), "the third in a row");
+        assert!(!o.failure(0, &RULES));
+        assert!(!o.failure(0, &RULES));
+        assert!(o.failure(0, &RULES), "the third in a row");
         assert_eq!(o.eject(100, &RULES), Some(1_100));
         assert!(o.is_ejected(100) && o.is_ejected(1_099) && !o.is_ejected(1_100));
         assert_eq!(o.eject(500, &RULES), None, "no double ejection");
@@ -254,7 +260,21 @@ mod tests {
             consecutive_failures: 0,
             ..RULES
         };
-        assert!(!Outlier::default().failure(&off));
+        assert!(!Outlier::default().failure(0, &off));
+    }
+
+    /// Failures while ejected (requests in flight, fallback picks) are not a run: back
+    /// from the ejection, one failure does not eject it again.
+    #[test]
+    fn failures_while_ejected_do_not_count() {
+        let o = Outlier::default();
+        assert_eq!(o.eject(100, &RULES), Some(1_100));
+        for t in [100, 500, 900, 1_000, 1_099] {
+            assert!(!o.failure(t, &RULES), "at {t}");
+        }
+        assert!(!o.failure(1_100, &RULES), "one failure back is not a run");
+        assert!(!o.failure(1_200, &RULES));
+        assert!(o.failure(1_300, &RULES), "a new run of three");
     }
 
     #[test]
