@@ -113,7 +113,8 @@ impl<'a> Attempts<'a> {
     /// The next instance to try, never one tried already for this request. An ejected
     /// instance is passed over, and one in its slow-start ramp is kept with the chance of
     /// its ramp (random and least-load only: a hash key stays put); the next pick skips
-    /// it. When every pick is passed over, the first is taken: ejection is a guess, and
+    /// it. When every pick is passed over, the first passed over only for its ramp is
+    /// taken, else the first ejected one: ejection is a guess, and
     /// `max_ejection_percent` keeps it from covering a whole service.
     fn next_instance(&mut self) -> Option<&'a Instance> {
         let ramps = self.rules.outlier.slow_start_ms > 0
@@ -122,22 +123,28 @@ impl<'a> Attempts<'a> {
                 Strategy::Random | Strategy::LeastLoad
             );
         let mut skip = self.exclude;
-        let mut first = None;
+        // The first pick passed over only for its ramp, and the first passed over at all:
+        // a live one is taken before an ejected one.
+        let (mut first_live, mut first_any) = (None, None);
         for _ in 0..MAX_SKIPS {
             let Some((pos, inst)) = self.service.pick(self.key, skip) else {
                 break;
             };
             let o = &inst.state.outlier;
-            let passed = o.is_ejected(self.now)
+            let ejected = o.is_ejected(self.now);
+            let skipped = ejected
                 || (ramps && fastrand::f64() >= o.ramp(self.now, self.rules.outlier.slow_start_ms));
-            if !passed {
+            if !skipped {
                 self.exclude.add(pos);
                 return Some(inst);
             }
-            first.get_or_insert((pos, inst));
+            if !ejected {
+                first_live.get_or_insert((pos, inst));
+            }
+            first_any.get_or_insert((pos, inst));
             skip.add(pos);
         }
-        let (pos, inst) = first?;
+        let (pos, inst) = first_live.or(first_any)?;
         self.exclude.add(pos);
         Some(inst)
     }
@@ -386,6 +393,43 @@ mod tests {
         );
         // Not a backend's failure: answered, not counted.
         assert_eq!(a.failed(&Error::new(ErrorType::BadBody)), Next::Answer);
+    }
+
+    fn four(name: &str) -> crate::routing::RoutingTable {
+        let specs = (1..=4)
+            .map(|i| spec(&format!("{name}-{i}"), i, Health::Passing, &[]))
+            .collect();
+        table(vec![(name, specs)])
+    }
+
+    /// With two instances ejected and two ramping, a pick that passes over everything
+    /// takes a ramping one, never an ejected one.
+    #[test]
+    fn the_fallback_pick_prefers_a_live_instance() {
+        let t = four("fallback");
+        let svc = &t.services["fallback"];
+        let rules = AttemptRules {
+            outlier: OutlierRules {
+                slow_start_ms: 60_000,
+                ..RULES.outlier
+            },
+            ..RULES
+        };
+        let start = Instant::now();
+        let now = svc.stats.millis(start);
+        let inst = svc.routable();
+        for i in &inst[..2] {
+            assert!(i.state.outlier.eject(now, &rules.outlier).is_some());
+        }
+        for i in &inst[2..] {
+            i.state.outlier.set_routable(false, now, false);
+            i.state.outlier.set_routable(true, now, false);
+        }
+        for _ in 0..1_000 {
+            let mut a = Attempts::new(&rules, svc, 0, start, true);
+            let got = a.next_instance().unwrap();
+            assert!(!got.state.outlier.is_ejected(now), "picked {}", got.id);
+        }
     }
 
     /// Failures eject an instance that picks then pass over, never beyond
