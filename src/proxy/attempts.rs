@@ -242,7 +242,7 @@ impl<'a> Attempts<'a> {
 
     /// One more failure for the current instance; at the threshold it is ejected, if the
     /// service keeps `max_ejection_percent` of its routable instances (the clock is read
-    /// only then).
+    /// only then), counted and ejected by one request of the service at a time.
     fn instance_failed(&mut self) {
         let Some(inst) = self.current else {
             return;
@@ -254,11 +254,14 @@ impl<'a> Attempts<'a> {
             return;
         }
         let now = self.service.stats.millis(Instant::now());
-        let routable = self.service.routable;
-        if !rules.may_eject(self.service.ejected(now), routable) {
-            return;
-        }
-        if let Some(until) = outlier.eject(now, rules) {
+        let service = self.service;
+        let ejected = service.stats.ejecting(|| {
+            if !rules.may_eject(service.ejected(now), service.routable) {
+                return None;
+            }
+            outlier.eject(now, rules)
+        });
+        if let Some(until) = ejected {
             tracing::info!(
                 service = %self.service.name, instance = %inst.id,
                 seconds = until.saturating_sub(now) as f64 / 1000.0,
@@ -429,6 +432,48 @@ mod tests {
             let mut a = Attempts::new(&rules, svc, 0, start, true);
             let got = a.next_instance().unwrap();
             assert!(!got.state.outlier.is_ejected(now), "picked {}", got.id);
+        }
+    }
+
+    /// Requests failing different instances at once eject no more than
+    /// `max_ejection_percent` (half of 4) between them: one request of a service counts
+    /// and ejects at a time, and a failure at the threshold while another ejects leaves
+    /// the ejection to the instance's next failure.
+    #[test]
+    fn concurrent_ejections_keep_the_share() {
+        let t = four("busy");
+        let svc = &t.services["busy"];
+        let start = Instant::now();
+        let mut a = Attempts::new(&RULES, svc, 0, start, true);
+        a.current = Some(&svc.routable()[0]);
+        a.answered(502);
+        svc.stats.ejecting(|| {
+            a.answered(502);
+            None::<()>
+        });
+        assert_eq!(svc.ejected(svc.stats.millis(Instant::now())), 0);
+        a.answered(502);
+        assert_eq!(svc.ejected(svc.stats.millis(Instant::now())), 1);
+
+        for _ in 0..100 {
+            let t = four("race");
+            let svc = &t.services["race"];
+            let start = Instant::now();
+            let barrier = std::sync::Barrier::new(4);
+            std::thread::scope(|s| {
+                for inst in svc.routable() {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        let mut a = Attempts::new(&RULES, svc, 0, start, true);
+                        a.current = Some(inst);
+                        a.answered(502);
+                        barrier.wait();
+                        a.answered(502);
+                    });
+                }
+            });
+            let now = svc.stats.millis(Instant::now());
+            assert!(svc.ejected(now) <= 2, "{} of 4 ejected", svc.ejected(now));
         }
     }
 

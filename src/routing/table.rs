@@ -77,6 +77,8 @@ pub struct ServiceStats {
     pub retry_budget: RetryBudget,
     /// Whether the last table gave it a routable instance (slow start's reference).
     routable: AtomicBool,
+    /// Whether a request is ejecting one of its instances (see [`ServiceStats::ejecting`]).
+    ejecting: AtomicBool,
 }
 
 impl ServiceStats {
@@ -88,7 +90,21 @@ impl ServiceStats {
             metrics: crate::metrics::LazyMetrics::default(),
             retry_budget: RetryBudget::default(),
             routable: AtomicBool::new(false),
+            ejecting: AtomicBool::new(false),
         }
+    }
+
+    /// Runs `eject` (count the ejected instances, then eject one) unless another request
+    /// of the service is running one: `None` then, and the instance's next failure tries
+    /// again. Two requests ejecting at once could otherwise both find room under
+    /// `max_ejection_percent`. Ejections are rare: a failure at the threshold pays for it.
+    pub fn ejecting<T>(&self, eject: impl FnOnce() -> Option<T>) -> Option<T> {
+        self.ejecting
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .ok()?;
+        let done = eject();
+        self.ejecting.store(false, Ordering::Release);
+        done
     }
 
     /// Notes whether the new table gives it a routable instance; whether the last one did.
