@@ -97,6 +97,10 @@ impl Exclude {
             .iter()
             .any(|&s| s as usize == i)
     }
+    /// How many positions are excluded (at most 16).
+    pub fn len(&self) -> usize {
+        usize::from(self.len)
+    }
     /// Whether nothing is excluded.
     pub fn is_empty(&self) -> bool {
         self.len == 0

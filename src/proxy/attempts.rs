@@ -281,7 +281,8 @@ impl<'a> Attempts<'a> {
     /// The retry rule: counts the error for the service and says what follows it. A
     /// kept-alive connection that broke before any response byte gets one fresh try when
     /// nothing was done or the request can be replayed; a request that did not get
-    /// through whole goes to another instance, up to `retries`; anything else is answered.
+    /// through whole goes to another instance, up to `retries` and while one not tried
+    /// remains (only then is the budget asked); anything else is answered.
     fn failed(&mut self, e: &Error) -> Next {
         let Some(kind) = e.upstream_kind() else {
             return Next::Answer;
@@ -289,7 +290,10 @@ impl<'a> Attempts<'a> {
         self.service.stats.metrics.get().upstream_error(kind);
         if e.reused && kind == ErrorKind::Reset && (e.unsent || self.replayable) {
             Next::FreshConnection
-        } else if e.unsent && self.tries <= self.rules.retries {
+        } else if e.unsent
+            && self.tries <= self.rules.retries
+            && self.exclude.len() < self.service.routable
+        {
             if self.within_budget() {
                 Next::OtherInstance
             } else {
@@ -373,10 +377,13 @@ mod tests {
         let second = a.next_instance().unwrap().id.clone();
         assert_ne!(first, second, "a tried instance is never picked again");
         a.begin();
-        assert_eq!(a.failed(&refused), Next::OtherInstance);
+        assert_eq!(a.failed(&refused), Next::Answer, "no instance left to try");
         assert!(a.next_instance().is_none());
         assert_eq!(a.retries(), 1, "a retry counts only when it happens");
-        a.begin();
+        let mut a = Attempts::new(&RULES, svc, 0, start, true);
+        for _ in 0..3 {
+            a.begin();
+        }
         assert_eq!(a.failed(&refused), Next::Answer, "retries = 2 used up");
 
         // A stale pooled connection: once more, fresh, if it can replay.
@@ -475,6 +482,26 @@ mod tests {
             let now = svc.stats.millis(Instant::now());
             assert!(svc.ejected(now) <= 2, "{} of 4 ejected", svc.ejected(now));
         }
+    }
+
+    /// A service of one instance has nothing to retry on: its failures take nothing from
+    /// the retry budget and count no exhausted budget.
+    #[test]
+    fn no_instance_left_spends_no_budget() {
+        let t = table(vec![("single", vec![spec("s-1", 1, Health::Passing, &[])])]);
+        let svc = &t.services["single"];
+        let start = Instant::now();
+        for _ in 0..150 {
+            let mut a = Attempts::new(&RULES, svc, 0, start, true);
+            assert!(a.next_try_with(|_| None::<()>).is_some());
+            a.try_failed(Error::upstream(ErrorKind::ConnectRefused).unsent(), false);
+            assert!(a.next_try_with(|_| None::<()>).is_none());
+        }
+        let now = svc.stats.millis(start);
+        let left = (0..200)
+            .take_while(|_| svc.stats.retry_budget.withdraw(0, now, &RULES.budget))
+            .count();
+        assert_eq!(left, 100, "the bucket is still full");
     }
 
     /// Failures eject an instance that picks then pass over, never beyond
