@@ -30,7 +30,8 @@ pub fn rendezvous<C: Candidate>(candidates: &[C], key: u64, exclude: Exclude) ->
 
 /// Rendezvous with bounded loads (consistent hashing with bounded loads, HAProxy's
 /// `hash-balance-factor`): the key's first candidate, in its own rendezvous order, whose
-/// in-flight count is under `factor` percent of the average, counting this request
+/// in-flight count is under `factor` percent of the average over the candidates not
+/// excluded, counting this request
 /// (`⌈factor × (total + 1) / n⌉`). The first in that order under the bound is the best
 /// score among those under it, so one pass finds it. A key moves only while its own
 /// instance is over the bound, and then to its next instance. When every one is over
@@ -41,8 +42,15 @@ pub fn bounded<C: Candidate>(
     exclude: Exclude,
     factor: u32,
 ) -> Option<usize> {
-    let total: u64 = candidates.iter().map(Candidate::in_flight).sum();
-    let n = candidates.len().max(1) as u64;
+    // The average over the candidates that may take the key: excluded ones (tried, or
+    // ejected and passed over) carry next to nothing and would pull the bound under every
+    // live instance, turning the bound off.
+    let (total, n) = candidates
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| !exclude.contains(i))
+        .fold((0u64, 0u64), |(t, n), (_, c)| (t + c.in_flight(), n + 1));
+    let n = n.max(1);
     let bound = (u64::from(factor) * (total + 1)).div_ceil(100 * n);
     best(candidates, key, |i, c| {
         !exclude.contains(i) && c.in_flight() < bound
@@ -164,6 +172,17 @@ mod tests {
             }
         }
         assert!(moved > 300, "the owner's keys moved: {moved}");
+        // Two candidates out (tried, or ejected and passed over), nothing in flight on
+        // them: the bound is over the other two, ⌈1.25 × 31 / 2⌉ = 20, not ⌈1.25 × 31 / 4⌉
+        // = 10, so the other one at 10 takes the hot key off its owner at 20.
+        let mut ex = Exclude::default();
+        for i in (0..4).filter(|&i| i != owner && i != next) {
+            ex.add(i);
+            c[i].in_flight = 0;
+        }
+        c[owner].in_flight = 20;
+        c[next].in_flight = 10;
+        assert_eq!(bounded(&c, hot, ex, 125), Some(next));
         // Spread evenly again (3 each, bound 5): every key is home.
         c.iter_mut().for_each(|x| x.in_flight = 3);
         for &k in &keys {
