@@ -31,7 +31,8 @@ impl Default for BudgetRules {
 }
 
 impl BudgetRules {
-    /// The most the bucket holds: the window's worth of the floor, and at least ten retries.
+    /// The most the bucket holds: the window's worth of the floor, and at least ten retries
+    /// (with no floor, the window of one a second), so a share-only budget keeps some.
     fn cap(&self) -> u64 {
         u64::from(self.min_per_second).max(1) * WINDOW_MS / 1_000 * RETRY
     }
@@ -117,5 +118,7 @@ mod tests {
             min_per_second: 0,
         };
         assert_eq!(drain(&b, 1_010, 5_000, &share), 5);
+        // No floor: the bucket still keeps ten retries of the share, not none.
+        assert_eq!(drain(&b, 2_000, 5_000, &share), 10);
     }
 }
