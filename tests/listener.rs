@@ -1,7 +1,8 @@
 //! The listener's layers against a real Consul agent and a real backend: TLS termination
 //! (certificates by SNI, wildcards, the default certificate, ALPN h2 and http/1.1, reload,
 //! a bad file, redirect to https) and the PROXY protocol (v1 and v2 bytes, refusals, and a
-//! real HAProxy in front with send-proxy and send-proxy-v2).
+//! real HAProxy in front with send-proxy and send-proxy-v2), and `proxy.max_connections = 1`
+//! over the HTTP and TLS listeners.
 
 mod common;
 
@@ -84,11 +85,50 @@ fn tls_toml(port: u16, certs: &[(PathBuf, PathBuf)], extra: &str) -> String {
     t
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_termination() {
+/// A Consul agent with service `tbl` on one backend (keep the backend alive).
+async fn tbl_on_consul() -> (ConsulAgent, Backend) {
     let consul = ConsulAgent::start().await;
     let b = Backend::start("b1").await;
     consul.register("tbl", "tbl-1", b.port(), &[]).await;
+    (consul, b)
+}
+
+/// `proxy.max_connections = 1` over the HTTP and TLS listeners: both serve, in turn (a loop
+/// idle in `accept` holds no slot, and a close wakes every paused loop).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_connections_of_one_serves_on_both_listeners() {
+    let (consul, _b) = tbl_on_consul().await;
+    let dir = cert_dir("listener-limit");
+    let cert = make_cert(&dir, "wild", &["*.app.test"]);
+    let toml = format!(
+        "[proxy]\nmax_connections = 1\n{}",
+        tls_toml(free_port(), &[cert], "")
+    );
+    let router = start_router(&consul.addr(), &toml).await;
+    wait_routable(&router, "tbl.app.test").await;
+    let tls_addr = router.tls_addr.expect("TLS listener");
+    let limit = Duration::from_secs(10);
+    // Twice in a row on each: strict turns could pass by luck of the wake-up order.
+    for tls in [true, true, false, false, true] {
+        // Each answer's connection closes when its client is dropped, freeing the slot.
+        let g = tokio::time::timeout(limit, async {
+            if tls {
+                let io = tls_connect(tls_addr, Some("tbl.app.test"), &[b"http/1.1"]).await;
+                h1_get(io, "tbl.app.test", "/").await
+            } else {
+                common::client::get(router.proxy_addr, "tbl.app.test", "/").await
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("served (TLS: {tls})"));
+        assert_eq!(g.status, StatusCode::OK, "{}", g.body);
+    }
+    router.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_termination() {
+    let (consul, _b) = tbl_on_consul().await;
     let dir = cert_dir("listener-tls");
     let default = make_cert(&dir, "default", &["fallback.test"]);
     let wild = make_cert(&dir, "wild", &["*.app.test"]);
@@ -236,9 +276,7 @@ fn v2_header(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proxy_protocol() {
-    let consul = ConsulAgent::start().await;
-    let b = Backend::start("b1").await;
-    consul.register("tbl", "tbl-1", b.port(), &[]).await;
+    let (consul, _b) = tbl_on_consul().await;
     let v1 = start_router(&consul.addr(), "proxy_protocol = \"v1\"\n").await;
     let v2 = start_router(&consul.addr(), "proxy_protocol = \"v2\"\n").await;
     let optional = start_router(&consul.addr(), "proxy_protocol = \"optional\"\n").await;
@@ -306,9 +344,7 @@ async fn haproxy_in_front() {
                 .flatten()
         })
         .expect("haproxy is not installed and could not be (apt-get install haproxy)");
-    let consul = ConsulAgent::start().await;
-    let b = Backend::start("b1").await;
-    consul.register("tbl", "tbl-1", b.port(), &[]).await;
+    let (consul, _b) = tbl_on_consul().await;
     let v1 = start_router(&consul.addr(), "proxy_protocol = \"v1\"\n").await;
     let v2 = start_router(&consul.addr(), "proxy_protocol = \"v2\"\n").await;
     wait_routable(&v1, "tbl.app.test").await;

@@ -8,7 +8,8 @@
 //! `https`, `admin`), else when its address is the configured one (an unspecified address
 //! matches the other family's: systemd's `ListenStream=80` is `[::]:80`).
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::os::fd::OwnedFd;
 
 /// The role names matched against `FileDescriptorName=`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,20 @@ pub enum ActivationError {
         /// The cause.
         source: std::io::Error,
     },
+    /// An inherited fd is a connected socket (`Accept=yes` in the `.socket` unit passes one
+    /// per connection): `accept` on it would fail for ever.
+    #[error(
+        "socket activation: fd {fd} ({name:?}) is a connected socket (peer {peer}), not a \
+         listening one: set Accept=no (the default) in the .socket unit"
+    )]
+    Connected {
+        /// The descriptor.
+        fd: usize,
+        /// Its `FileDescriptorName=`, or "".
+        name: String,
+        /// The connection's peer.
+        peer: SocketAddr,
+    },
 }
 
 /// One inherited listening socket.
@@ -52,6 +67,32 @@ struct Socket {
     name: String,
     addr: SocketAddr,
     listener: TcpListener,
+}
+
+impl Socket {
+    /// `listener` (fd `fd`, named `name`) checked: a TCP socket with no peer.
+    fn inherited(fd: usize, name: String, listener: TcpListener) -> Result<Self, ActivationError> {
+        // listenfd checks the family and type only. A listening socket has no peer
+        // (ENOTCONN); a connected one does.
+        let stream = TcpStream::from(OwnedFd::from(listener));
+        if let Ok(peer) = stream.peer_addr() {
+            return Err(ActivationError::Connected { fd, name, peer });
+        }
+        let listener = TcpListener::from(OwnedFd::from(stream));
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ActivationError::NotTcp {
+                fd,
+                name: name.clone(),
+                source,
+            })?;
+        tracing::info!(fd, name, %addr, "inherited a listening socket");
+        Ok(Socket {
+            name,
+            addr,
+            listener,
+        })
+    }
 }
 
 /// The listening sockets systemd passed, not yet taken by a listener.
@@ -98,13 +139,7 @@ impl Inherited {
                 .take_tcp_listener(i)
                 .map_err(err)?
                 .ok_or_else(|| err(std::io::ErrorKind::NotFound.into()))?;
-            let addr = listener.local_addr().map_err(err)?;
-            tracing::info!(fd = 3 + i, name, %addr, "inherited a listening socket");
-            sockets.push(Socket {
-                name,
-                addr,
-                listener,
-            });
+            sockets.push(Socket::inherited(3 + i, name, listener)?);
         }
         Ok(Inherited { sockets })
     }
@@ -188,6 +223,22 @@ mod tests {
         let http = inh.take(Role::Http, a_addr).unwrap();
         assert_eq!(http.local_addr().unwrap(), a_addr);
         assert!(inh.is_empty());
+    }
+
+    #[test]
+    fn a_connected_socket_is_refused_and_a_listening_one_taken() {
+        let server = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        let client = TcpStream::connect(addr).unwrap();
+        let connected = TcpListener::from(OwnedFd::from(client));
+        let err = Socket::inherited(3, "http".into(), connected).unwrap_err();
+        assert!(
+            matches!(err, ActivationError::Connected { fd: 3, peer, .. } if peer == addr),
+            "{err}"
+        );
+        assert!(err.to_string().contains("Accept=no"), "{err}");
+        let taken = Socket::inherited(4, "http".into(), server).unwrap();
+        assert_eq!(taken.addr, addr);
     }
 
     #[test]

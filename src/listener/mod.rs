@@ -111,13 +111,19 @@ pub async fn serve(
         }
     }
     loop {
-        // At max_connections, new connections wait in the kernel's backlog.
+        // At max_connections, new connections wait in the kernel's backlog. The slot is
+        // taken after accept, so a loop idle in accept holds none; if another listener
+        // took the last one meanwhile, this connection waits for the next.
+        tokio::select! {
+            () = layers.limit.room() => {}
+            _ = stopped(&mut shutdown) => break,
+        }
+        let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await else {
+            break;
+        };
         let slot = tokio::select! {
             slot = layers.limit.admit() => slot,
             _ = stopped(&mut shutdown) => break,
-        };
-        let Some((stream, peer)) = next_conn(&listener, &mut shutdown).await else {
-            break;
         };
         let proxy = current.load_full();
         let stop = shutdown.clone();

@@ -34,6 +34,9 @@ pub const BALANCE_FACTOR_TAG: &str = "router.hash-balance-factor=";
 /// Each service's tags as `/v1/catalog/services` lists them (the union over its instances).
 pub type CatalogTags = HashMap<String, Vec<String>>;
 
+/// Service name → instances, as `build` takes them.
+type Catalog = BTreeMap<Arc<str>, Arc<[InstanceSpec]>>;
+
 /// What the build needs from the configuration.
 #[derive(Debug, Clone)]
 pub struct BuildOptions {
@@ -116,22 +119,32 @@ pub fn build(
     reg: &mut StateRegistry,
 ) -> RoutingTable {
     let consul = catalog;
+    let mut odd_expose = HashSet::new();
     let merged;
-    let catalog = if opts.static_services.is_empty() {
-        catalog
+    let (catalog, statics) = if opts.static_services.is_empty() {
+        (catalog, HashMap::new())
     } else {
-        merged = with_static(catalog, &opts.static_services);
-        &merged
+        let (m, statics) = with_static(catalog, catalog_tags, opts, &mut odd_expose);
+        merged = m;
+        (&merged, statics)
     };
     reg.generation += 1;
     let mut services = NameMap::with_capacity_and_hasher(catalog.len(), Default::default());
     let mut hosts: NameMap<Arc<Service>> = NameMap::default();
     let mut live_instances = HashSet::new();
-    let mut odd_expose = HashSet::new();
 
     for (name, specs) in catalog {
-        let tags = catalog_tags.get(name.as_ref()).map(Vec::as_slice);
-        if !is_exposed(name, tags, specs, opts, &mut odd_expose) {
+        let joined = statics.get(name.as_ref()).copied();
+        // Consul's tags say nothing of a static service whose Consul part was left out.
+        let tags = catalog_tags
+            .get(name.as_ref())
+            .map(Vec::as_slice)
+            .filter(|_| joined != Some(false));
+        let exposed = match joined {
+            Some(_) => !opts.is_excluded(name),
+            None => is_exposed(name, tags, specs, opts, &mut odd_expose),
+        };
+        if !exposed {
             continue;
         }
         // Not read yet (a restart): the service list's tags give its hosts meanwhile, so
@@ -258,19 +271,31 @@ impl TagMarks {
     }
 }
 
-/// `catalog` with each static service's instances added (after Consul's, when Consul knows
-/// the name too).
-fn with_static(
-    catalog: &BTreeMap<Arc<str>, Arc<[InstanceSpec]>>,
-    statics: &[StaticService],
-) -> BTreeMap<Arc<str>, Arc<[InstanceSpec]>> {
+/// `catalog` with each static service's instances added, and each static name mapped to
+/// whether Consul's instances of that name joined it. Configured, a static service is
+/// exposed (unless in `exclude_services`); Consul's instances of the same name join it only
+/// when Consul's service would be exposed on its own (its tags under `expose = "tagged"`, no
+/// `router.expose=false`).
+fn with_static<'a>(
+    catalog: &Catalog,
+    catalog_tags: &CatalogTags,
+    opts: &'a BuildOptions,
+    odd: &mut HashSet<String>,
+) -> (Catalog, HashMap<&'a str, bool>) {
     let mut out = catalog.clone();
-    for s in statics {
-        let from_consul = catalog.get(s.name.as_str()).map_or(&[][..], |v| &v[..]);
+    let mut statics = HashMap::with_capacity(opts.static_services.len());
+    for s in opts.static_services.iter() {
+        let name = s.name.as_str();
+        let tags = catalog_tags.get(name).map(Vec::as_slice);
+        let listed = catalog.get(name).map_or(&[][..], |v| &v[..]);
+        let joins =
+            (!listed.is_empty() || tags.is_some()) && is_exposed(name, tags, listed, opts, odd);
+        let from_consul = if joins { listed } else { &[] };
         let specs: Vec<InstanceSpec> = from_consul.iter().cloned().chain(static_specs(s)).collect();
-        out.insert(Arc::from(s.name.as_str()), specs.into());
+        statics.insert(name, joins);
+        out.insert(Arc::from(name), specs.into());
     }
-    out
+    (out, statics)
 }
 
 /// A static service's instances as Consul would give them: always passing, exposed, with
@@ -280,7 +305,8 @@ fn static_specs(s: &StaticService) -> impl Iterator<Item = InstanceSpec> + '_ {
     tags.extend(s.hosts.iter().map(|h| format!("{HOST_TAG}{h}")));
     tags.extend(s.strategy.map(|st| format!("{STRATEGY_TAG}{st}")));
     s.instances.iter().map(move |i| InstanceSpec {
-        id: format!("static:{}:{}", i.host, i.port),
+        // The service named: two static services on one backend keep their own state.
+        id: format!("static:{}:{}:{}", s.name, i.host, i.port),
         node: "static".into(),
         address: i.host.clone(),
         port: i.port,
@@ -948,7 +974,7 @@ mod tests {
             .iter()
             .map(|i| &*i.id)
             .collect();
-        assert_eq!(web, ["static:10.0.0.9:80", "w-1"]);
+        assert_eq!(web, ["static:web:10.0.0.9:80", "w-1"]);
         // With an empty catalog (no Consul yet, or none at all) they are routed alone.
         let t = build(
             &catalog(vec![]),
@@ -957,6 +983,78 @@ mod tests {
             &mut StateRegistry::default(),
         );
         assert_eq!(routed(&t), ["legacy", "web"]);
+    }
+
+    fn one_static(name: &str, host: &str, port: u16) -> crate::config::StaticService {
+        crate::config::StaticService {
+            name: name.into(),
+            strategy: None,
+            hosts: vec![],
+            instances: vec![crate::config::StaticInstance {
+                host: host.into(),
+                port,
+                weight: 1,
+            }],
+        }
+    }
+
+    #[test]
+    fn a_static_service_stays_routed_when_consul_lists_it_untagged() {
+        let o = BuildOptions {
+            static_services: vec![one_static("web", "10.0.0.9", 80)].into(),
+            ..tagged()
+        };
+        let ids = |t: &RoutingTable| -> Vec<String> {
+            let web = t.lookup("web.app.example.net").expect("static web routed");
+            web.routable().iter().map(|i| i.id.to_string()).collect()
+        };
+        // Listed by Consul without router.expose=true: still routed, with the static
+        // instance alone (Consul's would not be exposed on their own).
+        let listed = tags(&[("web", &[])]);
+        let unread = catalog(vec![("web", vec![])]);
+        let t = build(&unread, &listed, &o, &mut StateRegistry::default());
+        assert_eq!(ids(&t), ["static:web:10.0.0.9:80"]);
+        let read = catalog(vec![("web", vec![spec("w-1", 1, Health::Passing, &[])])]);
+        let t = build(&read, &listed, &o, &mut StateRegistry::default());
+        assert_eq!(ids(&t), ["static:web:10.0.0.9:80"]);
+        // Consul says false: the same.
+        let denied = catalog(vec![(
+            "web",
+            vec![spec("w-1", 1, Health::Passing, &["router.expose=false"])],
+        )]);
+        let t = build(&denied, &listed, &o, &mut StateRegistry::default());
+        assert_eq!(ids(&t), ["static:web:10.0.0.9:80"]);
+        // Exposed by Consul: its instances join.
+        let exposed = catalog(vec![(
+            "web",
+            vec![spec("w-1", 1, Health::Passing, &["router.expose=true"])],
+        )]);
+        let listed_exposed = tags(&[("web", &["router.expose=true"])]);
+        let t = build(&exposed, &listed_exposed, &o, &mut StateRegistry::default());
+        assert_eq!(ids(&t), ["static:web:10.0.0.9:80", "w-1"]);
+        // exclude_services still wins.
+        let mut excluded = o.clone();
+        excluded.exclude_services.push("web".into());
+        let t = build(&read, &listed, &excluded, &mut StateRegistry::default());
+        assert!(t.lookup("web.app.example.net").is_none());
+    }
+
+    #[test]
+    fn two_static_services_on_one_backend_keep_their_own_state() {
+        let o = BuildOptions {
+            static_services: vec![
+                one_static("a", "10.0.0.9", 80),
+                one_static("b", "10.0.0.9", 80),
+            ]
+            .into(),
+            ..opts()
+        };
+        let mut reg = StateRegistry::default();
+        let t = build(&catalog(vec![]), &CatalogTags::new(), &o, &mut reg);
+        assert_eq!(reg.instances.len(), 2);
+        let a = &t.services["a"].routable()[0];
+        let b = &t.services["b"].routable()[0];
+        assert!(!Arc::ptr_eq(&a.state, &b.state));
     }
 
     fn tags(entries: &[(&str, &[&str])]) -> CatalogTags {
