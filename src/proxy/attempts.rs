@@ -287,36 +287,32 @@ impl<'a> Attempts<'a> {
         let Some(kind) = e.upstream_kind() else {
             return Next::Answer;
         };
-        self.service.stats.metrics.get().upstream_error(kind);
+        let metrics = self.service.stats.metrics.get();
+        metrics.upstream_error(kind);
         if e.reused && kind == ErrorKind::Reset && (e.unsent || self.replayable) {
             Next::FreshConnection
         } else if e.unsent
             && self.tries <= self.rules.retries
             && self.exclude.len() < self.service.routable
         {
-            if self.within_budget() {
+            // The budget refills from the service's finished requests (the fresh
+            // connection after a stale pooled one is not counted: the request never
+            // reached the application).
+            let requests: u64 = metrics.requests().iter().sum();
+            let now = self.service.stats.millis(Instant::now());
+            let stats = &self.service.stats;
+            if stats
+                .retry_budget
+                .withdraw(requests, now, &self.rules.budget)
+            {
                 Next::OtherInstance
             } else {
-                self.service.stats.metrics.get().retry_budget_exhausted();
+                metrics.retry_budget_exhausted();
                 Next::Answer
             }
         } else {
             Next::Answer
         }
-    }
-}
-
-impl Attempts<'_> {
-    /// Whether the service's retry budget allows one more retry on another instance (the
-    /// fresh connection after a stale pooled one is not counted: the request never reached
-    /// the application).
-    fn within_budget(&self) -> bool {
-        let requests: u64 = self.service.stats.metrics.get().requests().iter().sum();
-        let now = self.service.stats.millis(Instant::now());
-        self.service
-            .stats
-            .retry_budget
-            .withdraw(requests, now, &self.rules.budget)
     }
 }
 
